@@ -1,0 +1,25 @@
+"""fastrsb: ResNet Strikes Back recipes, trained fast on one node.
+
+`loaders/` ships inside the package as `fastrsb.loaders` (no top-level `loaders` module is installed).
+"""
+from setuptools import setup
+
+setup(
+    name="fastrsb",
+    version="0.1.0",
+    description="ResNet Strikes Back (A1/A2/A3) ImageNet training, fast on one node: FFCV/DALI loaders, "
+    "GPU augmentation, multi-tensor LAMB",
+    packages=["fastrsb", "fastrsb.loaders"],
+    package_dir={"fastrsb": "fastrsb", "fastrsb.loaders": "loaders"},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.1", "torchvision", "timm>=1.0", "numpy", "pillow", "tqdm"],
+    extras_require={
+        # FFCV compiles against libturbojpeg and OpenCV: setup.sh installs the Debian packages first.
+        "ffcv": ["ffcv>=1.0.2", "opencv-python-headless"],
+        "dali": ["nvidia-dali-cuda120"],
+        # Half the size of the cuda120 build and matches torch's CUDA 13 wheels.
+        "dali-cuda130": ["nvidia-dali-cuda130"],
+        "dev": ["pytest", "pytest-timeout", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["fastrsb=fastrsb.cli:main"]},
+)
