@@ -1,0 +1,155 @@
+"""fastrsb.optim.Lamb against timm.optim.Lamb, step by step, on a small conv net (fp32)."""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from fastrsb.optim import Lamb, make_param_groups
+
+timm_optim = pytest.importorskip("timm.optim")
+
+
+def _small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    )
+
+
+def _batches(n: int, loss_scale: float):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(6, 3, 8, 8, generator=g), torch.randint(0, 5, (6,), generator=g), loss_scale) for _ in range(n)]
+
+
+def _grad_step(model, x, y, loss_scale):
+    model.zero_grad(set_to_none=True)
+    (nn.functional.cross_entropy(model(x), y) * loss_scale).backward()
+
+
+def _global_grad_norm(model) -> float:
+    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])).item()
+
+
+CASES = [
+    # (weight_decay, max_grad_norm, trust_clip, always_adapt, loss_scale)
+    (0.02, None, False, False, 1.0),
+    (0.02, 1.0, False, False, 50.0),  # loss scaled so the global norm exceeds 1: clipping is active
+    (0.0, None, False, False, 1.0),
+    (0.0, 1.0, False, False, 50.0),
+    (0.02, 1.0, True, False, 50.0),
+    (0.0, None, False, True, 1.0),
+    (0.05, 0.5, True, True, 20.0),
+    (0.02, 10.0, False, False, 1.0),  # clipping on but the norm stays below it: gradients untouched
+]
+
+
+@pytest.mark.parametrize("weight_decay,max_grad_norm,trust_clip,always_adapt,loss_scale", CASES)
+def test_lamb_matches_timm(weight_decay, max_grad_norm, trust_clip, always_adapt, loss_scale):
+    ours_model = _small_net()
+    ref_model = copy.deepcopy(ours_model)
+    kwargs = dict(lr=3e-2, betas=(0.9, 0.999), eps=1e-6, max_grad_norm=max_grad_norm,
+                  trust_clip=trust_clip, always_adapt=always_adapt)
+    ours = Lamb(make_param_groups(ours_model, weight_decay), **kwargs)
+    ref = timm_optim.Lamb(make_param_groups(ref_model, weight_decay), **kwargs)
+
+    clipped_steps = 0
+    for step, (x, y, scale) in enumerate(_batches(6, loss_scale)):
+        _grad_step(ours_model, x, y, scale)
+        _grad_step(ref_model, x, y, scale)
+        if max_grad_norm is not None and _global_grad_norm(ours_model) > max_grad_norm:
+            clipped_steps += 1
+        grads_before = [p.grad.clone() for p in ours_model.parameters()]
+        ours.step()
+        ref.step()
+        for g, p in zip(grads_before, ours_model.parameters()):
+            assert torch.equal(g, p.grad), "Lamb must leave p.grad unmodified"
+        for (name, a), b in zip(ours_model.named_parameters(), ref_model.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"step {step} {name}: {m}")
+    if max_grad_norm is not None and loss_scale > 1:
+        assert clipped_steps >= 3, "the clipping cases must actually clip"
+    if max_grad_norm is not None and loss_scale == 1:
+        assert clipped_steps == 0
+    # The parameters moved, so the comparison is not vacuous.
+    assert not torch.allclose(next(iter(ours_model.parameters())), next(iter(_small_net().parameters())))
+
+
+def test_clipping_changes_the_result():
+    """With a large gradient, clipping at 1.0 and no clipping give different parameters (both tested above)."""
+    results = []
+    for max_grad_norm in (None, 1.0):
+        model = _small_net()
+        opt = Lamb(make_param_groups(model, 0.02), lr=3e-2, max_grad_norm=max_grad_norm)
+        for x, y, scale in _batches(3, 50.0):
+            _grad_step(model, x, y, scale)
+            opt.step()
+        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert not torch.allclose(results[0], results[1])
+
+
+def test_default_clip_is_timms():
+    assert Lamb([nn.Parameter(torch.ones(2))]).max_grad_norm == 1.0
+    assert Lamb([nn.Parameter(torch.ones(2))], max_grad_norm=0).max_grad_norm is None
+
+
+def test_param_groups_by_ndim():
+    model = _small_net()
+    groups = make_param_groups(model, 0.02)
+    assert groups[0]["weight_decay"] == 0.02 and all(p.ndim >= 2 for p in groups[0]["params"])
+    assert groups[1]["weight_decay"] == 0.0 and all(p.ndim <= 1 for p in groups[1]["params"])
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(model.parameters()))
+    assert len(groups[1]["params"]) == 4  # bn weight + bias, conv bias, linear bias
+
+
+def test_state_dict_roundtrip_weights_only():
+    """Saving after 3 steps, loading with weights_only=True and going on equals not stopping."""
+    data = _batches(6, 50.0)
+    model = _small_net()
+    opt = Lamb(make_param_groups(model, 0.02), lr=3e-2)
+    for x, y, s in data:
+        _grad_step(model, x, y, s)
+        opt.step()
+
+    model2 = _small_net()
+    opt2 = Lamb(make_param_groups(model2, 0.02), lr=3e-2)
+    for x, y, s in data[:3]:
+        _grad_step(model2, x, y, s)
+        opt2.step()
+    buf = io.BytesIO()
+    torch.save({"model": model2.state_dict(), "opt": opt2.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model3 = _small_net()
+    model3.load_state_dict(ckpt["model"])
+    opt3 = Lamb(make_param_groups(model3, 0.02), lr=3e-2, max_grad_norm=None)
+    opt3.load_state_dict(ckpt["opt"])
+    assert opt3.max_grad_norm == 1.0 and opt3.param_groups[0]["step"] == 3
+    for x, y, s in data[3:]:
+        _grad_step(model3, x, y, s)
+        opt3.step()
+    for a, b in zip(model.parameters(), model3.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_step_has_no_host_sync_cuda():
+    model = _small_net().cuda()
+    opt = Lamb(make_param_groups(model, 0.02), lr=1e-2, max_grad_norm=1.0, trust_clip=True)
+    x, y, s = _batches(1, 50.0)[0]
+    _grad_step(model, x.cuda(), y.cuda(), s)
+    opt.step()  # state initialisation
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
