@@ -1,0 +1,125 @@
+"""Webdataset tar shards and DALI's index files: writer and format readers.
+
+A shard holds, per sample, `<key>.jpg` and `<key>.cls` (ASCII decimal label), in that order, as
+plain ustar members with fixed metadata (mtime 0, uid/gid 0, mode 0644), so the same samples give
+the same bytes. Beside each shard, `<shard>.idx` is the index DALI's `fn.readers.webdataset` takes
+(`index_paths`), in the v1.2 text format of DALI's own `wds2idx` tool: a first line
+`v1.2 <number of samples>`, then one line per sample listing, for each member,
+`<extension> <data offset> <size> <member name>`. We write it while writing the tar, since we know
+every offset; `tests/test_convert.py` checks it against DALI's `wds2idx.IndexCreator`.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+INDEX_VERSION = "v1.2"
+EXTENSIONS = ("jpg", "cls")
+
+
+@dataclass(frozen=True)
+class Member:
+    key: str
+    extension: str
+    offset: int  # of the data, past the 512-byte header
+    size: int
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+class ShardWriter:
+    """Write one shard and its index under temporary names; `close()` renames both into place.
+
+    The .idx is renamed before the .tar, so a .tar under its final name always has its index.
+    """
+
+    def __init__(self, tar_path: str | os.PathLike):
+        self.tar_path = Path(tar_path)
+        self.idx_path = self.tar_path.with_suffix(".idx")
+        self._tmp_tar = self.tar_path.with_name(self.tar_path.name + ".tmp")
+        self._fileobj = open(self._tmp_tar, "wb")
+        self._tar = tarfile.open(fileobj=self._fileobj, mode="w", format=tarfile.USTAR_FORMAT)
+        self.samples: list[list[Member]] = []
+
+    def add(self, key: str, jpeg: bytes, label: int) -> None:
+        if "." in key or "/" in key:
+            raise ValueError(f"webdataset key {key!r} must not contain '.' or '/'")
+        members = []
+        for extension, data in (("jpg", jpeg), ("cls", str(int(label)).encode("ascii"))):
+            name = f"{key}.{extension}"
+            header_offset = self._tar.offset
+            self._tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+            members.append(Member(key, extension, header_offset + tarfile.BLOCKSIZE, len(data)))
+        self.samples.append(members)
+
+    def close(self) -> None:
+        self._tar.close()
+        self._fileobj.flush()
+        os.fsync(self._fileobj.fileno())
+        self._fileobj.close()
+        tmp_idx = self.idx_path.with_name(self.idx_path.name + ".tmp")
+        with open(tmp_idx, "w") as f:
+            f.write(format_index(self.samples))
+        os.replace(tmp_idx, self.idx_path)
+        os.replace(self._tmp_tar, self.tar_path)
+
+    def abort(self) -> None:
+        self._tar.close()
+        self._fileobj.close()
+        self._tmp_tar.unlink(missing_ok=True)
+
+
+def format_index(samples: list[list[Member]]) -> str:
+    lines = [f"{INDEX_VERSION} {len(samples)}"]
+    for members in samples:
+        lines.append(" ".join(f"{m.extension} {m.offset} {m.size} {m.key}.{m.extension}" for m in members))
+    return "\n".join(lines) + "\n"
+
+
+def read_index(idx_path: str | os.PathLike) -> list[dict[str, Member]]:
+    """Parse a DALI webdataset index: one dict {extension: Member} per sample, in shard order."""
+    idx_path = Path(idx_path)
+    with open(idx_path) as f:
+        header = f.readline().split()
+        if len(header) != 2 or header[0] != INDEX_VERSION:
+            raise ValueError(f"{idx_path}: not a DALI webdataset index {INDEX_VERSION} (first line {header})")
+        samples = []
+        for line in f:
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) % 4:
+                raise ValueError(f"{idx_path}: malformed line {line!r}")
+            members = {}
+            for i in range(0, len(fields), 4):
+                extension, offset, size, name = fields[i : i + 4]
+                members[extension] = Member(name.split(".", 1)[0], extension, int(offset), int(size))
+            samples.append(members)
+    if len(samples) != int(header[1]):
+        raise ValueError(f"{idx_path}: header says {header[1]} samples, found {len(samples)}")
+    return samples
+
+
+def read_member(tar_path: str | os.PathLike, member: Member) -> bytes:
+    with open(tar_path, "rb") as f:
+        f.seek(member.offset)
+        data = f.read(member.size)
+    if len(data) != member.size:
+        raise ValueError(f"{tar_path}: member {member.key}.{member.extension} is cut short")
+    return data
+
+
+def shard_paths(folder: str | os.PathLike) -> list[Path]:
+    """The shards in a folder, in order (names sort by shard number)."""
+    return sorted(Path(folder).glob("*.tar"))
