@@ -1,0 +1,293 @@
+"""The PIL reference backend: torchvision-style PIL decoding in DataLoader worker processes.
+
+Reads either the converted webdataset shards (JPEG bytes at the offsets of DALI's .idx files, the
+very bytes the FFCV and DALI backends decode) or a source ImageFolder (`SRC/<split>/<class>/<file>`,
+label = position of the class folder in sorted order, as torchvision's ImageFolder).
+
+Train: torchvision's RandomResizedCrop geometry (scale 0.08-1, ratio 3/4-4/3) with the box drawn by
+`sampling.random_resized_crop` from (seed, read), resized with PIL's antialiased bilinear filter
+(torchvision's default), then a horizontal flip decided by the same key: the FFCV backend draws the
+very same boxes and flips. Val: the central c x c square, c = int(crop_pct * short side), resized to
+res with antialiased bicubic (RECIPES.md): resize-short-side-to-res/crop_pct-then-center-crop.
+
+Batches are uint8 NHWC in worker processes, pinned, and copied to the GPU on a side CUDA stream one
+batch ahead (timm's prefetcher idea); they come out as NCHW channels_last views.
+
+Measured (RECIPES.md, 1 H100 node): PIL decode + RandomResizedCrop(160) runs at 224-265 img/s per
+core, 3,110-3,247 img/s on 16 cores, under half of what ResNet-50 trains at; it is the reference,
+not the fast path.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import mmap
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fastrsb.errors import FastRSBError
+
+from . import sampling
+from .wds import read_index, shard_paths
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+# ------------------------------------------------------------------ on-disk formats (readers)
+
+def is_converted(data) -> bool:
+    return (Path(data) / "classes.json").is_file()
+
+
+def read_classes(data) -> list[str]:
+    return json.loads((Path(data) / "classes.json").read_text())
+
+
+def wds_shards(data, split) -> list[Path]:
+    return shard_paths(Path(data) / split / "wds")
+
+
+@dataclass
+class ShardIndex:
+    """Where each sample's JPEG lies in the webdataset shards of one split, its label and size.
+
+    Offsets come from DALI's .idx files, labels and sizes from samples.tsv (`fastrsb convert`)."""
+
+    shards: list[str]  # tar paths
+    shard_of: np.ndarray  # int32, per sample
+    offset: np.ndarray  # int64, JPEG byte offset
+    size: np.ndarray  # int64, JPEG byte count
+    labels: np.ndarray  # int64
+    heights: np.ndarray  # int64, stored image size
+    widths: np.ndarray
+
+    def __len__(self):
+        return int(self.labels.size)
+
+    @classmethod
+    def load(cls, data, split) -> "ShardIndex":
+        data = Path(data)
+        tars = wds_shards(data, split)
+        if not tars:
+            raise FastRSBError(f"no webdataset shards in {data / split / 'wds'}: run "
+                               f"fastrsb convert SRC {data} --format dali")
+        shard_of, offset, size = [], [], []
+        for s, tar in enumerate(tars):
+            try:
+                entries = read_index(tar.with_suffix(".idx"))
+            except (OSError, ValueError) as e:
+                raise FastRSBError(f"{tar}: unreadable DALI index ({e}); rerun fastrsb convert") from e
+            for e in entries:
+                shard_of.append(s)
+                offset.append(e["jpg"].offset)
+                size.append(e["jpg"].size)
+        tsv = data / split / "samples.tsv"
+        if not tsv.is_file():
+            raise FastRSBError(f"no {tsv}: rerun fastrsb convert SRC {data}")
+        rows = [line.split("\t") for line in tsv.read_text().splitlines()[1:] if line]
+        if len(rows) != len(offset):
+            raise FastRSBError(f"{tsv} lists {len(rows)} samples but the shards hold {len(offset)}; "
+                               "rerun fastrsb convert")
+        col = {name: i for i, name in enumerate(tsv.read_text().split("\n", 1)[0].split("\t"))}
+        labels = np.asarray([int(r[col["label"]]) for r in rows], np.int64)
+        heights = np.asarray([int(r[col["height"]]) for r in rows], np.int64)
+        widths = np.asarray([int(r[col["width"]]) for r in rows], np.int64)
+        return cls([str(t) for t in tars], np.asarray(shard_of, np.int32), np.asarray(offset, np.int64),
+                   np.asarray(size, np.int64), labels, heights, widths)
+
+
+class ShardBytes:
+    """Reads JPEG bytes by sample index from memory-mapped shards (opened lazily, per process)."""
+
+    def __init__(self, index: ShardIndex):
+        self.index = index
+        self._maps = {}
+        self._pid = None
+
+    def __getstate__(self):
+        return {"index": self.index}
+
+    def __setstate__(self, state):
+        self.index = state["index"]
+        self._maps, self._pid = {}, None
+
+    def _map(self, s: int):
+        if self._pid != os.getpid():
+            self._maps, self._pid = {}, os.getpid()
+        mm = self._maps.get(s)
+        if mm is None:
+            with open(self.index.shards[s], "rb") as f:
+                mm = self._maps[s] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return mm
+
+    def __call__(self, i: int) -> memoryview:
+        ix = self.index
+        o = int(ix.offset[i])
+        return memoryview(self._map(int(ix.shard_of[i])))[o:o + int(ix.size[i])]
+
+
+def scan_imagefolder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """(classes, [(path, label)]) of an ImageFolder split directory, sorted as torchvision does."""
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+    if not classes:
+        raise FastRSBError(f"{root} holds no class folders")
+    items = []
+    for label, c in enumerate(classes):
+        for dirpath, _, files in sorted(os.walk(root / c)):
+            for name in sorted(files):
+                if name.lower().endswith(IMAGE_EXTENSIONS):
+                    items.append((os.path.join(dirpath, name), label))
+    return classes, items
+
+
+# ------------------------------------------------------------------ decoding
+
+def decode_rgb(data) -> "PIL.Image.Image":
+    from PIL import Image, ImageOps
+
+    img = Image.open(io.BytesIO(data) if not isinstance(data, str) else data)
+    img = ImageOps.exif_transpose(img)
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+@dataclass(frozen=True)
+class CropSpec:
+    train: bool
+    seed: int
+    crop_pct: float
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+
+def crop_resize(img, tagged: int, res: int, spec: CropSpec) -> np.ndarray:
+    """One read: HxWx3 uint8 at res x res (train: seeded RRC + flip; val: center window)."""
+    from PIL import Image
+
+    width, height = img.size
+    if spec.train:
+        key = sampling.read_key(spec.seed, int(tagged))
+        top, left, h, w, flip = sampling.random_resized_crop(
+            height, width, key, spec.scale[0], spec.scale[1], math.log(spec.ratio[0]), math.log(spec.ratio[1]))
+        out = img.resize((res, res), Image.BILINEAR, box=(left, top, left + w, top + h))
+        if flip:
+            out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    else:
+        top, left, c = sampling.center_crop_box(height, width, spec.crop_pct)
+        out = img.resize((res, res), Image.BICUBIC, box=(left, top, left + c, top + c))
+    return np.asarray(out, dtype=np.uint8)
+
+
+class PlanDataset:
+    """Map-style dataset over tagged reads: item (tagged index, res) -> (HWC uint8, label)."""
+
+    def __init__(self, read, labels: np.ndarray, spec: CropSpec):
+        self.read = read  # sample index -> bytes or path
+        self.labels = labels
+        self.spec = spec
+
+    def __len__(self):
+        return int(self.labels.size)
+
+    def __getitem__(self, item):
+        tagged, res = item
+        i = int(tagged) & sampling.SAMPLE_MASK
+        img = decode_rgb(self.read(i))
+        return crop_resize(img, tagged, res, self.spec), int(self.labels[i])
+
+
+class _ReadPath:
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __call__(self, i):
+        return self.paths[i]
+
+
+def collate(batch):
+    import torch
+
+    images = torch.from_numpy(np.stack([b[0] for b in batch]))
+    labels = torch.tensor([b[1] for b in batch], dtype=torch.int64)
+    return images, labels
+
+
+class _PlanBatchSampler:
+    def __init__(self, owner):
+        self.owner = owner
+
+    def __iter__(self):
+        res = self.owner.res
+        for b in self.owner.plan.batches(self.owner.epoch):
+            yield [(int(t), res) for t in b]
+
+    def __len__(self):
+        return self.owner.plan.batches_per_epoch
+
+
+class PILLoader:
+    """Backend 'pil'. Use fastrsb.data.make_loader rather than this class directly."""
+
+    backend = "pil"
+
+    def __init__(self, data, split, *, batch_size, res, device,
+                 spec: CropSpec, num_workers: int, plan_kwargs: dict):
+        import torch
+
+        data = Path(data)
+        if is_converted(data):
+            self.num_classes = len(read_classes(data))
+            index = ShardIndex.load(data, split)
+            read, labels = ShardBytes(index), index.labels
+            self.source = "webdataset shards"
+        elif (data / split).is_dir():
+            classes, items = scan_imagefolder(data / split)
+            self.num_classes = len(classes)
+            read, labels = _ReadPath([p for p, _ in items]), np.asarray([l for _, l in items], np.int64)
+            self.source = "ImageFolder"
+        else:
+            raise FastRSBError(f"{data} is neither a converted dataset (no classes.json) nor an ImageFolder "
+                               f"root with {split}/: run fastrsb convert SRC OUT, or pass SRC")
+        self.num_samples = int(labels.size)
+        self.plan = sampling.IndexPlan(self.num_samples, batch_size, **plan_kwargs)
+        self.device = torch.device(device)
+        self.res = res
+        self.epoch = 0
+        self.dataset = PlanDataset(read, labels, spec)
+        cuda = self.device.type == "cuda"
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=_PlanBatchSampler(self), num_workers=num_workers, collate_fn=collate,
+            pin_memory=cuda, persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
+
+    def __len__(self):
+        return self.plan.batches_per_epoch
+
+    def set_epoch(self, epoch: int, res: int | None = None):
+        self.epoch = int(epoch)
+        if res is not None:
+            self.res = int(res)
+
+    def __iter__(self):
+        import torch
+
+        if self.device.type != "cuda":
+            for images, labels in self.loader:
+                yield images.permute(0, 3, 1, 2), labels
+            return
+        stream = torch.cuda.Stream(self.device)
+        pending = None
+        for images, labels in self.loader:
+            with torch.cuda.stream(stream):  # copy batch k+1 while the caller computes on batch k
+                nxt = (images.to(self.device, non_blocking=True).permute(0, 3, 1, 2),
+                       labels.to(self.device, non_blocking=True))
+            if pending is not None:
+                yield pending
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            for t in nxt:
+                t.record_stream(torch.cuda.current_stream(self.device))
+            pending = nxt
+        if pending is not None:
+            yield pending

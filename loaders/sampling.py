@@ -1,0 +1,221 @@
+"""Index plans: which samples each rank reads in an epoch, in which order, and their seeded crops.
+
+One plan drives every backend (FFCV, DALI, PIL), so with the same seed they read the same samples in
+the same order and yield the same labels batch by batch.
+
+Order of an epoch (`IndexPlan.epoch`):
+
+1. a permutation of the split, drawn from `numpy.random.Generator(PCG64([seed, epoch]))` (the
+   identity when `shuffle=False`, e.g. for validation);
+2. repeated augmentation (`aug_repeats=R >= 2`, RSB A1/A2 with R=3): each index of the permutation is
+   repeated R times in a row, `[a, a, a, b, b, b, ...]`, as timm's `RepeatAugSampler` does;
+3. DDP sharding: the list is cut into `world_size` interleaved shares, rank r taking positions
+   r, r + W, r + 2W, ... (torch's `DistributedSampler` layout). With repeats, the R copies of a sample
+   sit in consecutive positions and so go to R different ranks (when W >= R); with one process they
+   share a batch. Unlike timm's sampler, world_size=1 is allowed;
+4. every rank keeps the same number of samples: `ceil(N / W)` with `pad=True` (the list is extended
+   by wrapping around, so every sample is read at least once and a few twice, as in
+   `DistributedSampler`), `floor(N / W)` with `pad=False` (up to W-1 samples are skipped that epoch).
+   With repeats the epoch length stays that of the dataset (the first N/W of the repeated list, so
+   about N/R distinct samples per epoch, each R times);
+5. batches: `drop_last=True` keeps whole batches only, so every rank runs the same number of steps.
+
+Each planned position is a *tagged index*: sample index (low 40 bits), copy number (8 bits: which
+repeat, or which wrap-around pad) and epoch (15 bits, modulo 2**15). Backends decode sample =
+tag & SAMPLE_MASK; the crop and flip of that read are a pure function of (seed, tag), computed by
+`random_resized_crop` from a counter-based hash (no RNG state), so they do not depend on which
+thread or worker process decodes the image, and the PIL and FFCV backends draw the same boxes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+SAMPLE_BITS = 40
+COPY_BITS = 8
+EPOCH_BITS = 15
+SAMPLE_MASK = (1 << SAMPLE_BITS) - 1
+COPY_MASK = (1 << COPY_BITS) - 1
+EPOCH_MASK = (1 << EPOCH_BITS) - 1
+_M32 = 0xFFFFFFFF
+
+
+def tag(sample, copy, epoch) -> np.ndarray:
+    """Pack sample index, copy number and epoch into one int64 per read."""
+    sample = np.asarray(sample, dtype=np.int64)
+    copy = np.minimum(np.asarray(copy, dtype=np.int64), COPY_MASK)
+    return sample | (copy << SAMPLE_BITS) | ((int(epoch) & EPOCH_MASK) << (SAMPLE_BITS + COPY_BITS))
+
+
+def untag(tagged) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    t = np.asarray(tagged, dtype=np.int64)
+    return t & SAMPLE_MASK, (t >> SAMPLE_BITS) & COPY_MASK, (t >> (SAMPLE_BITS + COPY_BITS)) & EPOCH_MASK
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    """The reads of one rank, epoch by epoch. See the module docstring for the order."""
+
+    num_samples: int
+    batch_size: int
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    shuffle: bool = True
+    aug_repeats: int = 0  # 0 or 1: off; R >= 2: each sample R times per epoch
+    drop_last: bool = True
+    pad: bool = True
+
+    def __post_init__(self):
+        from fastrsb.errors import FastRSBError
+
+        if self.num_samples < 1:
+            raise FastRSBError("the split holds no samples; check the dataset path and split name")
+        if self.batch_size < 1:
+            raise FastRSBError(f"batch_size must be positive, got {self.batch_size}")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise FastRSBError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
+        if self.aug_repeats < 0 or self.aug_repeats > COPY_MASK:
+            raise FastRSBError(f"aug_repeats must be in [0, {COPY_MASK}], got {self.aug_repeats}")
+        if self.num_samples > SAMPLE_MASK:
+            raise FastRSBError(f"more than 2**{SAMPLE_BITS} samples are not supported")
+        if self.batches_per_epoch < 1:
+            raise FastRSBError(
+                f"batch_size {self.batch_size} is larger than the {self.samples_per_rank} samples rank "
+                f"{self.rank} reads per epoch and drop_last=True: lower batch_size or pass drop_last=False")
+
+    @property
+    def repeats(self) -> int:
+        return max(1, self.aug_repeats)
+
+    @property
+    def samples_per_rank(self) -> int:
+        """Samples this rank reads per epoch, before dropping the last partial batch."""
+        n, w = self.num_samples, self.world_size
+        return math.ceil(n / w) if self.pad else n // w
+
+    @property
+    def batches_per_epoch(self) -> int:
+        per = self.samples_per_rank
+        return per // self.batch_size if self.drop_last else math.ceil(per / self.batch_size)
+
+    @property
+    def reads_per_epoch(self) -> int:
+        """Samples this rank yields per epoch (after drop_last)."""
+        return min(self.samples_per_rank, self.batches_per_epoch * self.batch_size)
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_samples, dtype=np.int64)
+        rng = np.random.Generator(np.random.PCG64([self.seed & 0xFFFFFFFFFFFF, int(epoch)]))
+        return rng.permutation(self.num_samples).astype(np.int64)
+
+    def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(sample indices, copy numbers) this rank reads in `epoch`, in order."""
+        order = self.permutation(epoch)
+        r = self.repeats
+        samples = np.repeat(order, r)
+        copies = np.tile(np.arange(r, dtype=np.int64), self.num_samples)
+        total = self.samples_per_rank * self.world_size
+        if total > samples.size:  # wrap-around padding; the copy number marks the wrap
+            wraps = np.arange(total, dtype=np.int64) // samples.size
+            samples = np.resize(samples, total)
+            copies = np.resize(copies, total) + r * wraps
+        mine = slice(self.rank, total, self.world_size)
+        keep = self.reads_per_epoch
+        return samples[mine][:keep], copies[mine][:keep]
+
+    def tagged(self, epoch: int) -> np.ndarray:
+        samples, copies = self.epoch(epoch)
+        return tag(samples, copies, epoch)
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        t = self.tagged(epoch)
+        return [t[i:i + self.batch_size] for i in range(0, t.size, self.batch_size)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeded per-read randomness. Plain integer and float code that runs both in Python (PIL backend)
+# and compiled by numba (FFCV backend) with the same results: products of two 32-bit values are
+# masked to their low 32 bits, which are the same whether the product wrapped in int64 or not.
+
+def _build(jit):
+    """The same code, plain (jit = identity) or numba-compiled (jit = numba.njit)."""
+
+    @jit
+    def _mix32(x):
+        # "lowbias32" integer hash (C. Wellons, hash-prospector).
+        x = x ^ (x >> 16)
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x = x ^ (x >> 15)
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        x = x ^ (x >> 16)
+        return x
+
+    @jit
+    def read_key(seed, tagged):
+        """A 32-bit key for one read (seed, sample, copy, epoch)."""
+        h = _mix32((seed & 0xFFFFFFFF) ^ 0x5BD1E995)
+        h = _mix32(h ^ (tagged & 0xFFFFFFFF))
+        h = _mix32(h ^ ((tagged >> 32) & 0xFFFFFFFF))
+        return h
+
+    @jit
+    def uniform(key, counter):
+        """The counter-th uniform draw in [0, 1) of a read."""
+        return _mix32(key ^ _mix32((counter * 0x9E3779B9 + 0x7F4A7C15) & 0xFFFFFFFF)) / 4294967296.0
+
+    @jit
+    def random_resized_crop(height, width, key, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi):
+        """torchvision's RandomResizedCrop.get_params, drawn from `uniform(key, ...)`.
+
+        Returns (top, left, crop_height, crop_width, flip); flip is 1 with probability 1/2.
+        """
+        area = height * width
+        for attempt in range(10):
+            target_area = area * (scale_lo + (scale_hi - scale_lo) * uniform(key, 4 * attempt))
+            aspect = math.exp(log_ratio_lo + (log_ratio_hi - log_ratio_lo) * uniform(key, 4 * attempt + 1))
+            w = int(math.floor(math.sqrt(target_area * aspect) + 0.5))
+            h = int(math.floor(math.sqrt(target_area / aspect) + 0.5))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(uniform(key, 4 * attempt + 2) * (height - h + 1))
+                left = int(uniform(key, 4 * attempt + 3) * (width - w + 1))
+                return top, left, h, w, int(uniform(key, 99) < 0.5)
+        # Fallback: central crop at the nearest allowed aspect ratio.
+        in_ratio = width / height
+        if in_ratio < math.exp(log_ratio_lo):
+            w = width
+            h = int(math.floor(w / math.exp(log_ratio_lo) + 0.5))
+        elif in_ratio > math.exp(log_ratio_hi):
+            h = height
+            w = int(math.floor(h * math.exp(log_ratio_hi) + 0.5))
+        else:
+            w = width
+            h = height
+        return (height - h) // 2, (width - w) // 2, h, w, int(uniform(key, 99) < 0.5)
+
+    return _mix32, read_key, uniform, random_resized_crop
+
+
+_mix32, read_key, uniform, random_resized_crop = _build(lambda f: f)
+_NUMBA = None
+
+
+def numba_functions():
+    """(read_key, uniform, random_resized_crop) compiled by numba, for FFCV's JIT pipeline."""
+    global _NUMBA
+    if _NUMBA is None:
+        import numba
+
+        _NUMBA = _build(numba.njit(cache=False))[1:]
+    return _NUMBA
+
+
+def center_crop_box(height, width, crop_pct):
+    """Validation window, FFCV's CenterCropRGBImageDecoder geometry: the central c x c square,
+    c = int(crop_pct * short side). Resizing it to res equals resizing the short side to
+    res / crop_pct (224 / 0.95 = 235.8) and cropping the central res x res. Returns (top, left, c)."""
+    c = int(crop_pct * min(height, width))
+    return (height - c) // 2, (width - c) // 2, c
