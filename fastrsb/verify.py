@@ -72,7 +72,7 @@ def read_beton_labels(beton: Path, decode: bool, batch_size: int = 256) -> tuple
             decoded += len(images)
         else:
             (batch_labels,) = batch if isinstance(batch, (tuple, list)) else (batch,)
-        labels.append(np.asarray(batch_labels).reshape(-1))
+        labels.append(np.array(batch_labels, copy=True).reshape(-1))  # FFCV reuses its buffers
     return np.concatenate(labels) if labels else np.zeros(0, np.int64), decoded
 
 

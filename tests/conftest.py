@@ -1,0 +1,41 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, check=True, timeout=600, **kw) -> subprocess.CompletedProcess:
+    """Run `python -m fastrsb ARGS` in a subprocess (FFCV and DALI keep threads; a fresh process is safest)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastrsb", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO, **kw,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"fastrsb {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def odd_dataset(tmp_path_factory) -> Path:
+    """A small demo ImageFolder dataset with every oddity, shared by the whole test session."""
+    from fastrsb.demo_data import make_demo_data
+
+    root = tmp_path_factory.mktemp("odd") / "src"
+    make_demo_data(root, num_classes=4, train_per_class=12, val_per_class=4, min_size=64, max_size=160,
+                   oddities=True, large_side=6000, seed=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def converted(odd_dataset, tmp_path_factory) -> Path:
+    """odd_dataset converted to both formats (small shards, so there are several)."""
+    out = tmp_path_factory.mktemp("conv") / "out"
+    run_cli("convert", odd_dataset, out, "--shard-size", 10, "--workers", 2, "--no-progress")
+    return out
+
+
+os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
