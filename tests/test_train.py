@@ -1,0 +1,264 @@
+"""fastrsb.train on the CPU: learns, resumes bit-identically, DDP (gloo, 2 processes) matches 1 process.
+
+The loader and augmentation here are small in-memory stand-ins that honour the contracts of
+fastrsb.data.make_loader and fastrsb.gpu_aug.make_train_augment (uint8 NCHW channels-last images and
+int64 labels on the device; augment -> normalised float images and dense soft targets).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from fastrsb.errors import FastRSBError
+from fastrsb.recipes import A3, override
+from fastrsb.train import evaluate, plan_batches, train
+
+timm = pytest.importorskip("timm")
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """On this shared 2-core machine, 2 OpenMP threads run a tiny model 20x slower than 1 (spin-waits)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+
+
+class MemoryLoader:
+    """Class-coloured noisy images; order depends only on (seed, epoch); rank r takes every world_size-th."""
+
+    backend = "memory"
+
+    def __init__(self, split, *, batch_size, res, device, rank=0, world_size=1, seed=0, drop_last=True,
+                 num_classes=4, per_class=30):
+        g = torch.Generator().manual_seed(1234 if split == "train" else 4321)
+        self.num_classes = num_classes
+        labels = torch.arange(num_classes).repeat_interleave(per_class)
+        colours = torch.rand(num_classes, 3, 1, 1, generator=torch.Generator().manual_seed(7)) * 200 + 28
+        images = colours[labels] + torch.randn(len(labels), 3, res, res, generator=g) * 40
+        # a class-specific bright quadrant, so the task needs spatial features too
+        half = res // 2
+        for c in range(num_classes):
+            idx = labels == c
+            images[idx, :, (c // 2) * half:(c // 2 + 1) * half, (c % 2) * half:(c % 2 + 1) * half] += 40
+        self.images = images.clamp(0, 255).to(torch.uint8)
+        self.labels = labels
+        self.num_samples = len(labels)
+        self.batch_size, self.device, self.rank, self.world_size = batch_size, torch.device(device), rank, world_size
+        self.seed, self.drop_last, self.shuffle = seed, drop_last, split == "train"
+        self.epoch = 0
+
+    def set_epoch(self, epoch, res=None):
+        self.epoch = epoch
+
+    def _indices(self):
+        n = self.num_samples
+        order = (torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100 + self.epoch))
+                 if self.shuffle else torch.arange(n))
+        return order[self.rank::self.world_size]
+
+    def __len__(self):
+        per_rank = self.num_samples // self.world_size
+        return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
+
+    def __iter__(self):
+        idx = self._indices()
+        for b in range(len(self)):
+            sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
+            yield (self.images[sel].to(self.device).contiguous(memory_format=torch.channels_last),
+                   self.labels[sel].to(self.device))
+
+
+def make_memory_loader(backend, data, split, **kwargs):
+    kwargs.pop("aug_repeats", None)
+    kwargs.pop("crop_pct", None)
+    kwargs.pop("num_workers", None)
+    return MemoryLoader(split, **kwargs)
+
+
+def memory_normalize(images, dtype=torch.float32):
+    return ((images.float() - MEAN.to(images.device)) / STD.to(images.device)).to(dtype)
+
+
+def make_memory_augment(rand_augment, mixup_alpha, cutmix_alpha, label_smoothing, num_classes, hflip=0.5,
+                        mixup_prob=1.0, switch_prob=0.5, dtype=torch.float32):
+    """Flip + mixup (batch-reversed partner) drawn from the given generator; smoothed dense targets."""
+
+    def augment(images, labels, generator=None):
+        x = memory_normalize(images)
+        flip = torch.rand(x.shape[0], 1, 1, 1, generator=generator, device=x.device) < hflip
+        x = torch.where(flip, x.flip(3), x)
+        off = label_smoothing / num_classes
+        target = torch.full((x.shape[0], num_classes), off, device=x.device)
+        target.scatter_(1, labels[:, None], 1.0 - label_smoothing + off)
+        if mixup_alpha > 0:
+            lam = torch.distributions.Beta(mixup_alpha, mixup_alpha).sample()  # global torch RNG
+            lam = float(lam)
+            x = lam * x + (1 - lam) * x.flip(0)
+            target = lam * target + (1 - lam) * target.flip(0)
+        return x.to(dtype), target
+
+    return augment
+
+
+MEMORY = dict(make_loader=make_memory_loader, make_augment=make_memory_augment, normalize=memory_normalize)
+
+
+def tiny_recipe(**changes):
+    base = dict(epochs=6, train_res=32, test_res=32, global_batch=16, warmup_epochs=1, lr=8e-3 * 2048 / 16 / 4,
+                mixup_alpha=0.0, cutmix_alpha=0.0, rand_augment="", model="test_resnet")
+    base.update(changes)
+    return override(A3, base)
+
+
+def test_plan_batches():
+    assert plan_batches(2048, 1, 256) == plan_batches(2048, 1, 256)
+    layout = plan_batches(2048, 1, 256)
+    assert (layout.batch_per_gpu, layout.accum_steps) == (256, 8)
+    assert (plan_batches(2048, 8, 256).batch_per_gpu, plan_batches(2048, 8, 256).accum_steps) == (256, 1)
+    assert (plan_batches(2048, 8, 2048).batch_per_gpu, plan_batches(2048, 8, 2048).accum_steps) == (256, 1)
+    layout = plan_batches(2046, 3, 300)
+    assert layout.world_size * layout.batch_per_gpu * layout.accum_steps == layout.global_batch
+    assert layout.batch_per_gpu <= 300
+    with pytest.raises(FastRSBError):
+        plan_batches(2048, 3, 256)
+    assert "2 GPUs x 128 per GPU x 4 accumulation steps" in plan_batches(1024, 2, 200).describe()
+
+
+def test_trains_and_beats_chance(tmp_path, capsys):
+    recipe = tiny_recipe()
+    summary = train(recipe, "unused", "memory", out_dir=tmp_path / "run", batch_per_gpu=8, eval_every_epochs=3,
+                    log_every_steps=2, progress=False, **MEMORY)
+    out = capsys.readouterr().out
+    assert "global batch 16 = 1 GPU x 8 per GPU x 2 accumulation steps" in out
+    assert "scaled linearly" in out
+    assert summary["finished"] and summary["steps"] == 6 * (120 // 16)
+    assert summary["top1"] > 60.0, summary  # chance is 25%
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    kinds = [r["kind"] for r in records]
+    assert kinds.count("epoch") == 6 and "step" in kinds and kinds[-1] == "summary"
+    assert [r["epoch"] for r in records if r["kind"] == "epoch" and "top1" in r] == [2, 5]
+    info = json.loads((run / "run.json").read_text())
+    assert info["recipe"]["global_batch"] == 16 and info["versions"]["torch"] == torch.__version__
+    assert info["base_lr"] == pytest.approx(recipe.lr * 16 / 2048)
+    assert "git_revision" in info and info["summary"]["top1"] == summary["top1"]
+    # Final weights load into a plain timm model and give the reported accuracy.
+    model = timm.create_model("test_resnet", num_classes=4)
+    model.load_state_dict(torch.load(run / "model.pt", weights_only=True))
+    again = evaluate(model, "unused", "memory", res=32, batch_size=16, make_loader=make_memory_loader,
+                     normalize=memory_normalize)
+    assert again["top1"] == pytest.approx(summary["top1"])
+    from_run = evaluate(run, "unused", "memory", make_loader=make_memory_loader, normalize=memory_normalize)
+    assert from_run["top1"] == pytest.approx(summary["top1"]) and from_run["res"] == 32
+    with pytest.raises(FastRSBError, match="already holds a run"):
+        train(recipe, "unused", "memory", out_dir=run, batch_per_gpu=8, progress=False, **MEMORY)
+
+
+def _state(path):
+    return torch.load(path, weights_only=True)
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
+    # EMA, mixup (global RNG), flips (augmentation generator) and drop-path (global RNG) all on.
+    recipe = tiny_recipe(epochs=3, ema_decay=0.9, mixup_alpha=0.4, drop_path_rate=0.1, global_batch=24)
+    kw = dict(batch_per_gpu=12, eval_every_epochs=2, log_every_steps=3, progress=False, **MEMORY)
+    full = train(recipe, "unused", "memory", out_dir=tmp_path / "full", **kw)
+    part = train(recipe, "unused", "memory", out_dir=tmp_path / "part", stop_after_epochs=2, **kw)
+    assert not part["finished"] and not (tmp_path / "part" / "model.pt").exists()
+    ckpt = _state(tmp_path / "part" / "checkpoint.pt")
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * (120 // 24)
+    resumed = train(recipe, "unused", "memory", out_dir=tmp_path / "part", resume=True, **kw)
+    assert resumed["finished"] and resumed["steps"] == full["steps"]
+    for name in ("model.pt", "model_ema.pt"):
+        a, b = _state(tmp_path / "full" / name), _state(tmp_path / "part" / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{name}: {k} differs after resume"
+    assert resumed["top1"] == full["top1"]
+    # The uninterrupted run really depends on the restored RNG: a different seed gives other weights.
+    other = train(recipe, "unused", "memory", out_dir=tmp_path / "other", seed=1, **kw)
+    assert not torch.equal(_state(tmp_path / "other" / "model.pt")["fc.weight"],
+                           _state(tmp_path / "full" / "model.pt")["fc.weight"])
+    assert other["finished"]
+    # A changed recipe is refused.
+    with pytest.raises(FastRSBError, match="different recipe"):
+        train(dataclasses.replace(recipe, lr=1.0), "unused", "memory", out_dir=tmp_path / "part", resume=True, **kw)
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path):
+    recipe = tiny_recipe(epochs=4)
+    calls = {"n": 0}
+
+    def make_poisoned_augment(*args, **kwargs):
+        inner = make_memory_augment(*args, **kwargs)
+
+        def augment(images, labels, generator=None):
+            calls["n"] += 1
+            x, t = inner(images, labels, generator)
+            return (x * float("nan"), t) if calls["n"] > 2 * 14 + 3 else (x, t)  # poisoned in epoch 3
+
+        return augment
+
+    kw = dict(MEMORY, make_augment=make_poisoned_augment)
+    with pytest.raises(FastRSBError, match="loss became nan.*last good checkpoint"):
+        train(recipe, "unused", "memory", out_dir=tmp_path / "run", batch_per_gpu=8, log_every_steps=2,
+              progress=False, **kw)
+    ckpt = _state(tmp_path / "run" / "checkpoint.pt")
+    assert ckpt["epoch"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world_size, port, recipe_dict, out_dir, result_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from fastrsb.recipes import Recipe
+
+    recipe = Recipe(**recipe_dict)
+    summary = train(recipe, "unused", "memory", out_dir=out_dir, batch_per_gpu=8, eval_every_epochs=2,
+                    log_every_steps=100, progress=False, device="cpu", **MEMORY)
+    with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(summary, f)
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    """Same global batch 16: 2 gloo ranks x 8 against 1 process x 16. A model with batch-independent
+    normalisation (LayerNorm), no random augmentation: only the summation order differs."""
+    recipe = tiny_recipe(epochs=2, model="test_convnext", hflip=0.0)
+    recipe_dict = dataclasses.asdict(recipe)
+    recipe_dict["rrc_scale"], recipe_dict["rrc_ratio"] = tuple(recipe.rrc_scale), tuple(recipe.rrc_ratio)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), recipe_dict, str(tmp_path / "ddp"), str(tmp_path)), nprocs=2,
+             join=True)
+    single = train(recipe, "unused", "memory", out_dir=tmp_path / "single", batch_per_gpu=16, eval_every_epochs=2,
+                   log_every_steps=100, progress=False, device="cpu", **MEMORY)
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert r0["layout"] == {"global_batch": 16, "world_size": 2, "batch_per_gpu": 8, "accum_steps": 1}
+    assert single["layout"]["accum_steps"] == 1 and r0["steps"] == single["steps"] == 2 * 7
+    assert r0["top1"] == r1["top1"]  # evaluation counts are all-reduced
+    a, b = _state(tmp_path / "ddp" / "model.pt"), _state(tmp_path / "single" / "model.pt")
+    moved = 0
+    torch.manual_seed(0)  # train seeds with seed=0 before it creates the model
+    init = timm.create_model("test_convnext", num_classes=4).state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+        moved += int(not torch.allclose(a[k], init[k]))
+    assert moved > len(a) // 2
