@@ -160,7 +160,8 @@ def make_loader(backend: str, data, split: str, *, batch_size: int, res: int, de
         raise FastRSBError(f"device must be cpu or cuda, got {device}")
     data = Path(data)
     if not data.exists():
-        raise FastRSBError(f"{data} does not exist: run fastrsb convert SRC {data}")
+        fmt = {"ffcv": " --format beton", "dali": " --format dali"}.get(backend, "")
+        raise FastRSBError(f"{data} does not exist: run fastrsb convert SRC {data}{fmt}")
     train = split == "train"
     shuffle = train if shuffle is None else bool(shuffle)
     drop_last = train if drop_last is None else bool(drop_last)
