@@ -12,10 +12,11 @@ setup(
     packages=["fastrsb", "fastrsb.loaders"],
     package_dir={"fastrsb": "fastrsb", "fastrsb.loaders": "loaders"},
     python_requires=">=3.10",
-    install_requires=["torch>=2.1", "torchvision", "timm>=1.0", "numpy", "pillow", "tqdm"],
+    # opencv-python: the converter encodes JPEGs exactly as FFCV does (ffcv itself requires it too)
+    install_requires=["torch>=2.1", "torchvision", "timm>=1.0", "numpy", "pillow", "tqdm", "opencv-python"],
     extras_require={
         # FFCV compiles against libturbojpeg and OpenCV: setup.sh installs the Debian packages first.
-        "ffcv": ["ffcv>=1.0.2", "opencv-python-headless"],
+        "ffcv": ["ffcv>=1.0.2"],
         "dali": ["nvidia-dali-cuda120"],
         # Half the size of the cuda120 build and matches torch's CUDA 13 wheels.
         "dali-cuda130": ["nvidia-dali-cuda130"],
