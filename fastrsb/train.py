@@ -389,6 +389,8 @@ def train(
         say(f"fastrsb train: recipe {recipe.name}, model {model_name}, {recipe.epochs} epochs at {recipe.train_res} px, "
             f"loader {loader_backend}, device {device}, {precision}, compile {'on' if compile_model else 'off'}")
         say(f"  {layout.describe()}")
+        if recipe.hflip != 0.5:
+            say(f"  warning: recipe hflip={recipe.hflip} is ignored: the loaders flip with p=0.5")
         if recipe.global_batch != REFERENCE_GLOBAL_BATCH:
             say(f"  lr {recipe.lr:g} is the recipe's lr at global batch {REFERENCE_GLOBAL_BATCH}; scaled linearly "
                 f"to {base_lr:g} for global batch {recipe.global_batch}")
@@ -400,7 +402,8 @@ def train(
         normalize = normalize or _default_normalize()
         common = dict(device=device, rank=rank, world_size=world_size, seed=seed, num_workers=num_workers)
         train_loader = make_loader(loader_backend, data, "train", batch_size=layout.batch_per_gpu,
-                                   res=recipe.train_res, aug_repeats=recipe.aug_repeats, drop_last=True, **common)
+                                   res=recipe.train_res, aug_repeats=recipe.aug_repeats, drop_last=True,
+                                   scale=tuple(recipe.rrc_scale), ratio=tuple(recipe.rrc_ratio), **common)
         val_loader = make_loader(loader_backend, data, "val", batch_size=layout.batch_per_gpu, res=recipe.test_res,
                                  crop_pct=recipe.test_crop_pct, drop_last=False, **common)
         num_classes = train_loader.num_classes
@@ -414,11 +417,14 @@ def train(
         say(f"  {train_loader.num_samples} train images, {num_classes} classes, {steps_per_epoch} optimizer steps "
             f"per epoch, {total_steps} in all ({warmup_steps} warmup), base lr {base_lr:g}")
 
+        # hflip=0: every loader backend already flips (p=0.5, fused with decode and crop); flipping
+        # again here would only cost time.
         augment = make_augment(recipe.rand_augment, recipe.mixup_alpha, recipe.cutmix_alpha, recipe.label_smoothing,
-                               num_classes, hflip=recipe.hflip, mixup_prob=recipe.mixup_prob,
+                               num_classes, hflip=0.0, mixup_prob=recipe.mixup_prob,
                                switch_prob=recipe.mixup_switch_prob,
                                dtype=torch.float32 if precision == "fp32" else _autocast_dtype(precision))
-        augment_generator = torch.Generator(device=device)
+        # A CPU generator: gpu_aug takes its random decisions on the host, so drawing them needs no sync.
+        augment_generator = torch.Generator()
         augment_generator.manual_seed(seed * 1_000_003 + rank + 1)  # each rank draws its own augmentations
         loss_fn = make_loss(recipe)
 
