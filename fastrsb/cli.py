@@ -61,6 +61,48 @@ def _cmd_verify(args) -> int:
     return 0 if verify(args.out, decode=not args.quick) else 1
 
 
+def _cmd_train(args) -> int:
+    from .errors import FastRSBError
+    from .recipes import get_recipe, override
+    from .train import train
+
+    try:
+        recipe = override(get_recipe(args.recipe), args.overrides)
+    except ValueError as e:
+        raise FastRSBError(str(e)) from None
+    model_name = args.model or recipe.model
+    train(
+        recipe,
+        args.data,
+        args.loader,
+        model_name,
+        args.out or f"runs/{recipe.name}-{model_name}",
+        batch_per_gpu=args.batch_per_gpu,
+        device=args.device,
+        precision=args.precision,
+        compile_model=args.compile,
+        eval_every_epochs=args.eval_every,
+        log_every_steps=args.log_every,
+        resume=args.resume,
+        seed=args.seed,
+        num_workers=args.workers,
+        lamb_max_grad_norm=args.lamb_max_grad_norm or None,
+        warmup_lr=args.warmup_lr,
+        min_lr=args.min_lr,
+        progress=not args.no_progress,
+    )
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .train import evaluate
+
+    evaluate(args.source, args.data, args.loader, model_name=args.model, num_classes=args.num_classes, res=args.res,
+             crop_pct=args.crop_pct, batch_size=args.batch_size, device=args.device, precision=args.precision,
+             num_workers=args.workers)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastrsb", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -107,6 +149,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="the folder `fastrsb convert` wrote")
     p.add_argument("--quick", action="store_true", help="checksums, counts and labels only; do not decode images")
     p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("train", help="train a timm model with an RSB recipe at a fixed global batch (torchrun for DDP)")
+    p.add_argument("--recipe", default="a3", help="a1, a2 or a3 (default a3)")
+    p.add_argument("--data", required=True, help="the folder `fastrsb convert` wrote")
+    p.add_argument("--loader", default="auto", choices=["auto", "dali", "ffcv", "pil"], help="loader backend")
+    p.add_argument("--model", default=None, help="timm model name (default: the recipe's, resnet50)")
+    p.add_argument("--out", default=None, help="run folder (default runs/RECIPE-MODEL)")
+    p.add_argument("--batch-per-gpu", type=int, default=256,
+                   help="largest micro-batch that fits one GPU; accumulation makes up the global batch")
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="auto: bf16 autocast on CUDA, fp32 on the CPU")
+    p.add_argument("--no-compile", dest="compile", action="store_false", default=None,
+                   help="no torch.compile (default: compile on CUDA)")
+    p.add_argument("--eval-every", type=int, default=10, help="evaluate every N epochs (and at the end)")
+    p.add_argument("--log-every", type=int, default=50, help="log every N optimizer steps")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None, help="loader threads/processes (default: all cores)")
+    p.add_argument("--lamb-max-grad-norm", type=float, default=1.0,
+                   help="LAMB's global gradient-norm clip, as in timm (0: off, as in the paper's algorithm)")
+    p.add_argument("--warmup-lr", type=float, default=1e-6, help="lr at step 0 of the linear warmup")
+    p.add_argument("--min-lr", type=float, default=0.0, help="lr at the end of the cosine")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", help="recipe key=value, e.g. epochs=10 global_batch=1024")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="top-1/top-5 of a run folder, checkpoint or model.pt on the val split")
+    p.add_argument("source", help="run folder, checkpoint.pt, or model.pt (with --model and --num-classes)")
+    p.add_argument("--data", required=True, help="the folder `fastrsb convert` wrote")
+    p.add_argument("--loader", default="auto", choices=["auto", "dali", "ffcv", "pil"], help="loader backend")
+    p.add_argument("--model", default=None, help="timm model name (default: from the run)")
+    p.add_argument("--num-classes", type=int, default=None, help="default: from the run")
+    p.add_argument("--res", type=int, default=None, help="default: the recipe's test_res, else 224")
+    p.add_argument("--crop-pct", type=float, default=None, help="default: the recipe's test_crop_pct, else 0.95")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default=None)
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--workers", type=int, default=None)
+    p.set_defaults(func=_cmd_eval)
 
     return parser
 

@@ -288,3 +288,25 @@ def test_ddp_two_processes_match_one(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
         moved += int(not torch.allclose(a[k], init[k]))
     assert moved > len(a) // 2
+
+
+def test_cli_train_and_eval(demo_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["train", "--recipe", "a3", "--data", str(demo_data), "--loader", "pil", "--model", "test_resnet",
+            "--out", str(run), "--batch-per-gpu", "16", "--workers", "0", "--no-progress", "--eval-every", "1",
+            "epochs=1", "train_res=32", "test_res=32", "global_batch=16", "warmup_epochs=0"]
+    assert fastrsb_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "global batch 16 = 1 GPU x 16 per GPU x 1 accumulation step" in out and "summary:" in out
+    summary = json.loads((run / "run.json").read_text())["summary"]
+    assert summary["finished"] and summary["steps"] == 120 // 16
+    assert fastrsb_main(["eval", str(run), "--data", str(demo_data), "--loader", "pil", "--workers", "0"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["top1"] == pytest.approx(summary["top1"]) and result["samples"] == 40
+    # user errors come back as messages and status 2, not tracebacks
+    assert fastrsb_main(argv[:-4] + ["epochz=1"]) == 2
+    assert "unknown recipe key 'epochz'" in capsys.readouterr().err
+    assert fastrsb_main(argv) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert fastrsb_main(argv[:10] + [str(tmp_path / "nothing")] + argv[11:] + ["--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
