@@ -275,35 +275,36 @@ def _warp(x: torch.Tensor, mats: torch.Tensor, fill: torch.Tensor, interpolation
 
     PIL maps each output pixel centre to a source point in double precision, fills the pixel when
     that point lies outside the image, and otherwise interpolates between edge-clamped neighbours
-    and truncates. We do the same with the coordinates in float64 and four gathers. grid_sample was
-    the first choice, but its float32 normalised coordinates put exact pixel centres a hair off, and
-    truncation turns that into off-by-one pixels even for the identity.
+    and truncates. We do the same: float64 coordinates, one gather of the four neighbours from an
+    edge-padded copy, float32 interpolation. (grid_sample was the first choice, but its float32
+    normalised coordinates put exact pixel centres a hair off, and truncation turns that into
+    off-by-one pixels even for the identity.) The result is channels_last in memory.
     """
     b, c, h, w = x.shape
-    ys = torch.arange(h, device=x.device, dtype=torch.float64).view(1, h, 1) + 0.5
-    xs = torch.arange(w, device=x.device, dtype=torch.float64).view(1, 1, w) + 0.5
-    m = mats.to(torch.float64).view(b, 6, 1, 1).unbind(1)
-    src_x = m[0] * xs + m[1] * ys + m[2]
-    src_y = m[3] * xs + m[4] * ys + m[5]
-    inside = ((src_x >= 0) & (src_x < w) & (src_y >= 0) & (src_y < h)).unsqueeze(1)
-    flat = x.reshape(b, c, h * w)
-
-    def gather(iy: torch.Tensor, ix: torch.Tensor) -> torch.Tensor:
-        index = (iy.clamp(0, h - 1) * w + ix.clamp(0, w - 1)).view(b, 1, h * w).expand(b, c, h * w)
-        return flat.gather(2, index).view(b, c, h, w)
-
+    ys, xs = torch.meshgrid(torch.arange(h, device=x.device, dtype=torch.float64),
+                            torch.arange(w, device=x.device, dtype=torch.float64), indexing="ij")
+    centres = torch.stack([xs + 0.5, ys + 0.5, torch.ones_like(xs)], dim=-1).view(1, h * w, 3)
+    src = torch.matmul(centres, mats.to(torch.float64).transpose(1, 2)) - 0.5  # (b, h*w, 2), pixel index units
+    limit = torch.tensor([w - 0.5, h - 0.5], device=x.device, dtype=torch.float64)
+    inside = ((src >= -0.5) & (src < limit)).all(dim=-1).view(b, h, w, 1)
+    # gather uint8 pixels (a quarter of the bytes of float), interpolate in float32
+    padded = F.pad(x.contiguous(memory_format=torch.channels_last), (1, 1, 1, 1), mode="replicate")
+    rows = padded.permute(0, 2, 3, 1).reshape(-1, c)  # (b * (h+2) * (w+2), c), a view
+    corner = src.floor() if interpolation == "bilinear" else (src + 0.5).floor()
+    # index into the padded image; clamped only to stay in memory for points that get the fill
+    ix = corner[..., 0].clamp(-1, w - 1).long() + 1
+    iy = corner[..., 1].clamp(-1, h - 1).long() + 1
+    base = (torch.arange(b, device=x.device).view(b, 1) * (h + 2) + iy) * (w + 2) + ix
+    fill_hwc = fill.view(1, 1, 1, c)
     if interpolation == "nearest":
-        out = gather(src_y.floor().long(), src_x.floor().long())
-        return torch.where(inside, out, fill.round().to(torch.uint8))
-    fx, fy = src_x - 0.5, src_y - 0.5
-    x0, y0 = fx.floor(), fy.floor()
-    wx = (fx - x0).float().unsqueeze(1)
-    wy = (fy - y0).float().unsqueeze(1)
-    x0, y0 = x0.long(), y0.long()
-    top = torch.lerp(gather(y0, x0).float(), gather(y0, x0 + 1).float(), wx)
-    bottom = torch.lerp(gather(y0 + 1, x0).float(), gather(y0 + 1, x0 + 1).float(), wx)
-    out = torch.where(inside, torch.lerp(top, bottom, wy), fill)
-    return out.clamp_(0, 255).to(torch.uint8)  # truncates, as PIL does
+        out = rows.index_select(0, base.view(-1)).view(b, h, w, c).float()
+    else:
+        offsets = torch.tensor([0, 1, w + 2, w + 3], device=x.device).view(4, 1, 1)
+        v00, v01, v10, v11 = rows.index_select(0, (base + offsets).view(-1)).view(4, b, h, w, c).float().unbind(0)
+        weight = (src - corner).float().view(b, h, w, 2, 1).unbind(3)
+        out = torch.lerp(torch.lerp(v00, v01, weight[0]), torch.lerp(v10, v11, weight[0]), weight[1])
+    out = torch.where(inside, out, fill_hwc)
+    return out.clamp_(0, 255).to(torch.uint8).permute(0, 3, 1, 2)  # truncates, as PIL does
 
 
 @dataclass(frozen=True)
