@@ -132,6 +132,7 @@ def measure(kind: str, args, res: int, batch: int, device: torch.device) -> dict
               "first_step_s": first_step_s, "compiled": compiled, "accum_steps": accum_steps, "micro_batch": micro,
               "peak_mem_gib": peak_gib}
     del model, run_model, optimizer, step, images, targets
+    torch._dynamo.reset()  # compiled graphs keep the model's tensors alive
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -246,6 +246,17 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_on_cpu(tmp_path, precision):
+    """bf16 autocast, and fp16 with its GradScaler, run the same loop (on CUDA they are the defaults/options)."""
+    summary = train(tiny_recipe(epochs=3), "unused", "memory", out_dir=tmp_path / "run", batch_per_gpu=8,
+                    precision=precision, eval_every_epochs=3, log_every_steps=3, progress=False, **MEMORY)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["precision"] == precision
+    assert summary["top1"] > 50.0
+    ckpt = _state(tmp_path / "run" / "checkpoint.pt")
+    assert bool(ckpt["scaler"]) == (precision == "fp16")  # the GradScaler state travels with the checkpoint
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
