@@ -346,3 +346,17 @@ def test_errors(data, tmp_path, monkeypatch):
     with pytest.raises(FastRSBError, match=r"pip install 'fastrsb\[dali\]'"):
         make_loader("dali", out, "train", **TRAIN)
     assert choose_backend(out, "train", "cpu")[0] == "pil"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_batches_arrive_on_the_gpu(data, backend):
+    """GPU path: FFCV ToDevice, DALI mixed decoding, PIL side-stream copy; same contract."""
+    loader = make_loader(backend, data / "out", "train", **{**TRAIN, "device": "cuda"})
+    batches = run_epoch(loader)
+    assert len(batches) == len(loader) == 6
+    for x, y in batches:
+        assert x.is_cuda and y.is_cuda and x.dtype == torch.uint8 and y.dtype == torch.int64
+        assert x.shape == (16, 3, 64, 64) and x.is_contiguous(memory_format=torch.channels_last)
+    assert cat(batches)[1].cpu().tolist() == np.asarray(tsv_labels(data / "out", "train"))[
+        IndexPlan(96, 16, seed=0).epoch(0)[0]].tolist()
