@@ -428,8 +428,9 @@ def train(
         augment_generator.manual_seed(seed * 1_000_003 + rank + 1)  # each rank draws its own augmentations
         loss_fn = make_loss(recipe)
 
-        model = create_model(model_name, num_classes, recipe.drop_path_rate)
+        model = create_model(model_name, num_classes, recipe.drop_path_rate)  # same init on every rank
         model.to(device=device, memory_format=torch.channels_last)
+        seed_everything(seed + rank)  # but each rank its own drop-path masks (as timm's train.py: seed + rank)
         if recipe.optimizer != "lamb":
             raise FastRSBError(f"recipe optimizer {recipe.optimizer!r}: fastrsb implements lamb")
         optimizer = Lamb(make_param_groups(model, recipe.weight_decay), lr=base_lr,
@@ -444,7 +445,8 @@ def train(
             _check_resumable(ckpt, recipe, model_name, ckpt_path)
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
-            scaler.load_state_dict(ckpt["scaler"])
+            if ckpt["scaler"]:  # empty when the run was not fp16
+                scaler.load_state_dict(ckpt["scaler"])
             if ema is not None and ckpt.get("ema") is not None:
                 ema.module.load_state_dict(ckpt["ema"])
             start_epoch, step = ckpt["loader"]["epoch"], ckpt["step"]
