@@ -106,11 +106,12 @@ def record(benchmark: str, name: str, value: float, unit: str = "img/s", config:
     return rec
 
 
-def emit(rec: dict, out: str | os.PathLike | None = None) -> dict:
-    """Print one result line (and append it to `out`, a .jsonl file, when given)."""
+def emit(rec: dict, out: str | os.PathLike | None = None, echo: bool = True) -> dict:
+    """Print one result line (unless echo=False) and append it to `out`, a .jsonl file, when given."""
     validate(rec)
     line = json.dumps(rec, sort_keys=False)
-    print(line, flush=True)
+    if echo:
+        print(line, flush=True)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         with open(out, "a") as f:
@@ -147,17 +148,26 @@ def read_results(paths) -> list[dict]:
     return rows
 
 
-def median_rate(fn, items_per_call: int, repeats: int = 5, warmup: int = 1, sync=None) -> tuple[float, list[float]]:
-    """Median items/s of `fn()` over `repeats` timed calls after `warmup` untimed ones."""
+def time_call(fn, device=None, warmup: int = 1, repeats: int = 5) -> float:
+    """Median seconds per call of `fn()` after `warmup` untimed calls; CUDA timed with events."""
+    import torch
+
+    cuda = device is not None and torch.device(device).type == "cuda"
     for _ in range(warmup):
         fn()
-        if sync:
-            sync()
-    rates = []
+    if cuda:
+        torch.cuda.synchronize(device)
+    times = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        rates.append(items_per_call / (time.perf_counter() - start))
-    return statistics.median(rates), rates
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)  # sync: timing only
+            times.append(start.elapsed_time(end) / 1000.0)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)

@@ -103,7 +103,43 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _cmd_demo(args) -> int:
+    from .demo import demo
+
+    result = demo(args.out, quick=args.quick, device=args.device, model=args.model, epochs=args.epochs)
+    return 0 if result["ok"] else 1
+
+
+def _cmd_bench(args) -> int:
+    from .bench import get
+
+    get(args.benchmark).run(args)
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .report import report
+
+    path = report(args.results, args.out)
+    print(f"wrote {path} and its plots")
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from .sweep import parse_seeds, sweep
+
+    train_args = []
+    if args.batch_per_gpu:
+        train_args += ["--batch-per-gpu", str(args.batch_per_gpu)]
+    if args.device:
+        train_args += ["--device", args.device]
+    sweep(args.recipe, parse_seeds(args.seeds), args.data, args.out, loader=args.loader, model=args.model,
+          overrides=args.overrides, train_args=train_args, parallel=args.parallel)
+    return 0
+
+
+def build_parser(with_benchmarks: bool = True) -> argparse.ArgumentParser:
+    """with_benchmarks=False leaves out the benchmarks' own options, whose modules import torch."""
     parser = argparse.ArgumentParser(prog="fastrsb", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -190,11 +226,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None)
     p.set_defaults(func=_cmd_eval)
 
+    p = sub.add_parser("demo", help="the whole pipeline on built-in data: data, convert, verify, loader "
+                                     "benchmark, a short training run, summary")
+    p.add_argument("--out", default="demo", help="working folder (default: ./demo)")
+    p.add_argument("--quick", action="store_true", help="smaller data and fewer epochs (what CI runs)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--model", default=None, help="timm model (default: resnet10t on the CPU, resnet18 on a GPU)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.set_defaults(func=_cmd_demo)
+
+    from .bench import BENCHMARKS, get
+
+    p = sub.add_parser("bench", help="benchmarks, each against its baseline in the same run (JSON lines)")
+    bench_sub = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    for name in BENCHMARKS:
+        if with_benchmarks:
+            module = get(name)
+            b = bench_sub.add_parser(name, help=module.__doc__.splitlines()[0], description=module.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+            module.add_arguments(b)
+            b.add_argument("--out", default=None, help="append the JSON lines to this file too")
+        else:
+            bench_sub.add_parser(name, help=f"{name} throughput (fastrsb bench {name} --help)")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("report", help="plots (PNG) and a markdown table from benchmark results and training runs")
+    p.add_argument("results", nargs="+", help="result .jsonl files, run folders or folders holding them")
+    p.add_argument("--out", default="report", help="output folder (default: ./report)")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("sweep", help="one recipe with several seeds; mean, std, min, max of the final accuracy")
+    p.add_argument("--recipe", default="a3")
+    p.add_argument("--seeds", required=True, help="e.g. 1-5, or 1,3,7")
+    p.add_argument("--data", required=True, help="a folder `fastrsb convert` wrote")
+    p.add_argument("--loader", default="auto")
+    p.add_argument("--model", default=None)
+    p.add_argument("--out", default="runs/sweep")
+    p.add_argument("--parallel", default="auto", choices=["auto", "sequential", "per-gpu"],
+                   help="per-gpu: one seed per visible GPU at a time (default when there are several)")
+    p.add_argument("--batch-per-gpu", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("overrides", nargs="*", help="recipe key=value overrides, as for train")
+    p.set_defaults(func=_cmd_sweep)
+
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(with_benchmarks=argv[:1] == ["bench"])
     args = parser.parse_args(argv)
     from .errors import FastRSBError
 

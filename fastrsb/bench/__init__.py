@@ -1,0 +1,26 @@
+"""`fastrsb bench {convert,loader,aug,step,e2e}`: one question per module, one result format.
+
+Each module has `add_arguments(parser)` and `run(args)`, prints JSON lines of the schema in
+`fastrsb/benchlog.py` (and appends them to `--out FILE` when given), and measures its baseline in the
+same run. `benchmarks/<name>_throughput.py` are the same benchmarks as scripts.
+"""
+import importlib
+
+BENCHMARKS = ("convert", "loader", "aug", "step", "e2e")
+
+
+def get(name: str):
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}")
+    return importlib.import_module(f"fastrsb.bench.{name}")
+
+
+def script_main(name: str, argv=None) -> None:
+    """Entry point of benchmarks/<name>_throughput.py."""
+    import argparse
+
+    module = get(name)
+    parser = argparse.ArgumentParser(description=module.__doc__.splitlines()[0])
+    module.add_arguments(parser)
+    parser.add_argument("--out", default=None, help="append the JSON lines to this file too")
+    module.run(parser.parse_args(argv))

@@ -1,0 +1,218 @@
+"""End to end: which stage bounds training? Loader alone, augmentation + step alone, and the real
+pipeline (loader -> GPU augmentation -> LAMB step), each against timm's own pipeline in the same run.
+
+    fastrsb bench e2e --data OUT [--backend auto] [--model resnet50] [--res 160] [--batch 256] [--steps 30]
+
+The same recipe (A3 by default: RandAugment m6, mixup 0.1 / cutmix 1.0, BCE threshold 0.2, LAMB) runs
+through both pipelines:
+  * fastrsb: `make_loader(backend)` (decode + random-resized-crop + flip), `gpu_aug.make_train_augment`
+    on the device, channels-last bf16 step with fastrsb's multi-tensor LAMB (torch.compile on CUDA);
+  * baseline: timm's `create_loader` over the source ImageFolder (PIL, RandAugment on the CPU
+    workers, its prefetcher normalising on CUDA), `timm.data.Mixup`, `BinaryCrossEntropy`, timm's Lamb.
+Lines: loader alone, step alone (augmentation included for fastrsb), end to end, and a `bound` line
+whose `bound_by` and `advice` say which stage limits the end-to-end rate and what to change.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fastrsb.benchlog import emit, record, time_call
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--data", default=None,
+                        help="a folder `fastrsb convert` wrote (default: demo data made and converted in a temp dir)")
+    parser.add_argument("--backend", default="auto", help="ffcv, dali, pil or auto")
+    parser.add_argument("--recipe", default="a3")
+    parser.add_argument("--model", default=None, help="timm model (default resnet50 on CUDA, resnet18 on the CPU)")
+    parser.add_argument("--res", type=int, default=None, help="train resolution (default: the recipe's)")
+    parser.add_argument("--batch", type=int, default=None, help="per-step batch (default 256 on CUDA, 32 on the CPU)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default 30; CPU 5)")
+    parser.add_argument("--workers", type=int, default=None, help="loader workers (default: all cores)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-compile", action="store_true", help="no torch.compile (default: compile on CUDA)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip timm's pipeline")
+
+
+def _ensure_data(args) -> Path:
+    if args.data:
+        return Path(args.data)
+    from fastrsb.convert import convert
+    from fastrsb.demo_data import make_demo_data
+
+    root = Path(tempfile.mkdtemp(prefix="fastrsb-e2e-"))
+    make_demo_data(root / "src", num_classes=10, train_per_class=60, val_per_class=2, min_size=160, max_size=400)
+    convert(root / "src", root / "data", progress=False, log=lambda *a: None)
+    return root / "data"
+
+
+def _cycle(loader, res):
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch, res=res)
+        yield from loader
+        epoch += 1
+
+
+def _rate(fn_batches, n_steps: int, batch: int, device) -> float:
+    """img/s over n_steps calls of fn_batches() after 2 untimed ones."""
+    for _ in range(2):
+        fn_batches()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(n_steps):
+        fn_batches()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # sync: timing only
+    return n_steps * batch / (time.perf_counter() - start)
+
+
+def _model(name, num_classes, recipe, device, compile_model):
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=num_classes, drop_path_rate=recipe.drop_path_rate)
+    model = model.to(device, memory_format=torch.channels_last).train()
+    return model, (torch.compile(model) if compile_model else model)
+
+
+def _fastrsb_pipeline(args, data, recipe, device, num_classes):
+    from fastrsb.data import make_loader
+    from fastrsb.gpu_aug import make_train_augment
+    from fastrsb.loss import bce_loss
+    from fastrsb.optim import Lamb, make_param_groups
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    loader = make_loader(args.backend, data, "train", batch_size=args.batch, res=args.res, device=device,
+                         num_workers=args.workers, seed=0, verbose=False)
+    augment = make_train_augment(recipe.rand_augment, recipe.mixup_alpha, recipe.cutmix_alpha,
+                                 recipe.label_smoothing, num_classes, hflip=0.0, dtype=dtype)
+    model, run_model = _model(args.model, num_classes, recipe, device, args.compile)
+    optimizer = Lamb(make_param_groups(model, recipe.weight_decay), lr=recipe.lr)
+    gen = torch.Generator().manual_seed(0)
+
+    def step(images, targets):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            logits = run_model(images)
+        loss = bce_loss(logits, targets, smoothing=0.0, target_threshold=recipe.bce_target_thresh)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return loader, (lambda images, labels: augment(images, labels, gen)), step
+
+
+def _timm_pipeline(args, source: Path, recipe, device, num_classes):
+    import timm.loss
+    import timm.optim
+    from timm.data import Mixup, create_dataset, create_loader
+    from fastrsb.optim import make_param_groups
+
+    cuda = device.type == "cuda"
+    dataset = create_dataset("", root=str(source), split="train", is_training=True)
+    loader = create_loader(dataset, input_size=(3, args.res, args.res), batch_size=args.batch, is_training=True,
+                           use_prefetcher=cuda, no_aug=False, scale=recipe.rrc_scale, ratio=recipe.rrc_ratio,
+                           hflip=0.5, auto_augment=recipe.rand_augment, interpolation="random",
+                           num_workers=args.workers or os.cpu_count(), pin_memory=cuda,
+                           device=device, persistent_workers=True)
+    mixup = Mixup(mixup_alpha=recipe.mixup_alpha, cutmix_alpha=recipe.cutmix_alpha, label_smoothing=0.0,
+                  num_classes=num_classes)
+    model, run_model = _model(args.model, num_classes, recipe, device, False)
+    optimizer = timm.optim.Lamb(make_param_groups(model, recipe.weight_decay), lr=recipe.lr)
+    loss_fn = timm.loss.BinaryCrossEntropy(target_threshold=recipe.bce_target_thresh)
+    dtype = torch.bfloat16 if cuda else torch.float32
+
+    def batches():
+        while True:
+            for images, labels in loader:
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                if images.dtype == torch.uint8:  # no prefetcher on the CPU: timm yields float tensors there
+                    images = images.float()
+                yield images.contiguous(memory_format=torch.channels_last), labels
+
+    def step(images, targets):
+        with torch.autocast(device.type, dtype=dtype, enabled=cuda):
+            logits = run_model(images)
+        loss = loss_fn(logits, targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return batches(), (lambda images, labels: mixup(images, labels)), step
+
+
+def _measure(it, augment, step, steps, batch, device) -> dict:
+    images, labels = next(it)
+    x, t = augment(images, labels)
+    loader_rate = _rate(lambda: next(it), steps, batch, device)
+    aug_step_s = time_call(lambda: step(*augment(images, labels)), device, warmup=2, repeats=steps)
+    e2e_rate = _rate(lambda: step(*augment(*next(it))), steps, batch, device)
+    return {"loader": loader_rate, "step": batch / aug_step_s, "e2e": e2e_rate}
+
+
+def advice(rates: dict) -> tuple[str, str]:
+    loader, step, e2e = rates["loader"], rates["step"], rates["e2e"]
+    if loader < 0.9 * step:
+        return "loader", (f"loader-bound: the loader delivers {loader:,.0f} img/s, the step could take {step:,.0f}; "
+                          "add loader workers/cores, use DALI with the hardware decoder on a GPU, store part of the "
+                          "beton raw (--write-mode proportion), or lower the train resolution")
+    if e2e < 0.8 * min(loader, step):
+        return "overlap", (f"neither stage alone: loader {loader:,.0f} and step {step:,.0f} img/s but {e2e:,.0f} together; "
+                           "they compete for the same cores or the loader does not prefetch: give the loader its own "
+                           "cores or more prefetching")
+    return "step", (f"step-bound: the step takes {step:,.0f} img/s and the loader could deliver {loader:,.0f}; "
+                    "use torch.compile, bf16, channels-last, a larger batch per GPU, or more GPUs")
+
+
+def run(args) -> list[dict]:
+    from fastrsb.recipes import get_recipe
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    recipe = get_recipe(args.recipe)
+    args.res = args.res or recipe.train_res
+    args.batch = args.batch or (256 if cuda else 32)
+    args.steps = args.steps or (30 if cuda else 5)
+    args.model = args.model or ("resnet50" if cuda else "resnet18")
+    args.compile = cuda and not args.no_compile
+    data = _ensure_data(args)
+    num_classes = len(json.loads((data / "classes.json").read_text()))
+    config = {"recipe": recipe.name, "model": args.model, "res": args.res, "batch": args.batch, "steps": args.steps,
+              "backend": args.backend, "compile": args.compile, "workers": args.workers or os.cpu_count()}
+
+    loader, augment, step = _fastrsb_pipeline(args, data, recipe, device, num_classes)
+    ours = _measure(_cycle(loader, args.res), augment, step, args.steps, args.batch, device)
+    config["backend"] = loader.backend
+    del loader, augment, step
+    base = None
+    source = Path(json.loads((data / "train" / "manifest.json").read_text())["source"])
+    if not args.no_baseline and source.is_dir():
+        it, augment, step = _timm_pipeline(args, source, recipe, device, num_classes)
+        base = _measure(it, augment, step, args.steps, args.batch, device)
+        del it, augment, step
+
+    names = {"loader": (f"{loader_name(config)} loader alone", "timm create_loader (PIL, RandAugment on CPU workers)"),
+             "step": ("GPU augmentation + multi-tensor LAMB step", "timm Mixup + BCE + Lamb step (eager)"),
+             "e2e": ("end to end", "timm's pipeline end to end")}
+    out = []
+    for key, (name, base_name) in names.items():
+        rec = record("e2e", f"{name} {args.model} {args.res}px", ours[key], config=config, device=str(device),
+                     baseline=(base_name, base[key]) if base else None)
+        out.append(emit(rec, getattr(args, "out", None)))
+    bound, text = advice(ours)
+    out.append(emit(record("e2e", f"bound {args.model} {args.res}px", ours["e2e"], config=config, device=str(device),
+                           bound_by=bound, advice=text, loader_img_per_s=round(ours["loader"], 1),
+                           step_img_per_s=round(ours["step"], 1)), getattr(args, "out", None)))
+    print(f"# {text}", flush=True)
+    return out
+
+
+def loader_name(config: dict) -> str:
+    return f"fastrsb {config['backend']}"

@@ -1,0 +1,180 @@
+"""How many images per second does each loader backend deliver, against timm's own A3 loader?
+
+Question: img/s of fastrsb's FFCV / DALI / PIL loaders (train: random-resized-crop + flip; val: resize
++ center crop), at 160 and 224, on this machine, compared with timm's `create_loader` over the source
+ImageFolder with the A3 settings (RandAugment rand-m6-mstd0.5-inc1, RRC, flip, its prefetcher),
+measured in the same run so the ratio holds on a noisy machine.
+
+Method: one loader per (backend, split), built once (FFCV compiles once); per run, `set_epoch(e, res)`,
+skip `--warmup` batches, time the next `--batches` batches (epochs chain if the dataset is small),
+with a CUDA synchronisation at the end on a GPU; median of `--runs`. Images are consumed on the
+loader's device (a sum per batch), nothing else. Output: one JSON line per measurement, with device,
+versions and git revision; `--out FILE` appends them there too.
+
+    fastrsb bench loader --demo --quick                                   # anywhere, ~2 min on 2 cores
+    python benchmarks/loader_throughput.py --data OUT --src SRC --device cuda --workers 16
+
+Goal (issue 3): on one H100 with 16 cores, the train pipeline at 160 delivers >= 15,000 img/s.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from fastrsb.benchlog import emit, record
+
+
+def batches_forever(loader, res, first_epoch: int):
+    epoch = first_epoch
+    while True:
+        loader.set_epoch(epoch, res=res)
+        yield from loader
+        epoch += 1
+
+
+def measure(loader, *, res, device, warmup: int, batches: int, runs: int):
+    """Median img/s over `runs` timed windows of `batches` batches after `warmup` batches."""
+    import torch
+
+    cuda = device.startswith("cuda")
+    rates = []
+    for run in range(runs):
+        it = batches_forever(loader, res, 1000 * run)
+        sink = 0
+        for _ in range(warmup):
+            images, labels = next(it)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        n = 0
+        for _ in range(batches):
+            images, labels = next(it)
+            sink += int(images[:, :, 0, 0].sum()) if not cuda else 0  # consume on the host
+            if cuda:
+                images.float().sum()
+            n += images.shape[0]
+        if cuda:
+            torch.cuda.synchronize()  # host-device sync: the end of the timed window
+        rates.append(n / (time.perf_counter() - t0))
+        it.close()
+    return statistics.median(rates), rates
+
+
+class TimmBaseline:
+    """timm.data.create_loader over the source ImageFolder with the A3 train / test transforms."""
+
+    def __init__(self, src: Path, split: str, *, res, batch_size, workers, device):
+        import torch
+        from timm.data import create_dataset, create_loader
+
+        self.split, self.device = split, device
+        ds = create_dataset("", root=str(src / split), split=split, is_training=split == "train")
+        train = split == "train"
+        self.loader = create_loader(
+            ds, input_size=(3, res, res), batch_size=batch_size, is_training=train,
+            auto_augment="rand-m6-mstd0.5-inc1" if train else None, color_jitter=0.0,
+            interpolation="bilinear" if train else "bicubic", crop_pct=0.95, num_workers=workers,
+            device=torch.device(device), use_prefetcher=True, pin_memory=device.startswith("cuda"),
+            persistent_workers=True)
+
+    def set_epoch(self, epoch, res=None):  # timm's input size is fixed at creation
+        pass
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+def make_demo(root: Path, per_class: int) -> tuple[Path, Path]:
+    from fastrsb.convert import convert
+    from fastrsb.demo_data import make_demo_data
+
+    src, out = root / "src", root / "out"
+    make_demo_data(src, num_classes=10, train_per_class=per_class, val_per_class=max(per_class // 3, 8),
+                   min_size=200, max_size=400)
+    convert(src, out, progress=False, log=lambda *a: None)
+    return src, out
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--data", type=Path, help="folder written by fastrsb convert")
+    p.add_argument("--src", type=Path, help="source ImageFolder (for the timm baseline and the PIL backend)")
+    p.add_argument("--demo", action="store_true", help="make a demo dataset (10 classes, 200-400 px) in a temp dir")
+    p.add_argument("--demo-per-class", type=int, default=60)
+    p.add_argument("--backends", default="ffcv,dali,pil")
+    p.add_argument("--splits", default="train,val")
+    p.add_argument("--sizes", default="160,224", help="comma-separated resolutions")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=None, help="default: the cores this process may use")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--batches", type=int, default=20)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--quick", action="store_true", help="batch 64, 2 warm-up + 6 timed batches, 2 runs")
+
+
+def run(args) -> list[dict]:
+    if args.quick:
+        args.batch_size, args.warmup, args.batches, args.runs = 64, 2, 6, 2
+    workers = args.workers or len(os.sched_getaffinity(0))
+
+    from fastrsb.data import backend_usable, make_loader
+
+    tmp = None
+    if args.demo:
+        tmp = tempfile.TemporaryDirectory(prefix="fastrsb-bench-")
+        args.src, args.data = make_demo(Path(tmp.name), args.demo_per_class)
+    if args.data is None and args.src is None:
+        raise SystemExit("pass --data OUT (and --src SRC for the baseline) or --demo")
+    if args.src is None and args.data is not None and (args.data / "train" / "manifest.json").exists():
+        source = Path(json.loads((args.data / "train" / "manifest.json").read_text())["source"]).parent
+        args.src = source if source.is_dir() else None
+
+    config = {"workers": workers, "batch_size": args.batch_size, "warmup_batches": args.warmup,
+              "timed_batches": args.batches, "runs": args.runs, "data": str(args.data), "src": str(args.src)}
+    sizes = [int(s) for s in args.sizes.split(",")]
+    out = []
+
+    def emit_line(name, value, baseline=None, **extra):
+        rec = record("loader", name, value, config={**config, **extra}, baseline=baseline, device=args.device)
+        out.append(emit(rec, args.out))
+
+    for split in args.splits.split(","):
+        baselines = {}
+        if args.src is not None and not args.no_baseline:
+            for res in sizes:
+                base = TimmBaseline(args.src, split, res=res, batch_size=args.batch_size, workers=workers,
+                                    device=args.device)
+                med, rates = measure(base, res=res, device=args.device, warmup=args.warmup, batches=args.batches,
+                                     runs=args.runs)
+                baselines[res] = ("timm create_loader, " + ("rand-m6-mstd0.5-inc1 + RRC + flip" if split == "train"
+                                                            else "resize bicubic 0.95 + center crop"), med)
+                emit_line(f"timm {split} {res}", med, backend="timm", split=split, res=res,
+                          img_per_s_runs=[round(r, 1) for r in rates])
+                del base
+        for backend in args.backends.split(","):
+            if backend != "pil" and not backend_usable(backend):
+                print(f"# {backend}: skipped, not installed or not usable here", flush=True)
+                continue
+            data = args.data if args.data is not None else args.src
+            t0 = time.perf_counter()
+            loader = make_loader(backend, data, split, batch_size=args.batch_size, res=sizes[0], device=args.device,
+                                 num_workers=workers, crop_pct=0.95, drop_last=True, verbose=False)
+            build_s = time.perf_counter() - t0
+            for res in sizes:
+                med, rates = measure(loader, res=res, device=args.device, warmup=args.warmup, batches=args.batches,
+                                     runs=args.runs)
+                emit_line(f"{backend} {split} {res}", med, baseline=baselines.get(res), backend=backend, split=split,
+                          res=res, img_per_s_runs=[round(r, 1) for r in rates], build_s=round(build_s, 1))
+            del loader
+    print(f"# {'measurement':24} {'img/s':>9} {'vs timm':>8}", flush=True)
+    for rec in out:
+        ratio = rec.get("ratio")
+        print(f"# {rec['name']:24} {rec['value']:>9.1f} {'' if ratio is None else f'{ratio:.2f}x':>8}", flush=True)
+    if tmp is not None:
+        tmp.cleanup()
+    return out

@@ -1,0 +1,85 @@
+"""End to end: `fastrsb demo` (reduced), its result files and report, a seed sweep, and `fastrsb bench`."""
+import json
+import statistics
+
+import pytest
+from PIL import Image
+
+from conftest import run_cli
+from fastrsb.benchlog import read_results
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    proc = run_cli("demo", "--out", out, "--quick", "--device", "cpu")
+    return out, proc.stdout
+
+
+def test_demo_runs_end_to_end_and_learns(demo_run):
+    out, stdout = demo_run
+    result = json.loads((out / "demo.json").read_text())
+    assert result["ok"]
+    assert result["top1"] > 2 * result["chance"], result  # 4 classes: clearly above 25%
+    assert "| train" in stdout and "| verify" in stdout and "OK" in stdout
+    manifest = json.loads((out / "data" / "train" / "manifest.json").read_text())
+    assert manifest["num_rejected"] == 2 and manifest["num_non_images"] == 1
+
+
+def test_demo_results_validate_and_report_makes_pngs(demo_run):
+    out, _ = demo_run
+    rows = read_results([out / "results.jsonl"])  # raises on any line off the schema
+    kinds = {r["benchmark"] for r in rows}
+    assert kinds == {"convert", "loader"}
+    loaders = [r for r in rows if r["benchmark"] == "loader"]
+    assert {r["config"]["backend"] for r in loaders} == {"ffcv", "dali", "pil"}
+    assert all(r["baseline"]["value"] > 0 and r["ratio"] > 0 for r in loaders)
+    report = (out / "report" / "report.md").read_text()
+    assert "| loader | ffcv train 64 |" in report and "| run | a3 | resnet10t | 3 |" in report
+    for png in ("throughput_loader.png", "training_curves.png"):
+        with Image.open(out / "report" / png) as im:
+            assert im.format == "PNG"
+
+
+def test_sweep_aggregates_seeds(demo_run, tmp_path):
+    out, _ = demo_run
+    sweep_dir = tmp_path / "sweep"
+    run_cli("sweep", "--recipe", "a3", "--seeds", "1-2", "--data", out / "data", "--loader", "pil",
+            "--model", "test_resnet", "--out", sweep_dir, "--device", "cpu", "--batch-per-gpu", "16",
+            "epochs=1", "train_res=32", "test_res=32", "global_batch=16", "warmup_epochs=0")
+    sweep = json.loads((sweep_dir / "sweep.json").read_text())
+    top1 = [json.loads((sweep_dir / f"seed-{s}" / "run.json").read_text())["summary"]["top1"] for s in (1, 2)]
+    assert sweep["seeds"] == [1, 2] and sweep["failed"] == []
+    assert sweep["stats"]["top1"]["mean"] == pytest.approx(statistics.fmean(top1))
+    assert sweep["stats"]["top1"]["std"] == pytest.approx(statistics.stdev(top1))
+    assert (sweep["stats"]["top1"]["min"], sweep["stats"]["top1"]["max"]) == (min(top1), max(top1))
+    runs = [json.loads((sweep_dir / f"seed-{s}" / "run.json").read_text()) for s in (1, 2)]
+    assert runs[0]["seed"] != runs[1]["seed"]
+    # a finished sweep is not run again
+    again = run_cli("sweep", "--recipe", "a3", "--seeds", "1-2", "--data", out / "data", "--loader", "pil",
+                    "--model", "test_resnet", "--out", sweep_dir, "--device", "cpu", "--batch-per-gpu", "16",
+                    "epochs=1", "train_res=32", "test_res=32", "global_batch=16", "warmup_epochs=0")
+    assert "2 of 2 seeds already finished" in again.stdout
+
+
+def test_bench_e2e_names_the_bound(demo_run, tmp_path):
+    out, _ = demo_run
+    results = tmp_path / "e2e.jsonl"
+    proc = run_cli("bench", "e2e", "--data", out / "data", "--device", "cpu", "--model", "test_resnet",
+                   "--res", "32", "--batch", "8", "--steps", "2", "--backend", "pil", "--out", results)
+    rows = read_results([results])
+    names = [r["name"] for r in rows]
+    assert any(n.startswith("end to end") for n in names) and any(n.startswith("bound") for n in names)
+    bound = next(r for r in rows if r["name"].startswith("bound"))
+    assert bound["bound_by"] in ("loader", "step", "overlap") and bound["advice"] in proc.stdout
+    e2e = next(r for r in rows if r["name"].startswith("end to end"))
+    assert e2e["baseline"]["value"] > 0  # timm's pipeline over the source folder, same run
+
+
+def test_bench_aug_cli(tmp_path):
+    results = tmp_path / "aug.jsonl"
+    run_cli("bench", "aug", "--device", "cpu", "--batch", "8", "--res", "32", "--quick", "--out", results)
+    rows = read_results([results])
+    assert len(rows) == 6 and all(r["ratio"] > 0 for r in rows)
