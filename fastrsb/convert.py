@@ -26,7 +26,6 @@ import os
 import platform
 import shutil
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,47 +140,48 @@ def resolve_splits(src: Path, split: str | None) -> dict[str, Path]:
 
 # ----------------------------------------------------------------------------------------- workers
 
-_counter = None
-
-
-def _init_worker(counter) -> None:
-    global _counter
-    _counter = counter
+def _init_worker() -> None:
     import cv2
 
-    cv2.setNumThreads(1)
+    cv2.setNumThreads(1)  # parallelism comes from the processes
 
 
 def shard_name(split: str, k: int) -> str:
     return f"{split}-{k:06d}"
 
 
-def write_shard(task: dict) -> dict:
+def prepare_image(job: tuple) -> tuple:
+    """(split_dir, relpath, label, max_side, quality) -> (jpeg, height, width, None) or (None, 0, 0, BadImage)."""
     from .images import BadImage, encode_jpeg, load_rgb
 
-    split_dir = Path(task["split_dir"])
+    split_dir, relpath, label, max_side, quality = job
+    try:
+        if label < 0:
+            raise BadImage("not inside a class folder", non_image=True)
+        rgb = load_rgb(Path(split_dir) / relpath, max_side)
+        return encode_jpeg(rgb, quality), int(rgb.shape[0]), int(rgb.shape[1]), None
+    except BadImage as e:
+        return None, 0, 0, (str(e), e.non_image)
+
+
+def write_shard(task: dict, prepared) -> dict:
+    """Write one shard from its files' prepared images (an iterator in file order), then its record."""
     wds_dir = Path(task["wds_dir"])
     name = task["name"]
     samples, rejected, non_images = [], [], []
     writer = None
     try:
         for position, relpath, label in task["files"]:
-            try:
-                if label < 0:
-                    raise BadImage("not inside a class folder", non_image=True)
-                rgb = load_rgb(split_dir / relpath, task["max_side"])
-                jpeg = encode_jpeg(rgb, task["quality"])
-            except BadImage as e:
-                (non_images if e.non_image else rejected).append({"path": relpath, "reason": str(e)})
-            else:
-                if writer is None:
-                    writer = wds.ShardWriter(wds_dir / f"{name}.tar")
-                key = f"{position:09d}"
-                writer.add(key, jpeg, label)
-                samples.append([key, label, int(rgb.shape[0]), int(rgb.shape[1]), relpath])
-            if _counter is not None:
-                with _counter.get_lock():
-                    _counter.value += 1
+            jpeg, height, width, error = next(prepared)
+            if error is not None:
+                reason, non_image = error
+                (non_images if non_image else rejected).append({"path": relpath, "reason": reason})
+                continue
+            if writer is None:
+                writer = wds.ShardWriter(wds_dir / f"{name}.tar")
+            key = f"{position:09d}"
+            writer.add(key, jpeg, label)
+            samples.append([key, label, height, width, relpath])
         files = {}
         if writer is not None:
             writer.close()
@@ -206,36 +206,36 @@ def _progress_bar(total: int, desc: str, enabled: bool):
 
 
 def _run_shards(tasks: list[dict], workers: int, desc: str, progress: bool) -> None:
-    total = sum(len(t["files"]) for t in tasks)
+    """Decode and encode images over `workers` processes; this process writes the shards in order.
+
+    Work is spread per image (ordered imap), not per shard, so a dataset smaller than
+    workers x shard_size still uses every core; writing a tar is a copy, cheap beside decoding.
+    """
     if not tasks:
         return
+    jobs = ((t["split_dir"], relpath, label, t["max_side"], t["quality"]) for t in tasks for _, relpath, label in t["files"])
+    bar = _progress_bar(sum(len(t["files"]) for t in tasks), desc, progress)
     ctx = mp.get_context("fork") if sys.platform.startswith("linux") else mp.get_context()
-    counter = ctx.Value("Q", 0)
-    bar = _progress_bar(total, desc, progress)
-    stop = threading.Event()
-
-    def poll():
-        done = 0
-        while not stop.wait(0.25):
-            now = counter.value
-            bar.update(now - done)
-            done = now
-
-    poller = threading.Thread(target=poll, daemon=True)
-    poller.start()
+    pool = ctx.Pool(workers, initializer=_init_worker) if workers > 1 else None
     try:
-        if workers == 1:
-            _init_worker(counter)
-            for task in tasks:
-                write_shard(task)
+        if pool is None:
+            _init_worker()
+            results = map(prepare_image, jobs)
         else:
-            with ctx.Pool(workers, initializer=_init_worker, initargs=(counter,)) as pool:
-                for _ in pool.imap_unordered(write_shard, tasks):
-                    pass
+            results = pool.imap(prepare_image, jobs, chunksize=8)
+
+        def counted():
+            for r in results:
+                bar.update(1)
+                yield r
+
+        stream = counted()
+        for task in tasks:
+            write_shard(task, stream)
     finally:
-        stop.set()
-        poller.join()
-        bar.update(counter.value - bar.n)
+        if pool is not None:
+            pool.terminate()
+            pool.join()
         bar.close()
 
 
