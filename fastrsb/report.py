@@ -67,9 +67,9 @@ def _plot_throughput(bench: list[dict], out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows) + 3), 4.5))
         x = range(len(rows))
         width = 0.4
-        ax.bar([i - width / 2 for i in x], values, width, label="fastrsb")
+        ax.bar([i - width / 2 for i in x], values, width, label="measured")
         if any(b is not None for b in baselines):
-            ax.bar([i + width / 2 for i in x], [b or 0 for b in baselines], width, label="baseline (same run)",
+            ax.bar([i + width / 2 for i in x], [b or 0 for b in baselines], width, label="its baseline (same run)",
                    hatch="//", alpha=0.7)
         for i, r in enumerate(rows):
             if r.get("ratio") is not None:
