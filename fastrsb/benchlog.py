@@ -28,13 +28,17 @@ REQUIRED = {"schema": str, "benchmark": str, "name": str, "time": str, "git": st
             "versions": dict, "command": str, "config": dict, "value": (int, float), "unit": str}
 
 
-def git_revision() -> str:
+def git_revision(short: bool = True) -> str:
+    """HEAD of the checkout holding this package, '-dirty' with uncommitted changes; 'unknown' outside git."""
+    here = Path(__file__).resolve().parent
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=10, cwd=Path(__file__).resolve().parent)
-        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if rev.returncode == 0 else "unknown"
+        rev = subprocess.run(["git", "-C", str(here), "rev-parse"] + (["--short"] if short else []) + ["HEAD"],
+                             capture_output=True, text=True, timeout=10)
+        if rev.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -64,6 +68,10 @@ def versions() -> dict:
     out = {"python": platform.python_version()}
     for dist in ("torch", "torchvision", "timm", "numpy", "ffcv", "nvidia-dali-cuda120", "nvidia-dali-cuda130",
                  "pillow", "opencv-python"):
+        module = sys.modules.get(dist.replace("-", "_"))
+        if dist in ("torch", "torchvision") and module is not None:
+            out[dist] = module.__version__  # the running build, with its CUDA tag (2.14.1+cu130)
+            continue
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

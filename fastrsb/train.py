@@ -33,7 +33,6 @@ import math
 import os
 import platform
 import random
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from . import benchlog
 from .errors import FastRSBError
 from .loss import bce_loss
 from .optim import Lamb, make_param_groups
@@ -152,26 +152,11 @@ def _autocast_dtype(precision: str) -> torch.dtype:
 # Run metadata, RNG state, checkpoints
 
 
-def git_revision() -> str | None:
-    """HEAD of the repository holding this package, with '-dirty' if it has uncommitted changes."""
-    here = Path(__file__).resolve().parent
-    try:
-        rev = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return rev + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def versions() -> dict:
-    import timm
-
-    info = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-            "numpy": np.__version__, "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-            "platform": platform.platform()}
+    """Library versions (fastrsb.benchlog.versions) plus what a training run also depends on."""
+    info = benchlog.versions()
+    info.update({"cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+                 "platform": platform.platform()})
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_count"] = torch.cuda.device_count()
@@ -476,7 +461,7 @@ def train(
                         "min_lr": min_lr, "lamb_max_grad_norm": lamb_max_grad_norm, "precision": precision,
                         "compile": compile_model, "device": str(device), "seed": seed,
                         "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-                        "versions": versions(), "git_revision": git_revision(), "argv": sys.argv,
+                        "versions": versions(), "git_revision": benchlog.git_revision(short=False), "argv": sys.argv,
                         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed_from": str(ckpt_path) if resume else None}
             _write_json(out / "run.json", run_info)
         log_file = open(out / "log.jsonl", "a") if dist_info.is_main else None
