@@ -272,8 +272,25 @@ def build_parser(with_benchmarks: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_numba_finalizer() -> None:
+    """Drop numba's harmless KeyError from a collected FFCV Loader's dispatcher; print anything else."""
+    default = sys.unraisablehook
+
+    def hook(unraisable):
+        tb = unraisable.exc_traceback
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if (isinstance(unraisable.exc_value, KeyError) and tb is not None
+                and "numba" in tb.tb_frame.f_code.co_filename and tb.tb_frame.f_code.co_name == "finalizer"):
+            return
+        default(unraisable)
+
+    sys.unraisablehook = hook
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    _quiet_numba_finalizer()
     parser = build_parser(with_benchmarks=argv[:1] == ["bench"])
     args = parser.parse_args(argv)
     from .errors import FastRSBError
