@@ -111,32 +111,101 @@ def has_data_for(backend: str, data, split) -> bool:
         or (data / split).is_dir()
 
 
-def choose_backend(data, split, device) -> tuple[str, str]:
-    """The `auto` rule, from the measured figures (RECIPES.md and benchmarks/loader_throughput.py):
-    on a GPU, DALI's mixed decoder (nvJPEG + hardware decoder, 19-25.6k img/s at 160 on one H100) beats
-    CPU decoding; on the CPU, FFCV > DALI CPU > PIL. Returns (backend, reason)."""
+def candidate_backends(data, split, device) -> tuple[list[str], list[str]]:
+    """Backends installed, usable and with data for `split`, in the documented order; and why others aren't.
+
+    The order is the measured prior (RECIPES.md, fastrsb bench loader): on a GPU, DALI's mixed decoder
+    (nvJPEG + hardware decoder, 19-25.6k img/s at 160 on one H100) before CPU decoding; on the CPU,
+    FFCV > DALI CPU > PIL. `probe_backends` replaces the prior with a measurement on this machine.
+    """
     import torch
 
     cuda = torch.device(device).type == "cuda"
     order = ["dali", "ffcv", "pil"] if cuda else ["ffcv", "dali", "pil"]
-    skipped = []
+    usable, skipped = [], []
     for b in order:
         if not backend_usable(b):
             skipped.append(f"{b}: not installed")
         elif not has_data_for(b, data, split):
             skipped.append(f"{b}: no {('.beton' if b == 'ffcv' else 'webdataset shards')} for {split}")
         else:
-            why = ("GPU decoding (DALI mixed) is the fastest on CUDA" if cuda and b == "dali"
-                   else "on the CPU FFCV > DALI CPU > PIL (measured)")
-            return b, why + ("; skipped " + ", ".join(skipped) if skipped else "")
-    raise FastRSBError(f"no backend can read {data}/{split}: " + "; ".join(skipped))
+            usable.append(b)
+    if not usable:
+        raise FastRSBError(f"no backend can read {data}/{split}: " + "; ".join(skipped))
+    return usable, skipped
+
+
+def choose_backend(data, split, device) -> tuple[str, str]:
+    """The documented rule without measuring: the first candidate. Returns (backend, reason)."""
+    usable, skipped = candidate_backends(data, split, device)
+    return usable[0], "first by the measured prior order" + ("; skipped " + ", ".join(skipped) if skipped else "")
+
+
+PROBE_CACHE = ".fastrsb-auto-probe.json"
+
+
+def probe_backends(data, device, *, res: int, batch_size: int, num_workers: int, seconds: float = 2.0,
+                   max_batches: int = 6, cached_only: bool = False) -> tuple[str, str] | None:
+    """Time the train pipeline of every candidate backend on this machine; return (fastest, reason).
+
+    Each probe builds the loader (FFCV JIT-compiles, DALI builds its pipeline), skips one batch, then
+    times up to `max_batches` batches or `seconds`. The result is kept in DATA/.fastrsb-auto-probe.json
+    per (device, workers, candidates), so later loaders (the val split, the next run) reuse it without
+    probing again. cached_only=True returns None instead of probing (DDP: ranks must not race).
+    """
+    import json
+    import time
+
+    import torch
+
+    from .benchlog import device_name
+
+    data = Path(data)
+    usable, skipped = candidate_backends(data, "train", device)
+    key = f"{device_name(str(device))}|{num_workers} workers|{','.join(sorted(usable))}"
+    cache_path = data / PROBE_CACHE
+    try:
+        cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        rates = cache[key]
+        best = max(rates, key=rates.get)
+        return best, "probed earlier on this machine: " + ", ".join(f"{b} {r:,.0f} img/s" for b, r in rates.items())
+    if cached_only:
+        return None
+    if len(usable) == 1:
+        return usable[0], "the only usable backend" + ("; skipped " + ", ".join(skipped) if skipped else "")
+    rates = {}
+    for backend in usable:
+        loader = make_loader(backend, data, "train", batch_size=batch_size, res=res, device=device,
+                             num_workers=num_workers, verbose=False)
+        it = iter(loader)
+        next(it)
+        n, start = 0, time.perf_counter()
+        for images, _ in it:
+            n += images.shape[0]
+            if n >= max_batches * batch_size or time.perf_counter() - start > seconds:
+                break
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)  # sync: end of the probe's timed window
+        rates[backend] = n / (time.perf_counter() - start)
+        del it, loader
+    try:
+        cache[key] = rates
+        cache_path.write_text(json.dumps(cache, indent=1) + "\n")
+    except OSError:
+        pass  # a read-only dataset: probe again next time
+    best = max(rates, key=rates.get)
+    return best, "probed the train pipeline here: " + ", ".join(f"{b} {r:,.0f} img/s" for b, r in rates.items()) \
+        + ("; skipped " + ", ".join(skipped) if skipped else "")
 
 
 def make_loader(backend: str, data, split: str, *, batch_size: int, res: int, device="cpu", rank: int = 0,
                 world_size: int = 1, seed: int = 0, aug_repeats: int = 0, crop_pct: float = 0.875,
                 drop_last: bool | None = None, num_workers: int | None = None, shuffle: bool | None = None,
                 pad: bool = True, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hw_decoder_load: float = 1.0,
-                verbose: bool = True) -> Loader:
+                verbose: bool = True, probe: bool = True) -> Loader:
     """Build a loader for `split` ('train' augments; any other split is evaluated) of `data`.
 
     drop_last / shuffle default to True for 'train' and False otherwise. pad=True extends every rank
@@ -144,6 +213,10 @@ def make_loader(backend: str, data, split: str, *, batch_size: int, res: int, de
     pad=False cuts to floor(N / world_size) (up to world_size - 1 samples skipped per epoch).
     aug_repeats=R >= 2: repeated augmentation (each read sample R times, epoch length unchanged).
     num_workers: threads (FFCV, DALI) or processes (PIL); default: the cores this process may use.
+    backend='auto': on a converted dataset, the fastest candidate by `probe_backends` (a measurement of a few
+        train batches per backend, cached in the dataset folder; under DDP rank 0 measures and broadcasts
+        its choice); probe=False uses a cached measurement or else the documented prior order of
+        `choose_backend`.
     """
     import torch
 
@@ -170,7 +243,17 @@ def make_loader(backend: str, data, split: str, *, batch_size: int, res: int, de
 
     reason = ""
     if backend == "auto":
-        backend, reason = choose_backend(data, split, device)
+        choice = None
+        if (data / "classes.json").exists():  # a converted dataset: measure, or reuse a measurement
+            ddp = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+            if not ddp or rank == 0:
+                choice = probe_backends(data, device, res=res, batch_size=batch_size, num_workers=num_workers,
+                                        cached_only=not probe or (world_size > 1 and not ddp))
+            if ddp:  # rank 0 measured; every rank takes its choice
+                shared = [choice]
+                torch.distributed.broadcast_object_list(shared, src=0)
+                choice = shared[0]
+        backend, reason = choice or choose_backend(data, split, device)
         if verbose:
             print(f"fastrsb: loader backend 'auto' -> '{backend}' ({reason})", file=sys.stderr, flush=True)
     if backend not in BACKENDS:

@@ -311,9 +311,34 @@ def test_pil_over_the_source_imagefolder(data):
 # ----------------------------------------------------------------------------- auto and errors
 
 def test_auto_choice(data, capsys):
-    assert choose_backend(data / "out", "train", "cpu")[0] == "ffcv"  # CPU: FFCV > DALI CPU > PIL
+    assert choose_backend(data / "out", "train", "cpu")[0] == "ffcv"  # CPU prior: FFCV > DALI CPU > PIL
     loader = make_loader("auto", data / "src", "val", **VAL)  # a source ImageFolder: only PIL reads it
     assert loader.backend == "pil" and "pil" in capsys.readouterr().err
+
+
+def test_auto_probes_and_caches(data, tmp_path, capsys):
+    import json
+    import shutil
+
+    from fastrsb.data import PROBE_CACHE
+
+    out = tmp_path / "out"
+    shutil.copytree(data / "out", out)
+    (out / PROBE_CACHE).unlink(missing_ok=True)
+    loader = make_loader("auto", out, "train", **TRAIN)
+    err = capsys.readouterr().err
+    cache = json.loads((out / PROBE_CACHE).read_text())
+    (rates,) = cache.values()
+    assert set(rates) == {"ffcv", "dali", "pil"} and all(r > 0 for r in rates.values())
+    assert loader.backend == max(rates, key=rates.get) and "probed the train pipeline here" in err
+    # the val loader (and the next run) reuse the measurement; a planted result shows it is read
+    cache[next(iter(cache))] = {"ffcv": 1.0, "dali": 1.0, "pil": 1000.0}
+    (out / PROBE_CACHE).write_text(json.dumps(cache))
+    assert make_loader("auto", out, "val", **VAL).backend == "pil"
+    assert "probed earlier on this machine" in capsys.readouterr().err
+    (out / PROBE_CACHE).unlink()
+    assert make_loader("auto", out, "val", **VAL, probe=False).backend == "ffcv"  # no measurement: the prior order
+    assert not (out / PROBE_CACHE).exists()
 
 
 def test_errors(data, tmp_path, monkeypatch):
