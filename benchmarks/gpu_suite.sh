@@ -8,7 +8,11 @@
 # and 224, train and val, vs timm's create_loader), aug (vs timm's and torchvision's RandAugment),
 # step (ResNet-50, fastrsb's LAMB + compile vs timm's eager Lamb), e2e (loader + augmentation +
 # step vs timm's whole pipeline, and which stage bounds it). A stage that fails is logged and the
-# suite goes on. PYTHON (default python3) must have torch and timm; DALI and FFCV are used if present.
+# suite goes on. PYTHON (default python3) must have torch, timm, torchvision, numpy, pillow, tqdm and
+# opencv-python (the converter encodes with OpenCV, as FFCV does); DALI and FFCV are used if present.
+# On this project's lent GPU machine (no registry): DALI comes from ../shared/tools/pack-gpu-wheels.sh
+# (four carried parts, then PYTHONPATH=/root/gpu-site), opencv-python-headless and tqdm as carried
+# cp312 wheels (see the device tool's README); then `PYTHON=python3 benchmarks/gpu_suite.sh $OUT/suite`.
 set -uo pipefail
 out=${1:?usage: gpu_suite.sh RESULTS_DIR [IMAGES]}
 images=${2:-3000}
