@@ -57,7 +57,7 @@ class Loader:
 
     def __len__(self) -> int:
         """Batches per epoch for this rank (the same on every rank)."""
-        return len(self._impl)
+        return self._impl.plan.batches_per_epoch
 
     def set_epoch(self, epoch: int, res: int | None = None) -> None:
         """Select the epoch's order (seed, epoch) and, for the train split, a new resolution."""
@@ -65,10 +65,10 @@ class Loader:
             _check_res(res)
             self.res = int(res)
         self.epoch = int(epoch)
-        self._impl.set_epoch(self.epoch, res)
 
     def __iter__(self):
-        return iter(self._impl)
+        # The backends keep no epoch or resolution of their own: the wrapper hands both over.
+        return self._impl.iter_epoch(self.epoch, self.res)
 
     def __repr__(self):
         return (f"Loader(backend={self.backend!r}, num_samples={self.num_samples}, num_classes={self.num_classes}, "
@@ -105,18 +105,20 @@ def has_data_for(backend: str, data, split) -> bool:
     data = Path(data)
     if backend == "ffcv":
         return (data / split / f"{split}.beton").is_file()
-    if backend == "dali":
-        return any((data / split / "wds").glob(f"{split}-*.tar"))
-    return (data / "classes.json").is_file() and any((data / split / "wds").glob(f"{split}-*.tar")) \
-        or (data / split).is_dir()
+    from fastrsb.loaders.imagefolder import is_converted, wds_shards
+
+    if backend == "dali" or is_converted(data):  # PIL reads a converted dataset from its shards
+        return bool(wds_shards(data, split))
+    return (data / split).is_dir()  # PIL over a source ImageFolder
 
 
 def candidate_backends(data, split, device) -> tuple[list[str], list[str]]:
     """Backends installed, usable and with data for `split`, in the documented order; and why others aren't.
 
-    The order is the measured prior (RECIPES.md, fastrsb bench loader): on a GPU, DALI's mixed decoder
-    (nvJPEG + hardware decoder, 19-25.6k img/s at 160 on one H100) before CPU decoding; on the CPU,
-    FFCV > DALI CPU > PIL. `probe_backends` replaces the prior with a measurement on this machine.
+    The order is a prior from measurements: on a GPU, DALI's mixed decoder (nvJPEG + hardware decoder,
+    19-25.6k img/s at 160 on one H100, RECIPES.md) before CPU decoding; on the CPU, FFCV > DALI CPU > PIL
+    (the brief's 2-core figures 840 / 770 / 590 img/s; benchmarks/results/cpu-2core-2026-11-26.jsonl has
+    FFCV and DALI tied at 160, FFCV ahead at 224). `probe_backends` replaces the prior with a measurement.
     """
     import torch
 

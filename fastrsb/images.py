@@ -40,7 +40,8 @@ def bounded_size(width: int, height: int, max_side: int | None) -> tuple[int, in
     return int(ratio * width), int(ratio * height)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB of any PIL mode: 16-bit rescaled, alpha composited on white."""
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -87,7 +88,7 @@ def load_rgb(path: str | os.PathLike, max_side: int | None = None) -> np.ndarray
                             "downscale it first (e.g. with ImageMagick's mogrify -resize)"
                         )
                     img = ImageOps.exif_transpose(img)
-                    rgb = _to_rgb(img)
+                    rgb = to_rgb(img)
                     arr = np.asarray(rgb, dtype=np.uint8)
             finally:
                 Image.MAX_IMAGE_PIXELS = saved_limit

@@ -58,16 +58,12 @@ class PlanSource:
     def start(self, batches, res: int):
         self.batches, self.k, self.res = batches, 0, int(res)
 
-    @property
-    def finished(self) -> bool:
-        return self.k >= len(self.batches)
-
     def __call__(self):
         if self.k >= len(self.batches):
             raise StopIteration
         ids = self.batches[self.k] & sampling.SAMPLE_MASK
         self.k += 1
-        jpegs = [np.frombuffer(self.read(int(i)), dtype=np.uint8) for i in ids]
+        jpegs = self.read.batch(ids)
         labels = self.index.labels[ids]
         size = np.full((ids.size, 2), self.res, dtype=np.float32)
         if self.train:
@@ -121,8 +117,6 @@ class DALILoader:
         self.num_samples = len(index)
         self.num_classes = num_classes
         self.plan = sampling.IndexPlan(self.num_samples, batch_size, **plan_kwargs)
-        self.res = int(res)
-        self.epoch = 0
         self.source = PlanSource(index, train, crop_pct)
         device_id = None
         if self.device.type == "cuda":
@@ -134,17 +128,11 @@ class DALILoader:
                                    hw_decoder_load=hw_decoder_load)
         self._state = "new"  # new | running | exhausted
 
-    def __len__(self):
-        return self.plan.batches_per_epoch
-
-    def set_epoch(self, epoch: int, res: int | None = None):
-        self.epoch = int(epoch)
-        if res is not None:
-            self.res = int(res)
-
     def _finish_epoch(self):
-        # DALI prefetches from the source; an abandoned epoch is run to its end before a reset.
+        # DALI prefetches from the source; an abandoned epoch is cut at what was already fed (at most
+        # prefetch_queue_depth batches), those are run, then the pipeline is reset.
         if self._state == "running":
+            self.source.batches = self.source.batches[:self.source.k]
             try:
                 while True:
                     self.pipe.run()
@@ -153,11 +141,12 @@ class DALILoader:
         if self._state == "exhausted":
             self.pipe.reset()
 
-    def __iter__(self):
+    def iter_epoch(self, epoch: int, res: int):
+        """Batches of `epoch` at `res` (the output size is fed per batch: no pipeline rebuild)."""
         import torch
 
         self._finish_epoch()
-        self.source.start(self.plan.batches(self.epoch), self.res)
+        self.source.start(self.plan.batches(epoch), res)
         self._state = "running"
         cuda = self.device.type == "cuda"
         if cuda:

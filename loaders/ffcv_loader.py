@@ -22,8 +22,8 @@ Differences from ffcv-imagenet's `RandomResizedCropRGBImageDecoder` + `RandomHor
   same).
 - Interpolation: FFCV's `resize_crop` is OpenCV `INTER_AREA`, fixed in libffcv; for train and val.
 
-Measured: see benchmarks/loader_throughput.py (FFCV's ImageNet example: ResNet-50 at res 160-192 on
-8 A100s, 88 epochs in 77 min).
+Measured here on the CPU only (benchmarks/results/cpu-2core-2026-11-26.jsonl: 1,116 img/s train at 160 on
+2 cores); public: FFCV's ImageNet example trains ResNet-50 at res 160-192 on 8 A100s, 88 epochs in 77 min.
 """
 from __future__ import annotations
 
@@ -182,21 +182,16 @@ class FFCVLoader:
 
         self.num_samples = int(Reader(str(path)).num_samples)
         self.plan = sampling.IndexPlan(self.num_samples, batch_size, **plan_kwargs)
-        self.epoch = 0
         self.loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers, os_cache=True,
                              order=PlanOrder(self.plan), drop_last=self.plan.drop_last,
                              pipelines={"image": image, "label": label}, batches_ahead=batches_ahead, seed=0)
 
-    def __len__(self):
-        return len(self.loader)
+    def iter_epoch(self, epoch: int, res: int):
+        """Batches of `epoch` at `res` (a new output size needs no recompilation)."""
+        import torch
 
-    def set_epoch(self, epoch: int, res: int | None = None):
-        self.epoch = int(epoch)
-        if res is not None:
-            self.decoder.output_size = (int(res), int(res))
-
-    def __iter__(self):
-        self.loader.next_epoch = self.epoch
+        self.decoder.output_size = (int(res), int(res))
+        self.loader.next_epoch = int(epoch)
         it = iter(self.loader)
         cuda = self.device.type == "cuda"
         try:
@@ -216,7 +211,7 @@ class FFCVLoader:
                     yield images, labels.view(-1)
                 else:
                     # FFCV reuses its batches_ahead + 2 output buffers; on the CPU nothing orders the
-                    # reuse after the caller's work, so we hand out copies (cheap next to decoding).
-                    yield images.clone(memory_format=__import__("torch").channels_last), labels.view(-1).clone()
+                    # reuse after the caller's work, so we hand out copies.
+                    yield images.clone(memory_format=torch.channels_last), labels.view(-1).clone()
         finally:
             it.close()

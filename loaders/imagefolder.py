@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from fastrsb.errors import FastRSBError
+from fastrsb.images import IMAGE_EXTENSIONS
 
 from . import sampling
 from .wds import read_index, shard_paths
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 # ------------------------------------------------------------------ on-disk formats (readers)
@@ -129,10 +129,27 @@ class ShardBytes:
         o = int(ix.offset[i])
         return memoryview(self._map(int(ix.shard_of[i])))[o:o + int(ix.size[i])]
 
+    def batch(self, ids: np.ndarray) -> list[np.ndarray]:
+        """uint8 views of the JPEGs of `ids` (a batch: one lookup per array, not per sample and field)."""
+        ix = self.index
+        arrays = {}
+        out = []
+        for s, o, n in zip(ix.shard_of[ids].tolist(), ix.offset[ids].tolist(), ix.size[ids].tolist()):
+            arr = arrays.get(s)
+            if arr is None:
+                arr = arrays[s] = np.frombuffer(self._map(s), dtype=np.uint8)
+            out.append(arr[o:o + n])
+        return out
+
 
 def scan_imagefolder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
-    """(classes, [(path, label)]) of an ImageFolder split directory, sorted as torchvision does."""
-    classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+    """(classes, [(path, label)]) of an ImageFolder split directory, sorted as torchvision does.
+
+    Classes are found as `fastrsb convert` finds them (hidden folders skipped), so labels match
+    classes.json; files are those with an image extension (the converter also lists the others)."""
+    from fastrsb.convert import find_classes
+
+    classes = find_classes(root)
     if not classes:
         raise FastRSBError(f"{root} holds no class folders")
     items = []
@@ -146,12 +163,14 @@ def scan_imagefolder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
 
 # ------------------------------------------------------------------ decoding
 
-def decode_rgb(data) -> "PIL.Image.Image":
+def decode_rgb(data):
+    """PIL RGB image of JPEG bytes or a file path, made RGB the way the converter does (fastrsb.images)."""
     from PIL import Image, ImageOps
 
+    from fastrsb.images import to_rgb
+
     img = Image.open(io.BytesIO(data) if not isinstance(data, str) else data)
-    img = ImageOps.exif_transpose(img)
-    return img.convert("RGB") if img.mode != "RGB" else img
+    return to_rgb(ImageOps.exif_transpose(img))
 
 
 @dataclass(frozen=True)
@@ -262,17 +281,11 @@ class PILLoader:
             self.dataset, batch_sampler=_PlanBatchSampler(self), num_workers=num_workers, collate_fn=collate,
             pin_memory=cuda, persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
 
-    def __len__(self):
-        return self.plan.batches_per_epoch
-
-    def set_epoch(self, epoch: int, res: int | None = None):
-        self.epoch = int(epoch)
-        if res is not None:
-            self.res = int(res)
-
-    def __iter__(self):
+    def iter_epoch(self, epoch: int, res: int):
+        """Batches of `epoch` at `res` (read by the batch sampler in the worker processes' tasks)."""
         import torch
 
+        self.epoch, self.res = int(epoch), int(res)
         if self.device.type != "cuda":
             for images, labels in self.loader:
                 yield images.permute(0, 3, 1, 2), labels

@@ -385,3 +385,14 @@ def test_cuda_batches_arrive_on_the_gpu(data, backend):
         assert x.shape == (16, 3, 64, 64) and x.is_contiguous(memory_format=torch.channels_last)
     assert cat(batches)[1].cpu().tolist() == np.asarray(tsv_labels(data / "out", "train"))[
         IndexPlan(96, 16, seed=0).epoch(0)[0]].tolist()
+
+
+def test_beton_only_dataset_offers_ffcv_alone(data, tmp_path):
+    from fastrsb.data import candidate_backends
+
+    out = tmp_path / "beton_only"
+    (out / "train").mkdir(parents=True)
+    (out / "classes.json").write_text((data / "out" / "classes.json").read_text())
+    (out / "train" / "train.beton").symlink_to(data / "out" / "train" / "train.beton")
+    usable, skipped = candidate_backends(out, "train", "cpu")
+    assert usable == ["ffcv"] and any(s.startswith("pil") for s in skipped)
