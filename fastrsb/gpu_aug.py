@@ -8,9 +8,11 @@ the papers for provenance:
 timm runs RandAugment image by image with PIL on the CPU. Here every image of a batch still draws its
 own ops, application coins, magnitudes and signs, but the work is done per op over the subset of images
 that drew it (one index_select / compute / index_copy_ per op and layer), with all geometric ops of a
-layer fused into one batched `affine_grid` + `grid_sample`. All random decisions are taken on the host
-with numpy (seeded from the optional `torch.Generator`) and shipped to the device in one copy, so a
-call needs no device-to-host synchronisation when given a CPU generator (or none).
+layer fused into one batched gather warp (`_warp`). All random decisions are taken on the host with
+numpy (seeded from the optional `torch.Generator`), and every host value reaches the device through a
+pinned, non-blocking copy (`_to_device`), so a call is meant to need no device-to-host synchronisation
+when given a CPU generator (or none); tests/test_gpu_aug.py checks that with CUDA's sync debug mode
+where a GPU is present (not yet run: no GPU so far).
 
 Each op reproduces timm's PIL op on uint8 images, including PIL's integer rounding (grayscale
 conversion, truncating blends, equalize's LUT, affine transforms that sample pixel centres and fill
@@ -23,15 +25,11 @@ Differences from timm, by choice:
   * uint8 in, uint8 out for RandAugment (PIL works on 8-bit images too); mixup/cutmix return float
     images because a mixed pixel is not an integer.
 
-Measured with benchmarks/aug_throughput.py --quick --threads 1 (median of 3, one run), on a shared
-2-core AMD EPYC VM with other jobs running, torch 2.14.1, timm 1.0.31; batch 256 uint8 at 160 px,
-rand-m6-mstd0.5-inc1:
-  fastrsb RandAugment 504 img/s, full train augment (flip, RA, mixup/cutmix, bf16 normalise) 252 img/s,
-  timm's PIL RandAugment 2,342 img/s per core, torchvision v2 RandAugment 689 (batch-wise) / 570
-  (per image) img/s. On a CPU, PIL's per-image C code wins; this module is meant for the GPU.
-  Host cost alone (8 px images, so the ops do no work): 7.5 ms per RandAugment call, from ~740 aten
-  ops of which most launch a kernel on CUDA; they are issued without any sync, so on a GPU this time
-  overlaps with the previous training step.
+Measured with `fastrsb bench aug --quick` (benchmarks/results/cpu-2core-2026-11-26.jsonl: 2-core AMD
+EPYC, torch 2.14.1, timm 1.0.31; batch 256 uint8 at 160 px, rand-m6-mstd0.5-inc1): fastrsb RandAugment
+673 img/s, RA + mixup/cutmix + bf16 normalise 417 img/s, against timm's PIL RandAugment 1,399 img/s on
+one core and torchvision v2 RandAugment 952 (batch-wise) / 841 (per image) img/s. On a CPU, PIL's
+per-image C code wins; this module is meant for the GPU, where its ops are issued without any sync.
 Not yet measured on a GPU (none was available): the H100 target is <= 5 ms for RA + mixup/cutmix +
 normalise on 256 images at 160 px.
 """
@@ -45,6 +43,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .loss import smooth_one_hot
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -233,7 +233,7 @@ def _sharpness(x, factor):
     b, c, h, w = x.shape
     degenerate = x.clone()
     if h > 2 and w > 2:  # PIL's 3x3 filter leaves the one-pixel border as it was
-        kernel = _SMOOTH.to(x.device).expand(c, 1, 3, 3)
+        kernel = _to_device(_SMOOTH.numpy(), x.device).expand(c, 1, 3, 3)
         smooth = F.conv2d(x.float(), kernel, groups=c)
         degenerate[:, :, 1:-1, 1:-1] = torch.floor(smooth + 0.5).clamp_(0, 255).to(torch.uint8)
     return _blend_to_uint8(degenerate, x, factor)
@@ -294,8 +294,7 @@ def _warp(x: torch.Tensor, mats: torch.Tensor, fill: torch.Tensor, interpolation
                             torch.arange(w, device=x.device, dtype=torch.float64), indexing="ij")
     centres = torch.stack([xs + 0.5, ys + 0.5, torch.ones_like(xs)], dim=-1).view(1, h * w, 3)
     src = torch.matmul(centres, mats.to(torch.float64).transpose(1, 2)) - 0.5  # (b, h*w, 2), pixel index units
-    limit = torch.tensor([w - 0.5, h - 0.5], device=x.device, dtype=torch.float64)
-    inside = ((src >= -0.5) & (src < limit)).all(dim=-1).view(b, h, w, 1)
+    inside = ((src >= -0.5).all(dim=-1) & (src[..., 0] < w - 0.5) & (src[..., 1] < h - 0.5)).view(b, h, w, 1)
     # gather uint8 pixels (a quarter of the bytes of float), interpolate in float32
     padded = F.pad(x.contiguous(memory_format=torch.channels_last), (1, 1, 1, 1), mode="replicate")
     rows = padded.permute(0, 2, 3, 1).reshape(-1, c)  # (b * (h+2) * (w+2), c), a view
@@ -308,7 +307,7 @@ def _warp(x: torch.Tensor, mats: torch.Tensor, fill: torch.Tensor, interpolation
     if interpolation == "nearest":
         out = rows.index_select(0, base.view(-1)).view(b, h, w, c).float()
     else:
-        offsets = torch.tensor([0, 1, w + 2, w + 3], device=x.device).view(4, 1, 1)
+        offsets = _to_device(np.array([0, 1, w + 2, w + 3], dtype=np.int64), x.device).view(4, 1, 1)
         v00, v01, v10, v11 = rows.index_select(0, (base + offsets).view(-1)).view(4, b, h, w, c).float().unbind(0)
         weight = (src - corner).float().view(b, h, w, 2, 1).unbind(3)
         out = torch.lerp(torch.lerp(v00, v01, weight[0]), torch.lerp(v10, v11, weight[0]), weight[1])
@@ -361,7 +360,7 @@ def _fill_tensor(fill: int | Sequence[int], device: torch.device) -> torch.Tenso
     values = [float(fill)] * 3 if isinstance(fill, (int, float)) else [float(v) for v in fill]
     if len(values) != 3 or not all(0 <= v <= 255 for v in values):
         raise ValueError(f"fill must be one value or 3 values in 0..255, got {fill!r}")
-    return torch.tensor(values, device=device).view(1, 3, 1, 1)
+    return _to_device(np.array(values, dtype=np.float32), device).view(1, 3, 1, 1)
 
 
 def _geometric_matrices(name: str, m: torch.Tensor, h: int, w: int, translate_pct: float) -> torch.Tensor:
@@ -512,15 +511,12 @@ class RandAugment:
         # Plan on the host: rows of each (layer, op) group, geometric groups of a layer adjacent.
         rows, mags, groups = [], [], []
         start = 0
+        order = sorted(range(len(self.ops)), key=lambda k: self._geometric[k])  # geometric ops last
         for layer in range(self.num_ops):
-            geometric_start = None
-            order = sorted(range(len(self.ops)), key=lambda k: self._geometric[k])
             for k in order:
                 sel = np.flatnonzero(applied[:, layer] & (op_index[:, layer] == k))
                 if sel.size == 0:
                     continue
-                if self._geometric[k] and geometric_start is None:
-                    geometric_start = start
                 rows.append(sel)
                 mags.append(magnitude[sel, layer])
                 groups.append((layer, k, start, start + sel.size))
@@ -539,7 +535,7 @@ class RandAugment:
                     continue
                 idx = rows_d[s:e]
                 out.index_copy_(0, idx, _OPS[self.ops[k]].fn(out.index_select(0, idx), mags_d[s:e]))
-            if geometric:  # groups are adjacent: one gather, one grid_sample, one scatter per layer
+            if geometric:  # groups are adjacent: one gather, one warp, one scatter per layer
                 s, e = geometric[0][2], geometric[-1][3]
                 mats = torch.cat([
                     _geometric_matrices(self.ops[k], mags_d[gs:ge], h, w, self.translate_pct)
@@ -567,13 +563,6 @@ def random_hflip(images: torch.Tensor, p: float = 0.5, generator: torch.Generato
     rng = rng if rng is not None else _host_rng(generator)
     flip = _to_device(rng.random(images.shape[0]) < p, images.device)
     return torch.where(_col(flip), images.flip(-1), images)
-
-
-def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
-    """timm's one-hot with label smoothing: off = s / K, on = 1 - s + s / K (float32)."""
-    off = smoothing / num_classes
-    targets = torch.full((labels.shape[0], num_classes), off, device=labels.device, dtype=torch.float32)
-    return targets.scatter_(1, labels.long().view(-1, 1), 1.0 - smoothing + off)
 
 
 class MixupCutmix:
@@ -715,8 +704,8 @@ def normalize(images: torch.Tensor, mean: Sequence[float] = IMAGENET_DEFAULT_MEA
     _check_images(images, "normalize", uint8=False)
     if not dtype.is_floating_point:
         raise TypeError(f"normalize: dtype must be floating point, got {dtype}")
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    mean_t = _to_device(np.asarray(mean, dtype=np.float32), images.device).view(1, -1, 1, 1)
+    std_t = _to_device(np.asarray(std, dtype=np.float32), images.device).view(1, -1, 1, 1)
     scale = 1.0 / (255.0 * std_t)
     shift = -mean_t / std_t
     fmt = _memory_format(images)

@@ -18,6 +18,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def smooth_one_hot(labels: Tensor, num_classes: int, smoothing: float = 0.0) -> Tensor:
+    """timm's one-hot with label smoothing: off = s / K, on = 1 - s + s / K (float32)."""
+    off = smoothing / num_classes
+    targets = torch.full((labels.shape[0], num_classes), off, device=labels.device, dtype=torch.float32)
+    return targets.scatter_(1, labels.long().view(-1, 1), 1.0 - smoothing + off)
+
+
 def bce_loss(logits: Tensor, target: Tensor, *, smoothing: float = 0.0,
              target_threshold: float | None = None) -> Tensor:
     """Mean BCE of `logits` (N, C) against int64 labels (N,) or dense targets (N, C)."""
@@ -28,10 +35,7 @@ def bce_loss(logits: Tensor, target: Tensor, *, smoothing: float = 0.0,
     if target.shape != logits.shape:
         if target.dim() != 1 or target.shape[0] != logits.shape[0]:
             raise ValueError(f"targets of shape {tuple(target.shape)} fit neither labels (N,) nor logits {tuple(logits.shape)}")
-        off = smoothing / num_classes
-        dense = torch.full_like(logits, off)
-        dense.scatter_(1, target.long().unsqueeze(1), 1.0 - smoothing + off)
-        target = dense
+        target = smooth_one_hot(target, num_classes, smoothing)
     else:
         target = target.float()
     if target_threshold is not None:
@@ -52,3 +56,25 @@ class BCELoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"smoothing={self.smoothing}, target_threshold={self.target_threshold}"
+
+
+def soft_cross_entropy(logits: Tensor, target: Tensor, smoothing: float = 0.0) -> Tensor:
+    """Cross-entropy against int64 labels (with label smoothing) or dense soft targets, in float32."""
+    logits = logits.float()
+    if target.shape != logits.shape:
+        return F.cross_entropy(logits, target, label_smoothing=smoothing)
+    return torch.sum(-target.float() * F.log_softmax(logits, dim=-1), dim=-1).mean()
+
+
+def make_loss(recipe):
+    """The recipe's loss as `(logits, target) -> loss`: BCE with its target threshold (<= 0: none), or
+    soft-target cross-entropy (`loss="ce"`)."""
+    if recipe.loss == "bce":
+        thresh = recipe.bce_target_thresh if recipe.bce_target_thresh > 0 else None
+        return lambda logits, target: bce_loss(logits, target, smoothing=recipe.label_smoothing,
+                                               target_threshold=thresh)
+    if recipe.loss == "ce":
+        return lambda logits, target: soft_cross_entropy(logits, target, recipe.label_smoothing)
+    from .errors import FastRSBError
+
+    raise FastRSBError(f"recipe loss {recipe.loss!r}: choose bce or ce")

@@ -42,11 +42,11 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from . import benchlog
 from .errors import FastRSBError
-from .loss import bce_loss
+from .convert import write_atomic
+from .loss import make_loss
 from .optim import Lamb, make_param_groups
 from .recipes import Recipe
 from .schedule import lr_at
@@ -140,8 +140,7 @@ def resolve_precision(precision: str | None, device: torch.device, mixed_precisi
 def _autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=_autocast_dtype(precision))
 
 
 def _autocast_dtype(precision: str) -> torch.dtype:
@@ -202,9 +201,7 @@ def save_atomic(obj, path: Path) -> None:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 class ModelEma:
@@ -239,7 +236,9 @@ def evaluate_model(model: torch.nn.Module, loader, *, device: torch.device, prec
             logits = model(x)
         k = min(5, logits.shape[1])
         hits = logits.topk(k, dim=1).indices == labels[:, None]
-        counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), torch.tensor(labels.shape[0], device=device)])
+        counts[0] += hits[:, 0].sum()
+        counts[1] += hits.any(dim=1).sum()
+        counts[2] += labels.shape[0]  # a Python number: no host-to-device copy
     if dist_info is not None and dist_info.enabled:
         dist.all_reduce(counts)
     top1_hits, top5_hits, n = counts.tolist()  # sync: once per evaluation
@@ -265,24 +264,6 @@ def _default_normalize():
     from .gpu_aug import normalize
 
     return normalize
-
-
-def _soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: float) -> torch.Tensor:
-    logits = logits.float()
-    if target.shape != logits.shape:
-        return F.cross_entropy(logits, target, label_smoothing=smoothing)
-    return torch.sum(-target.float() * F.log_softmax(logits, dim=-1), dim=-1).mean()
-
-
-def make_loss(recipe: Recipe) -> Callable:
-    """BCE with the recipe's target threshold (<= 0 means none), or soft-target cross-entropy."""
-    if recipe.loss == "bce":
-        thresh = recipe.bce_target_thresh if recipe.bce_target_thresh > 0 else None
-        return lambda logits, target: bce_loss(logits, target, smoothing=recipe.label_smoothing,
-                                               target_threshold=thresh)
-    if recipe.loss == "ce":
-        return lambda logits, target: _soft_cross_entropy(logits, target, recipe.label_smoothing)
-    raise FastRSBError(f"recipe loss {recipe.loss!r}: choose bce or ce")
 
 
 def create_model(model_name: str, num_classes: int, drop_path_rate: float = 0.0) -> torch.nn.Module:
@@ -407,7 +388,7 @@ def train(
         augment = make_augment(recipe.rand_augment, recipe.mixup_alpha, recipe.cutmix_alpha, recipe.label_smoothing,
                                num_classes, hflip=0.0, mixup_prob=recipe.mixup_prob,
                                switch_prob=recipe.mixup_switch_prob,
-                               dtype=torch.float32 if precision == "fp32" else _autocast_dtype(precision))
+                               dtype=_autocast_dtype(precision))
         # A CPU generator: gpu_aug takes its random decisions on the host, so drawing them needs no sync.
         augment_generator = torch.Generator()
         augment_generator.manual_seed(seed * 1_000_003 + rank + 1)  # each rank draws its own augmentations
@@ -519,7 +500,7 @@ def train(
 
                 if step % log_every_steps == 0:
                     loss_value = all_mean(interval_loss.clone()).item() / interval_steps  # sync: once per interval
-                    _check_finite(loss_value, step, epoch, out, dist_info)
+                    _check_finite(loss_value, step, epoch, out)
                     now = time.perf_counter()
                     img_s = interval_steps * images_per_step / (now - interval_t0)
                     remaining = total_steps - step
@@ -534,7 +515,7 @@ def train(
             epoch_loss += interval_loss
             epoch_train_s = timer.stop()  # sync: end of epoch
             loss_value = all_mean(epoch_loss).item() / steps_per_epoch  # sync: end of epoch
-            _check_finite(loss_value, step, epoch, out, dist_info)
+            _check_finite(loss_value, step, epoch, out)
             train_time_s += epoch_train_s
             images_seen += steps_per_epoch * images_per_step
 
@@ -616,7 +597,7 @@ def _check_resumable(ckpt: dict, recipe: Recipe, model_name: str, path: Path) ->
         raise FastRSBError(f"{path} holds a {ckpt['model_name']}, not a {model_name}")
 
 
-def _check_finite(loss_value: float, step: int, epoch: int, out: Path, dist_info: DistInfo) -> None:
+def _check_finite(loss_value: float, step: int, epoch: int, out: Path) -> None:
     if math.isfinite(loss_value):
         return
     ckpt = out / CHECKPOINT

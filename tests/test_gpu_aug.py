@@ -380,3 +380,19 @@ def test_make_train_augment():
     images, targets = plain(x[:7], labels[:7])
     assert torch.allclose(images, ga.normalize(x[:7]))
     assert torch.allclose(targets, timm_mixup_target(labels[:7], 10, 1.0, 0.1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_train_augment_issues_no_host_sync_on_cuda():
+    x = torch.randint(0, 256, (16, 3, 48, 48), dtype=torch.uint8).cuda().contiguous(memory_format=torch.channels_last)
+    labels = torch.arange(16).cuda() % 10
+    aug = ga.make_train_augment("rand-m9-mstd0.5-inc1", 0.1, 1.0, 0.1, 10, hflip=0.5, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    aug(x, labels, gen)  # warm-up: pinned buffers, kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            aug(x, labels, gen)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -95,3 +95,25 @@ def test_schedule_shape():
     assert lr_at(0, total, 0, base) == base
     with pytest.raises(ValueError):
         lr_at(0, 0, 0, base)
+
+
+def test_make_loss_bce_ce_and_unknown():
+    import dataclasses
+
+    import timm.loss
+
+    from fastrsb.errors import FastRSBError
+    from fastrsb.loss import make_loss, smooth_one_hot, soft_cross_entropy
+    from fastrsb.recipes import A1, A3
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 10, generator=g)
+    labels = torch.randint(0, 10, (8,), generator=g)
+    ref = timm.loss.BinaryCrossEntropy(smoothing=0.1, target_threshold=0.2)(logits, labels)
+    assert torch.allclose(make_loss(A1)(logits, labels), ref)  # A1: BCE, smoothing 0.1, threshold 0.2
+    ce = make_loss(dataclasses.replace(A3, loss="ce", label_smoothing=0.1))
+    dense = smooth_one_hot(labels, 10, 0.1)
+    assert torch.allclose(ce(logits, labels), timm.loss.LabelSmoothingCrossEntropy(0.1)(logits, labels), atol=1e-6)
+    assert torch.allclose(soft_cross_entropy(logits, dense), timm.loss.SoftTargetCrossEntropy()(logits, dense))
+    with pytest.raises(FastRSBError, match="choose bce or ce"):
+        make_loss(dataclasses.replace(A3, loss="mse"))
