@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole benchmark suite on one GPU box, in under 8 minutes; results (JSON lines), the report
+# The whole benchmark suite on one GPU box, meant to take under 8 minutes there (not yet run on a GPU;
+# each stage has its own time limit); results (JSON lines), the report
 # (PNG + markdown) and the logs go to the folder given as the argument.
 #
 #   benchmarks/gpu_suite.sh RESULTS_DIR [IMAGES]

@@ -156,8 +156,8 @@ def read_results(paths) -> list[dict]:
     return rows
 
 
-def time_call(fn, device=None, warmup: int = 1, repeats: int = 5) -> float:
-    """Median seconds per call of `fn()` after `warmup` untimed calls; CUDA timed with events."""
+def time_calls(fn, device=None, warmup: int = 1, repeats: int = 5) -> list[float]:
+    """Seconds of each of `repeats` calls of `fn()` after `warmup` untimed calls; CUDA timed with events."""
     import torch
 
     cuda = device is not None and torch.device(device).type == "cuda"
@@ -172,10 +172,15 @@ def time_call(fn, device=None, warmup: int = 1, repeats: int = 5) -> float:
             start.record()
             fn()
             end.record()
-            torch.cuda.synchronize(device)  # sync: timing only
+            end.synchronize()  # sync: timing only
             times.append(start.elapsed_time(end) / 1000.0)
         else:
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def time_call(fn, device=None, warmup: int = 1, repeats: int = 5) -> float:
+    """Median seconds per call of `fn()` (see time_calls)."""
+    return statistics.median(time_calls(fn, device, warmup, repeats))

@@ -59,22 +59,19 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 def versions(with_ffcv: bool) -> dict:
-    import cv2
-    import PIL
+    """The libraries that shape the output bytes (not fastrsb.benchlog.versions: no torch, no device)."""
+    from importlib import metadata
 
     from . import __version__
 
-    out = {
-        "fastrsb": __version__,
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "pillow": PIL.__version__,
-        "opencv": cv2.__version__,
-    }
-    if with_ffcv:
-        import ffcv
+    import cv2  # any of the opencv-python distributions
 
-        out["ffcv"] = getattr(ffcv, "__version__", "unknown")
+    out = {"fastrsb": __version__, "python": platform.python_version(), "opencv": cv2.__version__}
+    for dist in ("numpy", "pillow") + (("ffcv",) if with_ffcv else ()):
+        try:
+            out[dist] = metadata.version(dist)  # ffcv's own __version__ attribute is stale
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
     return out
 
 

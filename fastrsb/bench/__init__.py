@@ -16,11 +16,9 @@ def get(name: str):
 
 
 def script_main(name: str, argv=None) -> None:
-    """Entry point of benchmarks/<name>_throughput.py."""
-    import argparse
+    """Entry point of benchmarks/<name>_throughput.py: the same as `fastrsb bench <name> ARGS`."""
+    import sys
 
-    module = get(name)
-    parser = argparse.ArgumentParser(description=module.__doc__.splitlines()[0])
-    module.add_arguments(parser)
-    parser.add_argument("--out", default=None, help="append the JSON lines to this file too")
-    module.run(parser.parse_args(argv))
+    from fastrsb.cli import main
+
+    sys.exit(main(["bench", name, *(sys.argv[1:] if argv is None else argv)]))

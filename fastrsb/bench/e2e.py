@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from fastrsb.bench.loader import batches_forever
 from fastrsb.benchlog import emit, record, time_call
 
 
@@ -50,14 +51,6 @@ def _ensure_data(args) -> Path:
     make_demo_data(root / "src", num_classes=10, train_per_class=60, val_per_class=2, min_size=160, max_size=400)
     convert(root / "src", root / "data", progress=False, log=lambda *a: None)
     return root / "data"
-
-
-def _cycle(loader, res):
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch, res=res)
-        yield from loader
-        epoch += 1
 
 
 def _rate(fn_batches, n_steps: int, batch: int, device) -> float:
@@ -188,7 +181,7 @@ def run(args) -> list[dict]:
               "backend": args.backend, "compile": args.compile, "workers": args.workers or os.cpu_count()}
 
     loader, augment, step = _fastrsb_pipeline(args, data, recipe, device, num_classes)
-    ours = _measure(_cycle(loader, args.res), augment, step, args.steps, args.batch, device)
+    ours = _measure(batches_forever(loader, args.res, 0), augment, step, args.steps, args.batch, device)
     config["backend"] = loader.backend
     del loader, augment, step
     base = None
@@ -198,7 +191,7 @@ def run(args) -> list[dict]:
         base = _measure(it, augment, step, args.steps, args.batch, device)
         del it, augment, step
 
-    names = {"loader": (f"{loader_name(config)} loader alone", "timm create_loader (PIL, RandAugment on CPU workers)"),
+    names = {"loader": (f"fastrsb {config['backend']} loader alone", "timm create_loader (PIL, RandAugment on CPU workers)"),
              "step": ("GPU augmentation + multi-tensor LAMB step", "timm Mixup + BCE + Lamb step (eager)"),
              "e2e": ("end to end", "timm's pipeline end to end")}
     out = []
@@ -213,6 +206,3 @@ def run(args) -> list[dict]:
     print(f"# {text}", flush=True)
     return out
 
-
-def loader_name(config: dict) -> str:
-    return f"fastrsb {config['backend']}"

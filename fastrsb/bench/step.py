@@ -26,14 +26,9 @@ import time
 
 import torch
 
-from fastrsb.benchlog import emit, record
+from fastrsb.benchlog import emit, record, time_calls
 from fastrsb.loss import bce_loss
 from fastrsb.optim import Lamb, make_param_groups
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_step(model, optimizer, loss_fn, images, targets, accum_steps: int, autocast_dtype):
@@ -52,32 +47,11 @@ def make_step(model, optimizer, loss_fn, images, targets, accum_steps: int, auto
     return step
 
 
-def time_steps(step, device: torch.device, warmup: int, repeats: int) -> list[float]:
-    """Seconds per call of `step`, one figure per repeat."""
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1000.0)
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-    return times
-
-
 def time_optimizer_only(optimizer, model, device, repeats: int) -> float:
     """Median seconds of optimizer.step() alone, with gradients in place."""
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
-    times = time_steps(optimizer.step, device, warmup=2, repeats=repeats)
+    times = time_calls(optimizer.step, device, warmup=2, repeats=repeats)
     optimizer.zero_grad(set_to_none=True)
     return statistics.median(times)
 
@@ -118,9 +92,10 @@ def measure(kind: str, args, res: int, batch: int, device: torch.device) -> dict
         torch.cuda.reset_peak_memory_stats(device)
     compile_start = time.perf_counter()
     step()  # first step: compilation, state allocation
-    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # sync: the first step's time includes compilation
     first_step_s = time.perf_counter() - compile_start
-    times = time_steps(step, device, args.warmup, args.repeats)
+    times = time_calls(step, device, args.warmup, args.repeats)
     peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     opt_s = time_optimizer_only(optimizer, model, device, args.repeats)
     median_s = statistics.median(times)
