@@ -19,3 +19,8 @@ and in the default `jpg` write mode the very same JPEG bytes. Keys are 9-digit s
 Backends: `beton` / `wds` (writers and format readers), `ffcv_loader`, `dali_loader`,
 `imagefolder` (the PIL reference).
 """
+
+if __name__ != "fastrsb.loaders":  # one package, one name: a second copy would hold its own registries
+    raise ImportError("import this folder as fastrsb.loaders (for example `from fastrsb.loaders import make_loader`), "
+                      f"not as {__name__!r}: see fastrsb/__init__.py")
+
