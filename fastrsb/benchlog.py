@@ -15,75 +15,17 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from .runmeta import device_name, git_revision, versions
+
 SCHEMA = "fastrsb.bench/1"
 REQUIRED = {"schema": str, "benchmark": str, "name": str, "time": str, "git": str, "device": str,
             "versions": dict, "command": str, "config": dict, "value": (int, float), "unit": str}
-
-
-def git_revision(short: bool = True) -> str:
-    """HEAD of the checkout holding this package, '-dirty' with uncommitted changes; 'unknown' outside git."""
-    here = Path(__file__).resolve().parent
-    try:
-        rev = subprocess.run(["git", "-C", str(here), "rev-parse"] + (["--short"] if short else []) + ["HEAD"],
-                             capture_output=True, text=True, timeout=10)
-        if rev.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
-        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device: str | None = None) -> str:
-    import torch
-
-    if (device is None or str(device).startswith("cuda")) and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device or "cuda"))
-    return f"CPU: {cpu_name()} ({os.cpu_count()} cores)"
-
-
-def versions() -> dict:
-    """Installed versions of what the figures depend on (distribution metadata: ffcv's __version__ is stale)."""
-    from importlib import metadata
-
-    out = {"python": platform.python_version()}
-    for dist in ("torch", "torchvision", "timm", "numpy", "ffcv", "nvidia-dali-cuda120", "nvidia-dali-cuda130",
-                 "pillow", "opencv-python"):
-        module = sys.modules.get(dist.replace("-", "_"))
-        if dist in ("torch", "torchvision") and module is not None:
-            out[dist] = module.__version__  # the running build, with its CUDA tag (2.14.1+cu130)
-            continue
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            out["cuda"] = torch.version.cuda
-    except ImportError:
-        pass
-    return out
 
 
 _ENV_CACHE: dict = {}
@@ -156,28 +98,46 @@ def read_results(paths) -> list[dict]:
     return rows
 
 
-def time_calls(fn, device=None, warmup: int = 1, repeats: int = 5) -> list[float]:
-    """Seconds of each of `repeats` calls of `fn()` after `warmup` untimed calls; CUDA timed with events."""
-    import torch
+class Timer:
+    """The one timer: wall-clock seconds of the work issued between `start()` and `stop()`.
 
-    cuda = device is not None and torch.device(device).type == "cuda"
+    On CUDA both ends synchronise the device (marked `sync:`), so the figure covers every stream's work,
+    a side-stream loader's included; on the CPU it is perf_counter.
+    """
+
+    def __init__(self, device=None):
+        import torch
+
+        self.device = torch.device(device) if device is not None else None
+        self.cuda = self.device is not None and self.device.type == "cuda"
+        self.t0 = None
+
+    def _sync(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize(self.device)  # sync: timing only
+
+    def start(self) -> "Timer":
+        self._sync()
+        self.t0 = time.perf_counter()
+        return self
+
+    def stop(self) -> float:
+        self._sync()
+        return time.perf_counter() - self.t0
+
+
+def time_calls(fn, device=None, warmup: int = 1, repeats: int = 5) -> list[float]:
+    """Seconds of each of `repeats` calls of `fn()` after `warmup` untimed calls (see Timer)."""
     for _ in range(warmup):
         fn()
-    if cuda:
-        torch.cuda.synchronize(device)
+    timer = Timer(device)
     times = []
     for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()  # sync: timing only
-            times.append(start.elapsed_time(end) / 1000.0)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+        timer.start()
+        fn()
+        times.append(timer.stop())
     return times
 
 

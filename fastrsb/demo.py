@@ -24,7 +24,7 @@ from .benchlog import emit, record
 
 def _loader_bench(data: Path, src: Path, backends: list[str], res: int, batch: int, device: str, log) -> list[dict]:
     from .bench.loader import TimmBaseline, measure
-    from .data import make_loader
+    from .loaders import make_loader
 
     results = []
     base = TimmBaseline(src, "train", res=res, batch_size=batch, workers=os.cpu_count() or 1, device=device)
@@ -44,7 +44,7 @@ def _loader_bench(data: Path, src: Path, backends: list[str], res: int, batch: i
 def demo(out: str | Path = "demo", quick: bool = False, device: str | None = None, model: str | None = None,
          epochs: int | None = None, log=print) -> dict:
     from .convert import convert
-    from .data import backend_usable
+    from .loaders.registry import usable as backend_usable
     from .demo_data import make_demo_data
     from .recipes import A3, override
     from .report import report
@@ -85,7 +85,9 @@ def demo(out: str | Path = "demo", quick: bool = False, device: str | None = Non
     ok = verify(out / "data", decode=False, log=lambda m: log("  " + m))
     summary_rows.append(("verify", "OK" if ok else "FAILED"))
 
-    backends = [b for b in ("ffcv", "dali", "pil") if backend_usable(b)]
+    from .loaders import registry
+
+    backends = [b for b in registry.names() if backend_usable(b)]
     log(f"[4/5] loader throughput on {device}: {', '.join(backends)} against timm's loader")
     for rec in _loader_bench(out / "data", src, backends, res, 32, device, log):
         emit(rec, results_file, echo=False)

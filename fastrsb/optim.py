@@ -1,4 +1,4 @@
-"""Multi-tensor LAMB with timm's semantics, and weight-decay parameter groups.
+"""Multi-tensor LAMB with timm's semantics, weight-decay parameter groups, and the EMA of the weights.
 
 LAMB: You et al., "Large Batch Optimization for Deep Learning: Training BERT in 76 minutes",
 arXiv 1904.00962, in the NVLAMB form of NVIDIA's apex FusedLAMB as implemented by
@@ -37,6 +37,23 @@ from collections import defaultdict
 
 import torch
 from torch import Tensor
+
+
+class ModelEma:
+    """Exponential moving average of a model's parameters (buffers copied), updated after each optimizer step."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        import copy
+
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        torch._foreach_lerp_(list(self.module.parameters()), list(model.parameters()), 1.0 - self.decay)
+        torch._foreach_copy_(list(self.module.buffers()), list(model.buffers()))
 
 
 def make_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -38,3 +38,17 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr
     if step >= total_steps:
         return min_lr
     return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * step / total_steps))
+
+
+def res_at(epoch: int, train_res: int, progressive_res: tuple[int, int] = (0, 0),
+           progressive_epochs: tuple[int, int] = (0, 0), step_px: int = 32) -> int:
+    """The train resolution of `epoch`: `train_res`, or with progressive resizing (FFCV's ImageNet
+    example: 160 -> 192 over epochs) a linear ramp from progressive_res[0] at progressive_epochs[0] to
+    progressive_res[1] at progressive_epochs[1], rounded down to a multiple of `step_px`."""
+    lo, hi = progressive_res
+    if (lo, hi) == (0, 0):
+        return train_res
+    start, end = progressive_epochs
+    t = min(max((epoch - start) / max(end - start, 1), 0.0), 1.0)
+    res = lo + (hi - lo) * t
+    return max(step_px, int(res) // step_px * step_px)

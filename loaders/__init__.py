@@ -16,11 +16,15 @@ streaming reader needs), the val split keeps sorted (class, file name) order. Be
 i-th sample of the concatenated shards, so both formats hold the same samples in the same order,
 and in the default `jpg` write mode the very same JPEG bytes. Keys are 9-digit sample numbers.
 
-Backends: `beton` / `wds` (writers and format readers), `ffcv_loader`, `dali_loader`,
-`imagefolder` (the PIL reference).
+Modules: `loader` (the contract: `make_loader`, `Loader`), `auto` (which backend, measured), `registry`
+(backends register themselves), `layout` (the on-disk layout), `sampling` (the IndexPlan and the seeded
+crops), `wds` / `beton` (formats: writers and readers), one module per backend: `ffcv_loader`,
+`dali_loader`, `imagefolder` (PIL, the reference).
 """
 
 if __name__ != "fastrsb.loaders":  # one package, one name: a second copy would hold its own registries
     raise ImportError("import this folder as fastrsb.loaders (for example `from fastrsb.loaders import make_loader`), "
                       f"not as {__name__!r}: see fastrsb/__init__.py")
+
+from .loader import Loader, make_loader  # noqa: E402  (the public contract)
 

@@ -29,8 +29,19 @@ import numpy as np
 
 from fastrsb.errors import FastRSBError, missing_extra
 
-from . import sampling
-from .imagefolder import ShardBytes, ShardIndex
+from . import layout, registry, sampling
+
+
+def _open(data, split, **kw):
+    return DALILoader(data, split, **kw)
+
+
+registry.register(registry.Backend(
+    name="dali", reads="{split}/wds/{split}-*.tar webdataset shards", convert_format="dali",
+    has_data=lambda data, split: layout.is_converted(data) and bool(layout.wds_shards(data, split)),
+    open=_open, prior_cuda=0, prior_cpu=1))
+
+from .imagefolder import ShardBytes, ShardIndex  # noqa: E402  (after registering: see registry)
 
 try:
     from nvidia.dali import fn, types
@@ -76,9 +87,10 @@ class PlanSource:
         return jpegs, labels, size, start, end
 
 
-def build_pipeline(source: PlanSource, *, batch_size: int, num_threads: int, device_id, train: bool, seed: int,
-                   scale, ratio, hw_decoder_load: float) -> Pipeline:
+def build_pipeline(source: PlanSource, *, batch_size: int, num_threads: int, device_id, crop: sampling.CropSpec,
+                   hw_decoder_load: float) -> Pipeline:
     mixed = device_id is not None
+    train, seed = crop.train, crop.seed
     pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                     prefetch_queue_depth=2)
     n = 3 if train else 5
@@ -89,11 +101,11 @@ def build_pipeline(source: PlanSource, *, batch_size: int, num_threads: int, dev
         decoder = dict(device="mixed", hw_decoder_load=hw_decoder_load, device_memory_padding=_DEVICE_MEMORY_PADDING,
                        host_memory_padding=_HOST_MEMORY_PADDING) if mixed else dict(device="cpu")
         if train:
-            images = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, random_area=list(scale),
-                                                   random_aspect_ratio=list(ratio), num_attempts=10, seed=seed,
+            images = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, random_area=list(crop.scale),
+                                                   random_aspect_ratio=list(crop.ratio), num_attempts=10, seed=seed,
                                                    **decoder)
             images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
-            images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5, seed=seed + 1))
+            images = fn.flip(images, horizontal=fn.random.coin_flip(probability=crop.hflip, seed=seed + 1))
         else:
             images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
             images = fn.resize(images, size=size, roi_start=outs[3], roi_end=outs[4], roi_relative=False,
@@ -104,28 +116,28 @@ def build_pipeline(source: PlanSource, *, batch_size: int, num_threads: int, dev
 
 
 class DALILoader:
-    """Backend 'dali'. Use fastrsb.data.make_loader rather than this class directly."""
+    """Backend 'dali'. Use fastrsb.loaders.make_loader rather than this class directly."""
 
     backend = "dali"
 
-    def __init__(self, data, split, *, batch_size, res, device, train: bool, seed: int, crop_pct: float, scale,
-                 ratio, num_workers: int, num_classes: int, hw_decoder_load: float, plan_kwargs: dict):
+    def __init__(self, data, split, *, batch_size, res, device, crop: sampling.CropSpec, num_workers: int,
+                 plan_kwargs: dict, options: dict):
         import torch
 
+        hw_decoder_load = float(options.get("hw_decoder_load", 1.0))
         self.device = torch.device(device)
         index = ShardIndex.load(data, split)
         self.num_samples = len(index)
-        self.num_classes = num_classes
+        self.num_classes = len(layout.read_classes(data))
         self.plan = sampling.IndexPlan(self.num_samples, batch_size, **plan_kwargs)
-        self.source = PlanSource(index, train, crop_pct)
+        self.source = PlanSource(index, crop.train, crop.crop_pct)
         device_id = None
         if self.device.type == "cuda":
             device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
         if not 0.0 <= hw_decoder_load <= 1.0:
             raise FastRSBError(f"hw_decoder_load must be in [0, 1], got {hw_decoder_load}")
         self.pipe = build_pipeline(self.source, batch_size=batch_size, num_threads=max(1, num_workers),
-                                   device_id=device_id, train=train, seed=seed, scale=scale, ratio=ratio,
-                                   hw_decoder_load=hw_decoder_load)
+                                   device_id=device_id, crop=crop, hw_decoder_load=hw_decoder_load)
         self._state = "new"  # new | running | exhausted
 
     def _finish_epoch(self):

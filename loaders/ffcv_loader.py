@@ -35,7 +35,17 @@ import numpy as np
 
 from fastrsb.errors import FastRSBError, missing_extra
 
-from . import sampling
+from . import layout, registry, sampling
+
+
+def _open(data, split, **kw):
+    return FFCVLoader(data, split, **kw)
+
+
+registry.register(registry.Backend(
+    name="ffcv", reads="{split}/{split}.beton", convert_format="beton",
+    has_data=lambda data, split: layout.beton_path(data, split).is_file(),
+    open=_open, prior_cuda=1, prior_cpu=0))
 
 try:
     from ffcv.fields.basics import IntDecoder
@@ -49,10 +59,6 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise missing_extra("ffcv", "ffcv") from e
 
 
-def beton_path(data, split) -> Path:
-    return Path(data) / split / f"{split}.beton"
-
-
 class SeededResizedCropDecoder(ResizedCropRGBImageDecoder):
     """Decode + crop + resize (+ flip) with crops drawn from (seed, tagged read).
 
@@ -60,14 +66,9 @@ class SeededResizedCropDecoder(ResizedCropRGBImageDecoder):
     train=False: the central int(crop_pct * short side) square (FFCV's CenterCropRGBImageDecoder).
     """
 
-    def __init__(self, output_size, *, train: bool, seed: int, crop_pct: float = 0.875,
-                 scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    def __init__(self, output_size, crop: sampling.CropSpec):
         super().__init__(output_size)
-        self.train = bool(train)
-        self.seed = int(seed)
-        self.crop_pct = float(crop_pct)
-        self.scale = tuple(float(s) for s in scale)
-        self.ratio = tuple(float(r) for r in ratio)
+        self.crop = crop
 
     @property
     def get_crop_generator(self):  # abstract in FFCV; our generate_code does not use it
@@ -81,9 +82,9 @@ class SeededResizedCropDecoder(ResizedCropRGBImageDecoder):
         resize_crop_c = Compiler.compile(resize_crop)
         read_key, _, rrc = sampling.numba_functions()
         mask = sampling.SAMPLE_MASK
-        train, seed, crop_pct = self.train, self.seed, self.crop_pct
-        s_lo, s_hi = self.scale
-        lr_lo, lr_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        train, seed, crop_pct, flip_p = self.crop.train, self.crop.seed, self.crop.crop_pct, self.crop.hflip
+        s_lo, s_hi = self.crop.scale
+        lr_lo, lr_hi = math.log(self.crop.ratio[0]), math.log(self.crop.ratio[1])
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
@@ -101,7 +102,7 @@ class SeededResizedCropDecoder(ResizedCropRGBImageDecoder):
                     temp_buffer = image_data.reshape(height, width, 3)
                 if train:
                     i, j, h, w, flip = rrc(np.int64(height), np.int64(width), read_key(seed, np.int64(tagged)),
-                                           s_lo, s_hi, lr_lo, lr_hi)
+                                           s_lo, s_hi, lr_lo, lr_hi, flip_p)
                 else:
                     c = np.int64(crop_pct * min(height, width))
                     i, j, h, w, flip = (np.int64(height) - c) // 2, (np.int64(width) - c) // 2, c, c, 0
@@ -154,22 +155,22 @@ class PlanOrder(TraversalOrder):
 
 
 class FFCVLoader:
-    """Backend 'ffcv'. Use fastrsb.data.make_loader rather than this class directly."""
+    """Backend 'ffcv'. Use fastrsb.loaders.make_loader rather than this class directly."""
 
     backend = "ffcv"
 
-    def __init__(self, data, split, *, batch_size, res, device, train: bool, seed: int, crop_pct: float,
-                 scale, ratio, num_workers: int, num_classes: int, plan_kwargs: dict, batches_ahead: int = 3):
+    def __init__(self, data, split, *, batch_size, res, device, crop: sampling.CropSpec, num_workers: int,
+                 plan_kwargs: dict, options: dict, batches_ahead: int = 3):
         import torch
 
-        path = beton_path(data, split)
-        if not path.is_file():
-            raise FastRSBError(f"no FFCV file {path}: run fastrsb convert SRC {data} --format beton")
+        path = layout.beton_path(data, split)
+        if not layout.is_converted(data):
+            raise FastRSBError(f"{data} is not a converted dataset (no classes.json): run "
+                               f"fastrsb convert SRC {data} --format beton")
         self.device = torch.device(device)
-        self.num_classes = num_classes
+        self.num_classes = len(layout.read_classes(data))
         # Fresh operation objects for every Loader: FFCV keeps per-Loader state in them.
-        self.decoder = SeededResizedCropDecoder((res, res), train=train, seed=seed, crop_pct=crop_pct,
-                                                scale=scale, ratio=ratio)
+        self.decoder = SeededResizedCropDecoder((res, res), crop)
         cuda = self.device.type == "cuda"
         image = [self.decoder, ToTensor()]
         label = [TaggedIntDecoder(), ToTensor()]

@@ -20,8 +20,6 @@ not the fast path.
 from __future__ import annotations
 
 import io
-import json
-import math
 import mmap
 import os
 from dataclasses import dataclass
@@ -32,23 +30,24 @@ import numpy as np
 from fastrsb.errors import FastRSBError
 from fastrsb.images import IMAGE_EXTENSIONS
 
-from . import sampling
-from .wds import read_index, shard_paths
+from . import layout, registry, sampling
+from .layout import is_converted, read_classes, wds_shards
+from .wds import read_index
 
 
-
-# ------------------------------------------------------------------ on-disk formats (readers)
-
-def is_converted(data) -> bool:
-    return (Path(data) / "classes.json").is_file()
-
-
-def read_classes(data) -> list[str]:
-    return json.loads((Path(data) / "classes.json").read_text())
+def _has_data(data, split) -> bool:
+    if layout.is_converted(data):  # PIL reads a converted dataset from its shards
+        return bool(layout.wds_shards(data, split))
+    return (Path(data) / split).is_dir()  # or a source ImageFolder
 
 
-def wds_shards(data, split) -> list[Path]:
-    return shard_paths(Path(data) / split / "wds")
+def _open(data, split, **kw):
+    return PILLoader(data, split, **kw)
+
+
+registry.register(registry.Backend(
+    name="pil", reads="{split}/wds/{split}-*.tar webdataset shards or {split}/<class>/ folders",
+    convert_format="dali", has_data=_has_data, open=_open, prior_cuda=2, prior_cpu=2, needs_converted=False))
 
 
 @dataclass
@@ -147,9 +146,7 @@ def scan_imagefolder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
 
     Classes are found as `fastrsb convert` finds them (hidden folders skipped), so labels match
     classes.json; files are those with an image extension (the converter also lists the others)."""
-    from fastrsb.convert import find_classes
-
-    classes = find_classes(root)
+    classes = layout.find_classes(root)
     if not classes:
         raise FastRSBError(f"{root} holds no class folders")
     items = []
@@ -173,37 +170,22 @@ def decode_rgb(data):
     return to_rgb(ImageOps.exif_transpose(img))
 
 
-@dataclass(frozen=True)
-class CropSpec:
-    train: bool
-    seed: int
-    crop_pct: float
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-
-
-def crop_resize(img, tagged: int, res: int, spec: CropSpec) -> np.ndarray:
+def crop_resize(img, tagged: int, res: int, spec: sampling.CropSpec) -> np.ndarray:
     """One read: HxWx3 uint8 at res x res (train: seeded RRC + flip; val: center window)."""
     from PIL import Image
 
     width, height = img.size
-    if spec.train:
-        key = sampling.read_key(spec.seed, int(tagged))
-        top, left, h, w, flip = sampling.random_resized_crop(
-            height, width, key, spec.scale[0], spec.scale[1], math.log(spec.ratio[0]), math.log(spec.ratio[1]))
-        out = img.resize((res, res), Image.BILINEAR, box=(left, top, left + w, top + h))
-        if flip:
-            out = out.transpose(Image.FLIP_LEFT_RIGHT)
-    else:
-        top, left, c = sampling.center_crop_box(height, width, spec.crop_pct)
-        out = img.resize((res, res), Image.BICUBIC, box=(left, top, left + c, top + c))
+    top, left, h, w, flip = spec.box(height, width, tagged)
+    out = img.resize((res, res), Image.BILINEAR if spec.train else Image.BICUBIC, box=(left, top, left + w, top + h))
+    if flip:
+        out = out.transpose(Image.FLIP_LEFT_RIGHT)
     return np.asarray(out, dtype=np.uint8)
 
 
 class PlanDataset:
     """Map-style dataset over tagged reads: item (tagged index, res) -> (HWC uint8, label)."""
 
-    def __init__(self, read, labels: np.ndarray, spec: CropSpec):
+    def __init__(self, read, labels: np.ndarray, spec: sampling.CropSpec):
         self.read = read  # sample index -> bytes or path
         self.labels = labels
         self.spec = spec
@@ -248,12 +230,12 @@ class _PlanBatchSampler:
 
 
 class PILLoader:
-    """Backend 'pil'. Use fastrsb.data.make_loader rather than this class directly."""
+    """Backend 'pil'. Use fastrsb.loaders.make_loader rather than this class directly."""
 
     backend = "pil"
 
-    def __init__(self, data, split, *, batch_size, res, device,
-                 spec: CropSpec, num_workers: int, plan_kwargs: dict):
+    def __init__(self, data, split, *, batch_size, res, device, crop: sampling.CropSpec, num_workers: int,
+                 plan_kwargs: dict, options: dict):
         import torch
 
         data = Path(data)
@@ -275,7 +257,7 @@ class PILLoader:
         self.device = torch.device(device)
         self.res = res
         self.epoch = 0
-        self.dataset = PlanDataset(read, labels, spec)
+        self.dataset = PlanDataset(read, labels, crop)
         cuda = self.device.type == "cuda"
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=_PlanBatchSampler(self), num_workers=num_workers, collate_fn=collate,

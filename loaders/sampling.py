@@ -168,10 +168,10 @@ def _build(jit):
         return _mix32(key ^ _mix32((counter * 0x9E3779B9 + 0x7F4A7C15) & 0xFFFFFFFF)) / 4294967296.0
 
     @jit
-    def random_resized_crop(height, width, key, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi):
+    def random_resized_crop(height, width, key, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi, flip_p):
         """torchvision's RandomResizedCrop.get_params, drawn from `uniform(key, ...)`.
 
-        Returns (top, left, crop_height, crop_width, flip); flip is 1 with probability 1/2.
+        Returns (top, left, crop_height, crop_width, flip); flip is 1 with probability flip_p.
         """
         area = height * width
         for attempt in range(10):
@@ -182,7 +182,7 @@ def _build(jit):
             if 0 < w <= width and 0 < h <= height:
                 top = int(uniform(key, 4 * attempt + 2) * (height - h + 1))
                 left = int(uniform(key, 4 * attempt + 3) * (width - w + 1))
-                return top, left, h, w, int(uniform(key, 99) < 0.5)
+                return top, left, h, w, int(uniform(key, 99) < flip_p)
         # Fallback: central crop at the nearest allowed aspect ratio.
         in_ratio = width / height
         if in_ratio < math.exp(log_ratio_lo):
@@ -194,7 +194,7 @@ def _build(jit):
         else:
             w = width
             h = height
-        return (height - h) // 2, (width - w) // 2, h, w, int(uniform(key, 99) < 0.5)
+        return (height - h) // 2, (width - w) // 2, h, w, int(uniform(key, 99) < flip_p)
 
     return _mix32, read_key, uniform, random_resized_crop
 
@@ -211,6 +211,31 @@ def numba_functions():
 
         _NUMBA = _build(numba.njit(cache=False))[1:]
     return _NUMBA
+
+
+@dataclass(frozen=True)
+class CropSpec:
+    """What a backend does to each read: train (seeded random-resized-crop + flip) or eval (centre window).
+
+    The one description of crops and flips all backends follow: boxes and flips are a pure function of
+    (seed, tagged read) through `random_resized_crop`, so every backend reads the same boxes.
+    """
+
+    train: bool
+    seed: int
+    crop_pct: float = 0.875
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5  # probability of a horizontal flip (train only)
+
+    def box(self, height: int, width: int, tagged: int) -> tuple[int, int, int, int, int]:
+        """(top, left, crop_height, crop_width, flip) of one read of an image of this size."""
+        if self.train:
+            key = read_key(self.seed, int(tagged))
+            return random_resized_crop(height, width, key, self.scale[0], self.scale[1], math.log(self.ratio[0]),
+                                       math.log(self.ratio[1]), self.hflip)
+        top, left, c = center_crop_box(height, width, self.crop_pct)
+        return top, left, c, c, 0
 
 
 def center_crop_box(height, width, crop_pct):

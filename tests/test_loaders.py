@@ -1,4 +1,4 @@
-"""The loader contract (fastrsb.data.make_loader) over the FFCV, DALI and PIL backends, on the CPU.
+"""The loader contract (fastrsb.loaders.make_loader) over the FFCV, DALI and PIL backends, on the CPU.
 
 One demo dataset (4 classes, 24 train / 8 val images per class) converted once; few FFCV Loaders
 (each JIT-compiles for 7-19 s here), shared through module-scoped fixtures.
@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastrsb.data import choose_backend, make_loader
+from fastrsb.loaders import make_loader
+from fastrsb.loaders.auto import choose_backend
 from fastrsb.errors import FastRSBError
 from fastrsb.loaders import sampling
 from fastrsb.loaders.sampling import IndexPlan
@@ -111,8 +112,11 @@ def test_tags_and_seeded_crops():
     flips, fracs = [], {hw: [] for hw in sizes}
     for t in tags:
         for hw in sizes:
-            box = sampling.random_resized_crop(*hw, sampling.read_key(7, int(t)), 0.08, 1.0, *lr)
-            assert box == tuple(rrc(*hw, key(7, np.int64(t)), 0.08, 1.0, *lr))  # numba == python
+            box = sampling.random_resized_crop(*hw, sampling.read_key(7, int(t)), 0.08, 1.0, *lr, 0.5)
+            assert box == tuple(rrc(*hw, key(7, np.int64(t)), 0.08, 1.0, *lr, 0.5))  # numba == python
+            assert box[:4] == sampling.random_resized_crop(*hw, sampling.read_key(7, int(t)), 0.08, 1.0, *lr, 0.0)[:4]
+            assert sampling.random_resized_crop(*hw, sampling.read_key(7, int(t)), 0.08, 1.0, *lr, 0.0)[4] == 0
+            assert sampling.random_resized_crop(*hw, sampling.read_key(7, int(t)), 0.08, 1.0, *lr, 1.0)[4] == 1
             top, left, h, w, flip = box
             assert 0 <= top and top + h <= hw[0] and 0 <= left and left + w <= hw[1]
             flips.append(flip)
@@ -320,7 +324,7 @@ def test_auto_probes_and_caches(data, tmp_path, capsys):
     import json
     import shutil
 
-    from fastrsb.data import PROBE_CACHE
+    from fastrsb.loaders.auto import PROBE_CACHE
 
     out = tmp_path / "out"
     shutil.copytree(data / "out", out)
@@ -363,9 +367,12 @@ def test_errors(data, tmp_path, monkeypatch):
     with pytest.raises(FastRSBError, match="fastrsb convert"):  # a source folder is not converted
         make_loader("ffcv", data / "src", "train", **TRAIN)
     # extra not installed
-    import fastrsb.data as fd
+    from fastrsb.errors import missing_extra
+    from fastrsb.loaders import registry
 
-    monkeypatch.setattr(fd, "backend_usable", lambda b: b == "pil")
+    registry.names()  # discover first, then pretend the extras are missing
+    monkeypatch.setitem(registry._BROKEN, "ffcv", str(missing_extra("ffcv", "ffcv")))
+    monkeypatch.setitem(registry._BROKEN, "dali", str(missing_extra("nvidia-dali", "dali")))
     with pytest.raises(FastRSBError, match=r"pip install 'fastrsb\[ffcv\]'"):
         make_loader("ffcv", out, "train", **TRAIN)
     with pytest.raises(FastRSBError, match=r"pip install 'fastrsb\[dali\]'"):
@@ -388,7 +395,7 @@ def test_cuda_batches_arrive_on_the_gpu(data, backend):
 
 
 def test_beton_only_dataset_offers_ffcv_alone(data, tmp_path):
-    from fastrsb.data import candidate_backends
+    from fastrsb.loaders.auto import candidate_backends
 
     out = tmp_path / "beton_only"
     (out / "train").mkdir(parents=True)

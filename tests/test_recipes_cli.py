@@ -30,11 +30,12 @@ TABLE = {
     "dropout": (0.0, 0.0, 0.0),
     "grad_clip": (0.0, 0.0, 0.0),
     "ema_decay": (0.0, 0.0, 0.0),
-    "random_erasing": (0.0, 0.0, 0.0),
-    "color_jitter": (0.0, 0.0, 0.0),
     "hflip": (0.5, 0.5, 0.5),
     "rrc_scale": ((0.08, 1.0),) * 3,
     "mixed_precision": (True, True, True),
+    "interpolation": ("random",) * 3,  # timm's train default: bilinear or bicubic per image
+    "progressive_res": ((0, 0),) * 3,  # off: RSB trains at one resolution
+    "progressive_epochs": ((0, 0),) * 3,
     "paper_top1": (80.4, 79.8, 78.1),
 }
 
@@ -65,6 +66,25 @@ def test_recipes_are_frozen_and_overrides_are_typed():
         override(A3, ["epochs"])
     with pytest.raises(ValueError, match="unknown recipe"):
         get_recipe("a4")
+
+
+@pytest.mark.parametrize("item, field", [
+    ("epochs=0", "epochs"), ("epochs=-1", "epochs"), ("lr=nan", "lr"), ("lr=-1", "lr"), ("lr=inf", "lr"),
+    ("rand_augment=garbage", "rand_augment"), ("hflip=1.5", "hflip"), ("rrc_scale=0.5,0.1", "rrc_scale"),
+    ("schedule=step", "schedule"), ("optimizer=sgd", "optimizer"), ("interpolation=area", "interpolation"),
+    ("progressive_res=128,192", "progressive_res")])
+def test_overrides_that_cannot_train_are_errors_naming_the_field(item, field):
+    from fastrsb.errors import FastRSBError
+
+    with pytest.raises(FastRSBError, match=f"{field}="):
+        override(A3, [item])
+
+
+def test_removed_fields_are_unknown_keys():
+    """RSB sets neither random erasing nor colour jitter; fields nothing would read are refused."""
+    for item in ("random_erasing=0.25", "color_jitter=0.4"):
+        with pytest.raises(ValueError, match="unknown recipe key"):
+            override(A3, [item])
 
 
 def test_cli_help_for_every_subcommand():

@@ -21,7 +21,9 @@ import torch.multiprocessing as mp
 from fastrsb.cli import main as fastrsb_main
 from fastrsb.errors import FastRSBError
 from fastrsb.recipes import A3, override
-from fastrsb.train import evaluate, plan_batches, train
+from fastrsb.evaluate import evaluate
+from fastrsb.runtime import plan_batches
+from fastrsb.train import train
 
 timm = pytest.importorskip("timm")
 

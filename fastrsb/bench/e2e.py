@@ -77,7 +77,7 @@ def _model(name, num_classes, recipe, device, compile_model):
 
 
 def _fastrsb_pipeline(args, data, recipe, device, num_classes):
-    from fastrsb.data import make_loader
+    from fastrsb.loaders import make_loader
     from fastrsb.gpu_aug import make_train_augment
     from fastrsb.loss import bce_loss
     from fastrsb.optim import Lamb, make_param_groups

@@ -122,7 +122,8 @@ def run(args) -> list[dict]:
         args.batch_size, args.warmup, args.batches, args.runs = 64, 2, 6, 2
     workers = args.workers or len(os.sched_getaffinity(0))
 
-    from fastrsb.data import backend_usable, make_loader
+    from fastrsb.loaders import make_loader
+    from fastrsb.loaders.registry import usable as backend_usable
 
     tmp = None
     if args.demo:
@@ -157,7 +158,7 @@ def run(args) -> list[dict]:
                           img_per_s_runs=[round(r, 1) for r in rates])
                 del base
         for backend in args.backends.split(","):
-            if backend != "pil" and not backend_usable(backend):
+            if not backend_usable(backend):
                 print(f"# {backend}: skipped, not installed or not usable here", flush=True)
                 continue
             data = args.data if args.data is not None else args.src

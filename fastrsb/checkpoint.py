@@ -1,0 +1,118 @@
+"""Checkpoints and the files a run leaves: what is saved, how it is read back, and when a resume is allowed.
+
+A checkpoint (`checkpoint.pt`, written atomically at every epoch's end) holds the model, EMA, optimizer,
+GradScaler, step, every RNG state (one per process) and the resolved recipe, as tensors, lists and
+numbers only, so `torch.load(weights_only=True)` reads it: no pickled code is ever loaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import FastRSBError
+
+CHECKPOINT = "checkpoint.pt"
+FINAL_WEIGHTS = "model.pt"
+EMA_WEIGHTS = "model_ema.pt"
+CHECKPOINT_FORMAT = 1
+
+
+def capture_rng(augment_generator: torch.Generator) -> dict:
+    """All RNG states as tensors, lists and numbers, so `torch.load(weights_only=True)` reads them."""
+    np_state = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_version, "state": list(py_state), "gauss_next": py_gauss},
+        "augment": augment_generator.get_state(),
+    }
+
+
+def restore_rng(state: dict, augment_generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+    augment_generator.set_state(state["augment"])
+
+
+def load_weights_file(path: Path):
+    """torch.load(weights_only=True) of `path`, with a message instead of a traceback for a file that is not one."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FastRSBError(f"{path} is not a fastrsb checkpoint or a state_dict file that torch can read safely "
+                           f"({first[:120]}); pass a run folder, its checkpoint.pt or model.pt") from None
+
+
+def load_checkpoint(path: Path, recipe_dict: dict, model_name: str) -> dict:
+    """A checkpoint to resume from, refusing one made with another recipe or model."""
+    ckpt = load_weights_file(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise FastRSBError(f"{path} is not a fastrsb checkpoint of format {CHECKPOINT_FORMAT}")
+    saved = ckpt["recipe"]
+    changed = sorted(k for k in set(saved) | set(recipe_dict) if saved.get(k) != recipe_dict.get(k))
+    if changed:
+        raise FastRSBError(f"{path} was trained with a different recipe (keys {', '.join(changed)}); resume with "
+                           f"the same recipe and overrides")
+    if ckpt["model_name"] != model_name:
+        raise FastRSBError(f"{path} holds a {ckpt['model_name']}, not a {model_name}")
+    return ckpt
+
+
+def load_for_eval(source: str | os.PathLike | torch.nn.Module, model_name: str | None = None,
+                  num_classes: int | None = None) -> tuple[torch.nn.Module, dict]:
+    """A model from a run folder (model.pt + run.json), a checkpoint.pt, or a bare state_dict file, and what
+    is known about it (recipe, model_name, num_classes, classes)."""
+    from .runtime import create_model
+
+    if isinstance(source, torch.nn.Module):
+        return source, {}
+    path = Path(source)
+    info: dict = {}
+    if path.is_dir():
+        run_json = path / "run.json"
+        if not run_json.is_file():
+            raise FastRSBError(f"{path} has no run.json; pass a checkpoint or a model.pt with --model and --num-classes")
+        info = json.loads(run_json.read_text())
+        path = path / FINAL_WEIGHTS if (path / FINAL_WEIGHTS).is_file() else path / CHECKPOINT
+    if not path.is_file():
+        raise FastRSBError(f"no weights at {path}")
+    obj = load_weights_file(path)
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        info = {"recipe": obj["recipe"], "model_name": obj["model_name"], "num_classes": obj["num_classes"],
+                "classes": obj.get("classes"), **info}
+        state = obj["model"]
+    elif isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        state = obj
+        if not info and path.parent.joinpath("run.json").is_file():
+            info = json.loads(path.parent.joinpath("run.json").read_text())
+    else:
+        raise FastRSBError(f"{path} holds neither a fastrsb checkpoint nor a state_dict")
+    if num_classes is not None and info.get("num_classes") not in (None, num_classes):
+        raise FastRSBError(f"--num-classes {num_classes}, but {source} was trained with {info['num_classes']} classes; "
+                           "leave --num-classes out")
+    model_name = model_name or info.get("model_name")
+    num_classes = num_classes or info.get("num_classes")
+    if model_name is None or num_classes is None:
+        raise FastRSBError(f"{path} does not say which model it holds; pass --model and --num-classes")
+    model = create_model(model_name, num_classes)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise FastRSBError(f"{path} does not fit a {model_name} with {num_classes} classes "
+                           f"({str(e).splitlines()[0][:160]}); check --model and --num-classes") from None
+    return model, info

@@ -1,0 +1,192 @@
+"""Where a run executes: processes (torchrun / DDP), device, precision, the batch layout, seeds.
+
+Fixed global batch: ResNet Strikes Back trains at global batch 2048 (Wightman et al. 2021, Table 1).
+`plan_batches` splits it into processes x batch_per_gpu x accum_steps, with batch_per_gpu at most what
+fits in memory, so the optimisation is the same on 1 or 8 GPUs. `probe_batch_per_gpu` finds what fits:
+a real forward/backward at start-up that halves on out-of-memory, cached per (GPU, model, res, precision).
+
+BatchNorm statistics are computed per micro-batch on each GPU (no SyncBN), as in timm's RSB runs, whose
+4-GPU A1-A3 runs normalised over 512 images per GPU. One GPU at batch 2048 normalises over 2048 images;
+with accumulation, over each micro-batch.
+
+DDP: launched by torchrun (RANK, WORLD_SIZE, LOCAL_RANK); nccl on CUDA, gloo on the CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .errors import FastRSBError
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    global_batch: int
+    world_size: int
+    batch_per_gpu: int
+    accum_steps: int
+    device_type: str = "cuda"
+
+    def describe(self) -> str:
+        unit = ("GPU" if self.world_size == 1 else "GPUs") if self.device_type == "cuda" else \
+            ("CPU process" if self.world_size == 1 else "CPU processes")
+        per = "per GPU" if self.device_type == "cuda" else "per process"
+        return (f"global batch {self.global_batch} = {self.world_size} {unit} x {self.batch_per_gpu} {per} "
+                f"x {self.accum_steps} accumulation step{'s' if self.accum_steps > 1 else ''}")
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        """Micro-batches that make up one optimizer step over all processes (the BatchNorm batches)."""
+        return self.world_size * self.accum_steps
+
+
+def plan_batches(global_batch: int, world_size: int, max_batch_per_gpu: int, device_type: str = "cuda") -> BatchLayout:
+    """The fewest accumulation steps such that world_size * batch_per_gpu * accum_steps == global_batch
+    and batch_per_gpu <= max_batch_per_gpu."""
+    if global_batch <= 0 or max_batch_per_gpu <= 0:
+        raise FastRSBError(f"global batch ({global_batch}) and --batch-per-gpu ({max_batch_per_gpu}) must be positive")
+    if global_batch % world_size:
+        raise FastRSBError(f"global batch {global_batch} does not divide over {world_size} processes; "
+                           f"choose a global_batch that is a multiple of {world_size}")
+    per_rank = global_batch // world_size
+    accum_steps = math.ceil(per_rank / max_batch_per_gpu)
+    while per_rank % accum_steps:
+        accum_steps += 1
+    return BatchLayout(global_batch, world_size, per_rank // accum_steps, accum_steps, device_type)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    initialized_here: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def close(self) -> None:
+        if self.initialized_here and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def setup_distributed(device: str | torch.device | None = None) -> DistInfo:
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK, pick the device and join the process group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FastRSBError("device cuda was asked for but torch sees no CUDA GPU; pass --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # fixed shapes per resolution: let cuDNN pick its fastest kernels
+    initialized_here = False
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+        initialized_here = True
+    return DistInfo(rank, world_size, local_rank, device, initialized_here)
+
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+def resolve_precision(precision: str | None, device: torch.device, mixed_precision: bool = True) -> str:
+    """'auto': bf16 autocast on CUDA when the recipe asks for mixed precision, fp32 on the CPU."""
+    if precision in (None, "auto"):
+        return "bf16" if device.type == "cuda" and mixed_precision else "fp32"
+    if precision not in PRECISIONS:
+        raise FastRSBError(f"precision {precision!r}: choose auto, bf16, fp16 or fp32")
+    return precision
+
+
+def autocast_dtype(precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=autocast_dtype(precision))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def create_model(model_name: str, num_classes: int, drop_path_rate: float = 0.0, drop_rate: float = 0.0):
+    import timm
+
+    try:
+        return timm.create_model(model_name, num_classes=num_classes, drop_path_rate=drop_path_rate,
+                                 drop_rate=drop_rate)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise FastRSBError(f"timm has no model {model_name!r} (see timm.list_models())") from None
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# The largest micro-batch that fits
+
+PROBE_CACHE = Path(os.environ.get("FASTRSB_CACHE", Path.home() / ".cache" / "fastrsb")) / "batch-probe.json"
+
+
+def probe_batch_per_gpu(try_batch, per_rank: int, key: str, *, cache: Path | None = PROBE_CACHE, log=print) -> int:
+    """The largest divisor of `per_rank`, halving from per_rank, for which `try_batch(b)` runs without
+    running out of memory. `try_batch(b)` runs one real forward/backward at micro-batch b. The answer is
+    cached under `key` (GPU, model, res, precision) so later runs skip the probe."""
+    store = {}
+    if cache is not None and cache.is_file():
+        try:
+            store = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            store = {}
+    if key in store and per_rank % store[key] == 0:
+        log(f"  batch per GPU {store[key]}: probed earlier for {key}")
+        return int(store[key])
+    b = per_rank
+    while True:
+        try:
+            try_batch(b)
+            break
+        except torch.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            smaller = b // 2
+            while smaller > 1 and per_rank % smaller:
+                smaller -= 1
+            if smaller < 1 or smaller == b:
+                raise FastRSBError(f"even a micro-batch of {b} runs out of memory for {key}; use a smaller model "
+                                   "or resolution") from None
+            log(f"  batch per GPU {b} runs out of memory; trying {smaller}")
+            b = smaller
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            store[key] = b
+            cache.write_text(json.dumps(store, indent=1) + "\n")
+        except OSError:
+            pass
+    return b
