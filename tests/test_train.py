@@ -86,7 +86,8 @@ class MemoryLoader:
 
 
 def make_memory_loader(backend, data, split, **kwargs):
-    for unused in ("aug_repeats", "crop_pct", "num_workers", "scale", "ratio"):
+    for unused in ("aug_repeats", "crop_pct", "num_workers", "scale", "ratio", "hflip", "interpolation",
+                   "accum_steps"):
         kwargs.pop(unused, None)
     return MemoryLoader(split, **kwargs)
 
@@ -95,14 +96,13 @@ def memory_normalize(images, dtype=torch.float32):
     return ((images.float() - MEAN.to(images.device)) / STD.to(images.device)).to(dtype)
 
 
-def make_memory_augment(rand_augment, mixup_alpha, cutmix_alpha, label_smoothing, num_classes, hflip=0.5,
+def make_memory_augment(rand_augment, mixup_alpha, cutmix_alpha, label_smoothing, num_classes,
                         mixup_prob=1.0, switch_prob=0.5, dtype=torch.float32):
-    """Flip + mixup (batch-reversed partner) drawn from the given generator; smoothed dense targets."""
+    """Noise + mixup (batch-reversed partner) drawn from the given generator; smoothed dense targets."""
 
     def augment(images, labels, generator=None):
         x = memory_normalize(images)
-        flip = torch.rand(x.shape[0], 1, 1, 1, generator=generator, device=x.device) < hflip
-        x = torch.where(flip, x.flip(3), x)
+        x = x + 0.1 * torch.randn(x.shape, generator=generator).to(x.device)  # draws from the generator
         off = label_smoothing / num_classes
         target = torch.full((x.shape[0], num_classes), off, device=x.device)
         target.scatter_(1, labels[:, None], 1.0 - label_smoothing + off)
@@ -162,7 +162,7 @@ def test_trains_and_beats_chance(demo_data, tmp_path, capsys):
     summary = train(recipe, demo_data, "pil", out_dir=tmp_path / "run", batch_per_gpu=8, eval_every_epochs=3,
                     log_every_steps=2, progress=False, num_workers=0)
     out = capsys.readouterr().out
-    assert "global batch 16 = 1 GPU x 8 per GPU x 2 accumulation steps" in out
+    assert "global batch 16 = 1 CPU process x 8 per process x 2 accumulation steps" in out
     assert "scaled linearly" in out
     assert summary["finished"] and summary["steps"] == 8 * (120 // 16)
     assert summary["top1"] >= 70.0, summary  # chance is 25%
@@ -310,7 +310,7 @@ def test_cli_train_and_eval(demo_data, tmp_path, capsys):
             "epochs=1", "train_res=32", "test_res=32", "global_batch=16", "warmup_epochs=0"]
     assert fastrsb_main(argv) == 0
     out = capsys.readouterr().out
-    assert "global batch 16 = 1 GPU x 16 per GPU x 1 accumulation step" in out and "summary:" in out
+    assert "global batch 16 = 1 CPU process x 16 per process x 1 accumulation step" in out and "summary:" in out
     summary = json.loads((run / "run.json").read_text())["summary"]
     assert summary["finished"] and summary["steps"] == 120 // 16
     assert fastrsb_main(["eval", str(run), "--data", str(demo_data), "--loader", "pil", "--workers", "0"]) == 0
