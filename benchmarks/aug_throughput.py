@@ -2,7 +2,9 @@
 
     python benchmarks/aug_throughput.py [--device cpu|cuda] [--batch 256] [--res 160] [--quick] [--out FILE]
 """
-from fastrsb.bench import script_main
+import sys
+
+from fastrsb.cli import main
 
 if __name__ == "__main__":
-    script_main("aug")
+    sys.exit(main(["bench", "aug", *sys.argv[1:]]))

@@ -2,7 +2,9 @@
 
     python benchmarks/convert_throughput.py [--images 2000] [--workers 1,2] [--out FILE]
 """
-from fastrsb.bench import script_main
+import sys
+
+from fastrsb.cli import main
 
 if __name__ == "__main__":
-    script_main("convert")
+    sys.exit(main(["bench", "convert", *sys.argv[1:]]))

@@ -3,7 +3,9 @@
     python benchmarks/loader_throughput.py --demo --quick            # anywhere, ~2 min on 2 cores
     python benchmarks/loader_throughput.py --data OUT --src SRC --device cuda --workers 16 [--out FILE]
 """
-from fastrsb.bench import script_main
+import sys
+
+from fastrsb.cli import main
 
 if __name__ == "__main__":
-    script_main("loader")
+    sys.exit(main(["bench", "loader", *sys.argv[1:]]))

@@ -2,7 +2,9 @@
 
     python benchmarks/step_throughput.py [--quick] [--res 160,224] [--batch 256,2048] [--out FILE]
 """
-from fastrsb.bench import script_main
+import sys
+
+from fastrsb.cli import main
 
 if __name__ == "__main__":
-    script_main("step")
+    sys.exit(main(["bench", "step", *sys.argv[1:]]))

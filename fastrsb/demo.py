@@ -3,7 +3,8 @@
 1. `demo-data` with every oddity (10 visually distinct classes, ImageNet-like sizes);
 2. `convert` to both formats (FFCV beton, DALI shards), naming the rejected and non-image files;
 3. `verify` the conversion through FFCV and DALI;
-4. loader throughput of every usable backend against timm's `create_loader`, in the same run;
+4. loader throughput of every usable backend followed by the batched RandAugment, against timm's
+   `create_loader` with the same RandAugment in its workers, in the same run (like for like);
 5. a few epochs of the A3 recipe (scaled down: small model, small images, global batch 64, 32 quick) with
    `auto`'s loader, the GPU augmentation and LAMB, on the GPU when there is one;
 6. a summary table, `results.jsonl` (benchmark schema) and `report/` (plots and report.md).
@@ -23,21 +24,28 @@ from .benchlog import emit, record
 
 
 def _loader_bench(data: Path, src: Path, backends: list[str], res: int, batch: int, device: str, log) -> list[dict]:
-    from .bench.loader import TimmBaseline, measure
+    """Like for like: each fastrsb loader followed by the GPU augmentation's RandAugment (on `device`), against
+    timm's create_loader, whose workers do the same RandAugment; both at steady state after 4 warm-up batches
+    (timm's first batches include starting its worker processes)."""
+    from .bench.loader import TimmBaseline, measure, with_rand_augment
     from .loaders import make_loader
 
     results = []
     base = TimmBaseline(src, "train", res=res, batch_size=batch, workers=os.cpu_count() or 1, device=device)
-    base_rate, _ = measure(base, res=res, device=device, warmup=2, batches=5, runs=1)
+    base_rate, _ = measure(base, res=res, device=device, warmup=4, batches=6, runs=1)
     del base
-    baseline = ("timm create_loader (PIL, RandAugment m6, RRC, flip)", base_rate)
+    baseline = ("timm create_loader: PIL decode, RRC, flip, RandAugment m6 in its workers", base_rate)
     for backend in backends:
         loader = make_loader(backend, data, "train", batch_size=batch, res=res, device=device, verbose=False)
-        rate, _ = measure(loader, res=res, device=device, warmup=2, batches=5, runs=1)
+        rate, _ = measure(with_rand_augment(loader, "rand-m6-mstd0.5-inc1"), res=res, device=device, warmup=4,
+                          batches=6, runs=1)
         del loader
-        results.append(record("loader", f"{backend} train {res}", rate, baseline=baseline, device=device,
-                              config={"backend": backend, "split": "train", "res": res, "batch_size": batch}))
-        log(f"  {backend:5} train {res}px: {rate:8,.0f} img/s  (timm: {base_rate:,.0f}, x{rate / base_rate:.2f})")
+        results.append(record("loader", f"{backend} train {res} + RandAugment", rate, baseline=baseline, device=device,
+                              config={"backend": backend, "split": "train", "res": res, "batch_size": batch,
+                                      "fastrsb_side": f"{backend} decode+RRC+flip, then batched RandAugment m6 on {device}",
+                                      "timm_side": baseline[0]}))
+        log(f"  {backend:5} + RandAugment on {device}, train {res}px: {rate:8,.0f} img/s  "
+            f"(timm's loader with RandAugment: {base_rate:,.0f}, x{rate / base_rate:.2f})")
     return results
 
 
@@ -88,7 +96,8 @@ def demo(out: str | Path = "demo", quick: bool = False, device: str | None = Non
     from .loaders import registry
 
     backends = [b for b in registry.names() if backend_usable(b)]
-    log(f"[4/5] loader throughput on {device}: {', '.join(backends)} against timm's loader")
+    log(f"[4/5] loader + RandAugment throughput on {device}: {', '.join(backends)} against timm's loader with "
+        "RandAugment")
     for rec in _loader_bench(out / "data", src, backends, res, 32, device, log):
         emit(rec, results_file, echo=False)
         summary_rows.append((f"loader {rec['config']['backend']}", f"{rec['value']:,.0f} img/s (x{rec['ratio']:.2f} timm)"))
@@ -100,7 +109,7 @@ def demo(out: str | Path = "demo", quick: bool = False, device: str | None = Non
                                lr=A3.lr * 16, model=model))
     summary = train(recipe, out / "data", "auto", model, out / "run", batch_per_gpu=global_batch, device=device,
                     eval_every_epochs=max(1, epochs // 3), log_every_steps=5, progress=not quick,
-                    compile_model=False if not cuda else None)
+                    compile_mode=None if cuda else "none")
     chance = 100.0 / classes
     summary_rows.append(("train", f"top-1 {summary['top1']:.1f}% (chance {chance:.0f}%), top-5 {summary['top5']:.1f}%, "
                          f"{summary['img_per_s']:,.0f} img/s, {summary['train_time_s']:.0f} s"))

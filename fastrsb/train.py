@@ -38,6 +38,7 @@ from .errors import FastRSBError
 from .evaluate import evaluate_model
 from .loss import make_loss
 from .optim import Lamb, ModelEma, make_param_groups
+from .prefetch import AugmentedBatches
 from .recipes import Recipe
 from .runtime import (BatchLayout, DistInfo, autocast_dtype, create_model, plan_batches, probe_batch_per_gpu,
                       resolve_precision, seed_everything, setup_distributed)
@@ -286,14 +287,11 @@ def _loop(run: _Run, last_epoch: int, *, eval_every_epochs: int, log_every_steps
     step, train_time_s, images_seen, metrics = run.step, 0.0, 0, {}
     run.model.train()
     for epoch in range(run.start_epoch, last_epoch):
-        run.train_loader.set_epoch(epoch, res=res_at(epoch, recipe.train_res, recipe.progressive_res,
-                                                     recipe.progressive_epochs))
-        batches = iter(run.train_loader)
-
-        def micro_batches():
-            for _ in range(layout.accum_steps):
-                images, labels = next(batches)
-                yield run.augment(images, labels, generator=run.augment_generator)
+        res = res_at(epoch, recipe.train_res, recipe.progressive_res, recipe.progressive_epochs)
+        run.train_loader.set_epoch(epoch, res=res)
+        # loader -> augmentation, batch k+1 prepared on a side CUDA stream while step k runs
+        batches = AugmentedBatches(iter(run.train_loader), run.augment, run.augment_generator, device,
+                                   count=run.steps_per_epoch * layout.accum_steps)
 
         epoch_loss = torch.zeros((), device=device)
         interval_loss = torch.zeros((), device=device)
@@ -304,7 +302,7 @@ def _loop(run: _Run, last_epoch: int, *, eval_every_epochs: int, log_every_steps
             lr = lr_at(step, run.total_steps, run.warmup_steps, run.base_lr, min_lr, warmup_lr)
             for group in run.step_fn.optimizer.param_groups:
                 group["lr"] = lr
-            interval_loss += run.step_fn(micro_batches())
+            interval_loss += run.step_fn(next(batches) for _ in range(layout.accum_steps))
             step += 1
             interval_steps += 1
             bar.update(1)
@@ -328,7 +326,7 @@ def _loop(run: _Run, last_epoch: int, *, eval_every_epochs: int, log_every_steps
         images_seen += run.steps_per_epoch * images_per_step
 
         record = {"kind": "epoch", "epoch": epoch, "step": step, "loss": loss_value, "lr": lr,
-                  "res": run.train_loader.res, "train_time_s": epoch_train_s,
+                  "res": res, "train_time_s": epoch_train_s,
                   "img_per_s": run.steps_per_epoch * images_per_step / epoch_train_s}
         if (epoch + 1) % eval_every_epochs == 0 or epoch + 1 == recipe.epochs:
             metrics = evaluate(run.model)

@@ -98,11 +98,11 @@ def memory_normalize(images, dtype=torch.float32):
 
 def make_memory_augment(rand_augment, mixup_alpha, cutmix_alpha, label_smoothing, num_classes,
                         mixup_prob=1.0, switch_prob=0.5, dtype=torch.float32):
-    """Noise + mixup (batch-reversed partner) drawn from the given generator; smoothed dense targets."""
+    """Mixup (batch-reversed partner, lambda from torch's global RNG) and smoothed dense targets; no draws
+    from the per-rank generator, so DDP and one process see the same batches."""
 
     def augment(images, labels, generator=None):
         x = memory_normalize(images)
-        x = x + 0.1 * torch.randn(x.shape, generator=generator).to(x.device)  # draws from the generator
         off = label_smoothing / num_classes
         target = torch.full((x.shape[0], num_classes), off, device=x.device)
         target.scatter_(1, labels[:, None], 1.0 - label_smoothing + off)
@@ -290,7 +290,8 @@ def test_ddp_two_processes_match_one(tmp_path):
                    log_every_steps=100, progress=False, device="cpu", **MEMORY)
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
-    assert r0["layout"] == {"global_batch": 16, "world_size": 2, "batch_per_gpu": 8, "accum_steps": 1}
+    assert r0["layout"] == {"global_batch": 16, "world_size": 2, "batch_per_gpu": 8, "accum_steps": 1,
+                           "device_type": "cpu"}
     assert single["layout"]["accum_steps"] == 1 and r0["steps"] == single["steps"] == 2 * 7
     assert r0["top1"] == r1["top1"]  # evaluation counts are all-reduced
     a, b = _state(tmp_path / "ddp" / "model.pt"), _state(tmp_path / "single" / "model.pt")

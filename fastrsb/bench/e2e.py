@@ -5,8 +5,9 @@ pipeline (loader -> GPU augmentation -> LAMB step), each against timm's own pipe
 
 The same recipe (A3 by default: RandAugment m6, mixup 0.1 / cutmix 1.0, BCE threshold 0.2, LAMB) runs
 through both pipelines:
-  * fastrsb: `make_loader(backend)` (decode + random-resized-crop + flip), `gpu_aug.make_train_augment`
-    on the device, channels-last bf16 step with fastrsb's multi-tensor LAMB (torch.compile on CUDA);
+  * fastrsb: the trainer's own pieces: `make_loader(backend)` (decode + random-resized-crop + flip), the
+    GPU augmentation prepared one batch ahead on a side stream (`fastrsb.prefetch.AugmentedBatches`), and
+    the trainer's `TrainStep` (multi-tensor LAMB, BCE, bf16, channels-last, its compile mode);
   * baseline: timm's `create_loader` over the source ImageFolder (PIL, RandAugment on the CPU
     workers, its prefetcher normalising on CUDA), `timm.data.Mixup`, `BinaryCrossEntropy`, timm's Lamb.
 Lines: loader alone, step alone (augmentation included for fastrsb), end to end, and a `bound` line
@@ -17,13 +18,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from fastrsb.bench.loader import batches_forever
-from fastrsb.benchlog import emit, record, time_call
+from fastrsb.benchlog import Timer, emit, record
 
 
 def add_arguments(parser) -> None:
@@ -37,7 +37,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default 30; CPU 5)")
     parser.add_argument("--workers", type=int, default=None, help="loader workers (default: all cores)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--no-compile", action="store_true", help="no torch.compile (default: compile on CUDA)")
+    parser.add_argument("--compile-mode", default=None, help="the trainer's --compile-mode (default: 'default' on "
+                        "CUDA, 'none' on the CPU)")
     parser.add_argument("--no-baseline", action="store_true", help="skip timm's pipeline")
 
 
@@ -54,52 +55,46 @@ def _ensure_data(args) -> Path:
 
 
 def _rate(fn_batches, n_steps: int, batch: int, device) -> float:
-    """img/s over n_steps calls of fn_batches() after 2 untimed ones."""
+    """img/s over n_steps calls of fn_batches() after 2 untimed ones (the one Timer)."""
     for _ in range(2):
         fn_batches()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    timer = Timer(device).start()
     for _ in range(n_steps):
         fn_batches()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # sync: timing only
-    return n_steps * batch / (time.perf_counter() - start)
+    return n_steps * batch / timer.stop()
 
 
-def _model(name, num_classes, recipe, device, compile_model):
+def _model(name, num_classes, recipe, device):
     import timm
 
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=num_classes, drop_path_rate=recipe.drop_path_rate)
-    model = model.to(device, memory_format=torch.channels_last).train()
-    return model, (torch.compile(model) if compile_model else model)
+    return model.to(device, memory_format=torch.channels_last).train()
 
 
 def _fastrsb_pipeline(args, data, recipe, device, num_classes):
-    from fastrsb.loaders import make_loader
+    """The trainer's pieces: make_loader, the GPU augmentation, AugmentedBatches (side-stream prefetch) and
+    TrainStep, with the recipe's loss, LAMB and compile mode."""
     from fastrsb.gpu_aug import make_train_augment
-    from fastrsb.loss import bce_loss
+    from fastrsb.loaders import make_loader
+    from fastrsb.loss import make_loss
     from fastrsb.optim import Lamb, make_param_groups
+    from fastrsb.prefetch import AugmentedBatches
+    from fastrsb.runtime import autocast_dtype
+    from fastrsb.step import TrainStep
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    precision = "bf16" if device.type == "cuda" else "fp32"
     loader = make_loader(args.backend, data, "train", batch_size=args.batch, res=args.res, device=device,
-                         num_workers=args.workers, seed=0, verbose=False)
+                         num_workers=args.workers, seed=0, hflip=recipe.hflip, verbose=False)
     augment = make_train_augment(recipe.rand_augment, recipe.mixup_alpha, recipe.cutmix_alpha,
-                                 recipe.label_smoothing, num_classes, hflip=0.0, dtype=dtype)
-    model, run_model = _model(args.model, num_classes, recipe, device, args.compile)
+                                 recipe.label_smoothing, num_classes, dtype=autocast_dtype(precision))
+    model = _model(args.model, num_classes, recipe, device)
     optimizer = Lamb(make_param_groups(model, recipe.weight_decay), lr=recipe.lr)
+    step = TrainStep(model, optimizer, make_loss(recipe), device=device, precision=precision,
+                     compile_mode=args.compile_mode)
     gen = torch.Generator().manual_seed(0)
-
-    def step(images, targets):
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            logits = run_model(images)
-        loss = bce_loss(logits, targets, smoothing=0.0, target_threshold=recipe.bce_target_thresh)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return loader, (lambda images, labels: augment(images, labels, gen)), step
+    return (loader, lambda it: AugmentedBatches(it, augment, gen, device, count=10**9),
+            lambda images, labels: augment(images, labels, gen), lambda x, t: step([(x, t)]))
 
 
 def _timm_pipeline(args, source: Path, recipe, device, num_classes):
@@ -117,8 +112,8 @@ def _timm_pipeline(args, source: Path, recipe, device, num_classes):
                            device=device, persistent_workers=True)
     mixup = Mixup(mixup_alpha=recipe.mixup_alpha, cutmix_alpha=recipe.cutmix_alpha, label_smoothing=0.0,
                   num_classes=num_classes)
-    model, run_model = _model(args.model, num_classes, recipe, device, False)
-    optimizer = timm.optim.Lamb(make_param_groups(model, recipe.weight_decay), lr=recipe.lr)
+    run_model = _model(args.model, num_classes, recipe, device)
+    optimizer = timm.optim.Lamb(make_param_groups(run_model, recipe.weight_decay), lr=recipe.lr)
     loss_fn = timm.loss.BinaryCrossEntropy(target_threshold=recipe.bce_target_thresh)
     dtype = torch.bfloat16 if cuda else torch.float32
 
@@ -141,13 +136,19 @@ def _timm_pipeline(args, source: Path, recipe, device, num_classes):
     return batches(), (lambda images, labels: mixup(images, labels)), step
 
 
-def _measure(it, augment, step, steps, batch, device) -> dict:
+def _measure(it, augment, step, steps, batch, device, prepare=None) -> dict:
+    """Loader alone, augmentation + step alone (on one batch, re-used), and end to end.
+
+    prepare(it): an iterator of ready (x, target) pairs over `it` (fastrsb's AugmentedBatches), used end to end."""
     images, labels = next(it)
-    x, t = augment(images, labels)
     loader_rate = _rate(lambda: next(it), steps, batch, device)
-    aug_step_s = time_call(lambda: step(*augment(images, labels)), device, warmup=2, repeats=steps)
-    e2e_rate = _rate(lambda: step(*augment(*next(it))), steps, batch, device)
-    return {"loader": loader_rate, "step": batch / aug_step_s, "e2e": e2e_rate}
+    aug_step_rate = _rate(lambda: step(*augment(images, labels)), steps, batch, device)
+    if prepare is not None:
+        prepared = prepare(it)
+        e2e_rate = _rate(lambda: step(*next(prepared)), steps, batch, device)
+    else:
+        e2e_rate = _rate(lambda: step(*augment(*next(it))), steps, batch, device)
+    return {"loader": loader_rate, "step": aug_step_rate, "e2e": e2e_rate}
 
 
 def advice(rates: dict) -> tuple[str, str]:
@@ -174,16 +175,16 @@ def run(args) -> list[dict]:
     args.batch = args.batch or (256 if cuda else 32)
     args.steps = args.steps or (30 if cuda else 5)
     args.model = args.model or ("resnet50" if cuda else "resnet18")
-    args.compile = cuda and not args.no_compile
+    args.compile_mode = args.compile_mode or ("default" if cuda else "none")
     data = _ensure_data(args)
     num_classes = len(json.loads((data / "classes.json").read_text()))
     config = {"recipe": recipe.name, "model": args.model, "res": args.res, "batch": args.batch, "steps": args.steps,
-              "backend": args.backend, "compile": args.compile, "workers": args.workers or os.cpu_count()}
+              "backend": args.backend, "compile_mode": args.compile_mode, "workers": args.workers or os.cpu_count()}
 
-    loader, augment, step = _fastrsb_pipeline(args, data, recipe, device, num_classes)
-    ours = _measure(batches_forever(loader, args.res, 0), augment, step, args.steps, args.batch, device)
+    loader, prepare, augment, step = _fastrsb_pipeline(args, data, recipe, device, num_classes)
+    ours = _measure(batches_forever(loader, args.res, 0), augment, step, args.steps, args.batch, device, prepare)
     config["backend"] = loader.backend
-    del loader, augment, step
+    del loader, prepare, augment, step
     base = None
     source = Path(json.loads((data / "train" / "manifest.json").read_text())["source"])
     if not args.no_baseline and source.is_dir():

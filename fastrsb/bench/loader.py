@@ -3,7 +3,9 @@
 Question: img/s of fastrsb's FFCV / DALI / PIL loaders (train: random-resized-crop + flip; val: resize
 + center crop), at 160 and 224, on this machine, compared with timm's `create_loader` over the source
 ImageFolder with the A3 settings (RandAugment rand-m6-mstd0.5-inc1, RRC, flip, its prefetcher),
-measured in the same run so the ratio holds on a noisy machine.
+measured in the same run so the ratio holds on a noisy machine. Ratios compare equal work: a train
+line with a ratio is the fastrsb loader followed by fastrsb's batched RandAugment on the loader's device
+(timm's workers run RandAugment too); the loader-alone lines carry no ratio.
 
 Method: one loader per (backend, split), built once (FFCV compiles once); per run, `set_epoch(e, res)`,
 skip `--warmup` batches, time the next `--batches` batches (epochs chain if the dataset is small),
@@ -23,9 +25,12 @@ import os
 import statistics
 import tempfile
 import time
+
+RAND_AUGMENT = "rand-m6-mstd0.5-inc1"  # A3's, on both sides of the train comparison
 from pathlib import Path
 
-from fastrsb.benchlog import emit, record
+from fastrsb.benchlog import Timer, emit, record
+from fastrsb.errors import FastRSBError
 
 
 def batches_forever(loader, res, first_epoch: int):
@@ -37,31 +42,46 @@ def batches_forever(loader, res, first_epoch: int):
 
 
 def measure(loader, *, res, device, warmup: int, batches: int, runs: int):
-    """Median img/s over `runs` timed windows of `batches` batches after `warmup` batches."""
+    """Median img/s over `runs` timed windows of `batches` batches after `warmup` batches (the one Timer).
+
+    Every image is consumed on the loader's device (a reduction per batch), so lazy work is paid for."""
     import torch
 
-    cuda = device.startswith("cuda")
     rates = []
     for run in range(runs):
         it = batches_forever(loader, res, 1000 * run)
-        sink = 0
         for _ in range(warmup):
-            images, labels = next(it)
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+            next(it)
+        timer = Timer(device).start()
         n = 0
         for _ in range(batches):
             images, labels = next(it)
-            sink += int(images[:, :, 0, 0].sum()) if not cuda else 0  # consume on the host
-            if cuda:
-                images.float().sum()
+            images[:, :, 0, 0].sum()
             n += images.shape[0]
-        if cuda:
-            torch.cuda.synchronize()  # host-device sync: the end of the timed window
-        rates.append(n / (time.perf_counter() - t0))
+        rates.append(n / timer.stop())
         it.close()
     return statistics.median(rates), rates
+
+
+class with_rand_augment:
+    """A loader followed by fastrsb's batched RandAugment on the loader's device: the same work as timm's
+    create_loader, whose workers run RandAugment per image (a like-for-like comparison)."""
+
+    def __init__(self, loader, rand_augment: str, seed: int = 0):
+        import torch
+
+        from fastrsb.gpu_aug import RandAugment
+
+        self.loader = loader
+        self.rand_augment = RandAugment.from_timm(rand_augment)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def set_epoch(self, epoch, res=None):
+        self.loader.set_epoch(epoch, res=res)
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            yield self.rand_augment(images, generator=self.generator), labels
 
 
 class TimmBaseline:
@@ -76,7 +96,7 @@ class TimmBaseline:
         train = split == "train"
         self.loader = create_loader(
             ds, input_size=(3, res, res), batch_size=batch_size, is_training=train,
-            auto_augment="rand-m6-mstd0.5-inc1" if train else None, color_jitter=0.0,
+            auto_augment=RAND_AUGMENT if train else None, color_jitter=0.0,
             interpolation="bilinear" if train else "bicubic", crop_pct=0.95, num_workers=workers,
             device=torch.device(device), use_prefetcher=True, pin_memory=device.startswith("cuda"),
             persistent_workers=True)
@@ -130,14 +150,24 @@ def run(args) -> list[dict]:
         tmp = tempfile.TemporaryDirectory(prefix="fastrsb-bench-")
         args.src, args.data = make_demo(Path(tmp.name), args.demo_per_class)
     if args.data is None and args.src is None:
-        raise SystemExit("pass --data OUT (and --src SRC for the baseline) or --demo")
+        raise FastRSBError("pass --data OUT (and --src SRC for the baseline) or --demo")
     if args.src is None and args.data is not None and (args.data / "train" / "manifest.json").exists():
         source = Path(json.loads((args.data / "train" / "manifest.json").read_text())["source"]).parent
         args.src = source if source.is_dir() else None
 
     config = {"workers": workers, "batch_size": args.batch_size, "warmup_batches": args.warmup,
               "timed_batches": args.batches, "runs": args.runs, "data": str(args.data), "src": str(args.src)}
-    sizes = [int(s) for s in args.sizes.split(",")]
+    try:
+        sizes = [int(s) for s in args.sizes.split(",")]
+    except ValueError:
+        raise FastRSBError(f"--sizes {args.sizes!r}: give comma-separated resolutions in pixels, e.g. 160,224") from None
+    from fastrsb.loaders import registry
+
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = [b for b in backends if b not in registry.names()]
+    if unknown or any(s < 8 for s in sizes):
+        raise FastRSBError(f"--backends: unknown {', '.join(unknown)}; choose from {', '.join(registry.names())}"
+                           if unknown else f"--sizes {args.sizes!r}: give resolutions of at least 8 px")
     out = []
 
     def emit_line(name, value, baseline=None, **extra):
@@ -157,7 +187,7 @@ def run(args) -> list[dict]:
                 emit_line(f"timm {split} {res}", med, backend="timm", split=split, res=res,
                           img_per_s_runs=[round(r, 1) for r in rates])
                 del base
-        for backend in args.backends.split(","):
+        for backend in backends:
             if not backend_usable(backend):
                 print(f"# {backend}: skipped, not installed or not usable here", flush=True)
                 continue
@@ -167,15 +197,26 @@ def run(args) -> list[dict]:
                                  num_workers=workers, crop_pct=0.95, drop_last=True, verbose=False)
             build_s = time.perf_counter() - t0
             for res in sizes:
+                # the loader alone (no timm figure does the same work, so no ratio) ...
                 med, rates = measure(loader, res=res, device=args.device, warmup=args.warmup, batches=args.batches,
                                      runs=args.runs)
-                emit_line(f"{backend} {split} {res}", med, baseline=baselines.get(res), backend=backend, split=split,
-                          res=res, img_per_s_runs=[round(r, 1) for r in rates], build_s=round(build_s, 1))
+                emit_line(f"{backend} {split} {res}", med, backend=backend, split=split, res=res,
+                          img_per_s_runs=[round(r, 1) for r in rates], build_s=round(build_s, 1))
+                # ... and the same work as timm's loader: train adds RandAugment on the loader's device
+                if split == "train":
+                    med, rates = measure(with_rand_augment(loader, RAND_AUGMENT), res=res, device=args.device,
+                                         warmup=args.warmup, batches=args.batches, runs=args.runs)
+                    name = f"{backend} {split} {res} + RandAugment"
+                else:
+                    name = f"{backend} {split} {res} (same work as timm's val)"
+                emit_line(name, med, baseline=baselines.get(res), backend=backend, split=split, res=res,
+                          img_per_s_runs=[round(r, 1) for r in rates], build_s=round(build_s, 1),
+                          rand_augment=RAND_AUGMENT if split == "train" else None)
             del loader
-    print(f"# {'measurement':24} {'img/s':>9} {'vs timm':>8}", flush=True)
+    print(f"# {'measurement':40} {'img/s':>9} {'vs timm':>8}", flush=True)
     for rec in out:
         ratio = rec.get("ratio")
-        print(f"# {rec['name']:24} {rec['value']:>9.1f} {'' if ratio is None else f'{ratio:.2f}x':>8}", flush=True)
+        print(f"# {rec['name']:40} {rec['value']:>9.1f} {'' if ratio is None else f'{ratio:.2f}x':>8}", flush=True)
     if tmp is not None:
         tmp.cleanup()
     return out

@@ -1,5 +1,6 @@
-"""Training-step throughput: fastrsb's step (multi-tensor LAMB, BCE, channels-last, bf16 autocast,
-torch.compile on CUDA) against timm's eager `Lamb` step, measured in the same run.
+"""Training-step throughput: the trainer's own step (`fastrsb.step.TrainStep`: multi-tensor LAMB, BCE with
+the recipe's threshold, LAMB's clip, GradScaler, channels-last, bf16 autocast, torch.compile on CUDA)
+against timm's eager `Lamb` step, measured in the same run.
 
     fastrsb bench step                                        # same as benchmarks/step_throughput.py
     python benchmarks/step_throughput.py                      # resnet50, 160 and 224 px, batch 256 and 2048
@@ -7,44 +8,28 @@ torch.compile on CUDA) against timm's eager `Lamb` step, measured in the same ru
     python benchmarks/step_throughput.py --res 160 --batch 2048 --batch-per-gpu 2048 --out results.jsonl
 
 The batch is synthetic and already on the device (normalised channels-last images, dense soft
-targets), so the figure is the step alone: forward, BCE, backward and the optimizer, with gradient
-accumulation when `batch` exceeds `--batch-per-gpu` (one optimizer step per `batch` images). Each
-repeat times one optimizer step (CUDA events on the GPU); the median of `--repeats` follows
-`--warmup` untimed steps (which include compilation). One JSON line per (res, batch), in the format of
-fastrsb/benchlog.py; the baseline is timm's `Lamb` in eager mode with its default code path (timm >=
-1.0.30 picks its own foreach path on CUDA), and with `--timm-per-param` also its per-parameter path
-(the one RECIPES.md measured at 3,150 img/s for batch 256 at 160 px on one H100).
+targets), so the figure is the step alone, with gradient accumulation when `batch` exceeds
+`--batch-per-gpu` (one optimizer step per `batch` images). Each repeat times one optimizer step; the
+median of `--repeats` follows `--warmup` untimed steps (which include compilation). One JSON line per
+(res, batch), in the format of fastrsb/benchlog.py; the baseline is timm's `Lamb` in eager mode with its
+default code path (timm >= 1.0.30 picks its own foreach path on CUDA) and timm's BinaryCrossEntropy, and
+with `--timm-per-param` also its per-parameter path (the one RECIPES.md measured at 3,150 img/s for
+batch 256 at 160 px on one H100). `--compile-mode` picks the compile mode of fastrsb's step (the
+trainer's `--compile-mode`); `--compile-modes a,b,c` measures several in one run.
 
-Goal (issue 5): >= 12,000 img/s for ResNet-50 at 160 px on one H100. Not yet measured: no GPU was
-available when this was written; CPU figures from `--quick` only show that the script runs.
+Goal (issue 9): >= 14,000 img/s for ResNet-50 at 160 px, batch 2048, on one H100. Not yet measured:
+no GPU was available when this was written; CPU figures from `--quick` only show that the script runs.
 """
 from __future__ import annotations
 
 import gc
 import statistics
-import time
 
 import torch
 
-from fastrsb.benchlog import emit, record, time_calls
-from fastrsb.loss import bce_loss
+from fastrsb.benchlog import Timer, emit, record, time_calls
 from fastrsb.optim import Lamb, make_param_groups
-
-
-def make_step(model, optimizer, loss_fn, images, targets, accum_steps: int, autocast_dtype):
-    """One optimizer step over `accum_steps` micro-batches (the same micro-batch, re-used)."""
-    device_type = images.device.type
-
-    def step():
-        for _ in range(accum_steps):
-            with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
-                logits = model(images)
-            loss = loss_fn(logits, targets) / accum_steps
-            loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+from fastrsb.step import COMPILE_MODES, TrainStep
 
 
 def time_optimizer_only(optimizer, model, device, repeats: int) -> float:
@@ -56,14 +41,16 @@ def time_optimizer_only(optimizer, model, device, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(kind: str, args, res: int, batch: int, device: torch.device) -> dict:
+def measure(kind: str, args, res: int, batch: int, device: torch.device, compile_mode: str = "none") -> dict:
     import timm
     import timm.loss
     import timm.optim
 
     micro = min(batch, args.batch_per_gpu)
     if batch % micro:
-        raise SystemExit(f"batch {batch} is not a multiple of --batch-per-gpu {micro}")
+        from fastrsb.errors import FastRSBError
+
+        raise FastRSBError(f"batch {batch} is not a multiple of --batch-per-gpu {micro}")
     accum_steps = batch // micro
     torch.manual_seed(0)
     model = timm.create_model(args.model, num_classes=args.num_classes).to(device, memory_format=torch.channels_last)
@@ -72,37 +59,42 @@ def measure(kind: str, args, res: int, batch: int, device: torch.device) -> dict
     autocast_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
     images = torch.randn(micro, 3, res, res, device=device).contiguous(memory_format=torch.channels_last)
     targets = torch.rand(micro, args.num_classes, device=device)
-    compiled = False
-    if kind == "fastrsb":
-        optimizer = Lamb(groups, lr=8e-3)
-        run_model = model
-        if args.compile:
-            run_model = torch.compile(model)
-            compiled = True
+    if kind.startswith("fastrsb"):
+        from fastrsb.loss import make_loss
+        from fastrsb.recipes import A3
 
-        def loss_fn(logits, t):
-            return bce_loss(logits, t, target_threshold=0.2)
+        optimizer = Lamb(groups, lr=8e-3)
+        train_step = TrainStep(model, optimizer, make_loss(A3), device=device, precision=args.precision,
+                               accum_steps=accum_steps, grad_clip=A3.grad_clip, compile_mode=compile_mode)
+
+        def step():
+            train_step((images, targets) for _ in range(accum_steps))
     else:
         foreach = None if kind == "timm" else False
         optimizer = timm.optim.Lamb(groups, lr=8e-3, foreach=foreach)
-        run_model = model
         loss_fn = timm.loss.BinaryCrossEntropy(smoothing=0.0, target_threshold=0.2)
-    step = make_step(run_model, optimizer, loss_fn, images, targets, accum_steps, autocast_dtype)
+
+        def step():
+            for _ in range(accum_steps):
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
+                    logits = model(images)
+                (loss_fn(logits, targets) / accum_steps).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    compile_start = time.perf_counter()
+    timer = Timer(device).start()
     step()  # first step: compilation, state allocation
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # sync: the first step's time includes compilation
-    first_step_s = time.perf_counter() - compile_start
+    first_step_s = timer.stop()  # includes compilation
     times = time_calls(step, device, args.warmup, args.repeats)
     peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     opt_s = time_optimizer_only(optimizer, model, device, args.repeats)
     median_s = statistics.median(times)
     result = {"img_per_s": batch / median_s, "step_s": median_s, "step_s_all": times, "optimizer_step_ms": 1e3 * opt_s,
-              "first_step_s": first_step_s, "compiled": compiled, "accum_steps": accum_steps, "micro_batch": micro,
+              "first_step_s": first_step_s, "compile_mode": compile_mode if kind.startswith("fastrsb") else "none",
+              "accum_steps": accum_steps, "micro_batch": micro,
               "peak_mem_gib": peak_gib}
-    del model, run_model, optimizer, step, images, targets
+    del model, optimizer, step, images, targets
     torch._dynamo.reset()  # compiled graphs keep the model's tensors alive
     gc.collect()
     if device.type == "cuda":
@@ -120,8 +112,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="default bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps after the first (default 5; --quick 1)")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps (default 10; --quick 5)")
-    parser.add_argument("--no-compile", dest="compile", action="store_false", default=None,
-                        help="no torch.compile for fastrsb's step (default: compile on CUDA only)")
+    parser.add_argument("--compile-modes", default=None,
+                        help=f"comma-separated compile modes of fastrsb's step to measure, from {', '.join(COMPILE_MODES)} "
+                             "(default: 'default' on CUDA, 'none' on the CPU)")
     parser.add_argument("--timm-per-param", action="store_true", help="also time timm's per-parameter Lamb path")
     parser.add_argument("--device", default=None, help="default cuda if available, else cpu")
     parser.add_argument("--quick", action="store_true", help="tiny defaults for a CPU smoke run")
@@ -140,8 +133,12 @@ def run(args) -> None:
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     args.warmup = args.warmup if args.warmup is not None else (1 if q else 5)
     args.repeats = args.repeats or (5 if q else 10)
-    if args.compile is None:
-        args.compile = device.type == "cuda"
+    modes = (args.compile_modes or ("default" if device.type == "cuda" else "none")).split(",")
+    bad = [m for m in modes if m not in COMPILE_MODES]
+    if bad:
+        from fastrsb.errors import FastRSBError
+
+        raise FastRSBError(f"--compile-modes: unknown {', '.join(bad)}; choose from {', '.join(COMPILE_MODES)}")
     if args.threads or (q and device.type == "cpu"):
         torch.set_num_threads(args.threads or 1)  # a shared small CPU: 1 thread gives stable figures
     if device.type == "cuda":
@@ -149,7 +146,6 @@ def run(args) -> None:
 
     for res in resolutions:
         for batch in batches:
-            ours = measure("fastrsb", args, res, batch, device)
             base = measure("timm", args, res, batch, device)
             extra = {}
             if args.timm_per_param:
@@ -157,13 +153,17 @@ def run(args) -> None:
                 extra["baseline_per_param"] = {"name": "timm Lamb eager, foreach=False (per parameter)",
                                                "value": round(per_param["img_per_s"], 3),
                                                "optimizer_step_ms": per_param["optimizer_step_ms"]}
-            config = {"model": args.model, "res": res, "batch": batch, "micro_batch": ours["micro_batch"],
-                      "accum_steps": ours["accum_steps"], "precision": args.precision, "channels_last": True,
-                      "compile": ours["compiled"], "num_classes": args.num_classes, "warmup": args.warmup,
-                      "repeats": args.repeats, "threads": torch.get_num_threads() if device.type == "cpu" else None}
-            emit(record("step", f"fastrsb step {args.model} {res}px batch {batch}", ours["img_per_s"], config=config,
-                        baseline=("timm Lamb eager (default path) + timm BCE", base["img_per_s"]), device=str(device),
-                        step_s=ours["step_s_all"], optimizer_step_ms=round(ours["optimizer_step_ms"], 3),
-                        baseline_optimizer_step_ms=round(base["optimizer_step_ms"], 3),
-                        first_step_s=round(ours["first_step_s"], 2), peak_mem_gib=ours["peak_mem_gib"],
-                        baseline_peak_mem_gib=base["peak_mem_gib"], **extra), args.out)
+            for mode in modes:
+                ours = measure("fastrsb", args, res, batch, device, mode)
+                config = {"model": args.model, "res": res, "batch": batch, "micro_batch": ours["micro_batch"],
+                          "accum_steps": ours["accum_steps"], "precision": args.precision, "channels_last": True,
+                          "compile_mode": mode, "num_classes": args.num_classes, "warmup": args.warmup,
+                          "repeats": args.repeats, "threads": torch.get_num_threads() if device.type == "cpu" else None}
+                emit(record("step", f"fastrsb step {args.model} {res}px batch {batch} compile {mode}",
+                            ours["img_per_s"], config=config,
+                            baseline=("timm Lamb eager (default path) + timm BCE", base["img_per_s"]),
+                            device=str(device), step_s=ours["step_s_all"],
+                            optimizer_step_ms=round(ours["optimizer_step_ms"], 3),
+                            baseline_optimizer_step_ms=round(base["optimizer_step_ms"], 3),
+                            first_step_s=round(ours["first_step_s"], 2), peak_mem_gib=ours["peak_mem_gib"],
+                            baseline_peak_mem_gib=base["peak_mem_gib"], **extra), args.out)
