@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import random
 from pathlib import Path
 
@@ -52,7 +51,7 @@ def load_weights_file(path: Path):
     """torch.load(weights_only=True) of `path`, with a message instead of a traceback for a file that is not one."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+    except Exception as e:  # torch.load raises many kinds for a file that is not a checkpoint (IndexError, ...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FastRSBError(f"{path} is not a fastrsb checkpoint or a state_dict file that torch can read safely "
                            f"({first[:120]}); pass a run folder, its checkpoint.pt or model.pt") from None

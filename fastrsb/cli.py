@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     _quiet_numba_finalizer()
     parser = build_parser(with_benchmarks=argv[:1] == ["bench"])
-    args, extra = parser.parse_known_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+    except SystemExit as e:  # argparse printed the usage and the error (or --help)
+        return int(e.code or 0)
     try:
         args.overrides = check_overrides(args.command, extra)
         return int(args.func(args) or 0)

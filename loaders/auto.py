@@ -108,14 +108,15 @@ def resolve_auto(data, split, device, *, rank: int, world_size: int, res: int, b
 
     from . import layout
 
-    choice = None
-    if layout.is_converted(data):  # a converted dataset: measure, or reuse a measurement
-        ddp = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
-        if not ddp or rank == 0:
-            choice = probe_backends(data, device, res=res, batch_size=batch_size, num_workers=num_workers,
-                                    cached_only=not probe or (world_size > 1 and not ddp))
-        if ddp:
-            shared = [choice]
-            torch.distributed.broadcast_object_list(shared, src=0)
-            choice = shared[0]
+    if not layout.is_converted(data):  # a source ImageFolder: only a backend that reads folders (PIL) can
+        return choose_backend(data, split, device)
+    choice = None  # a converted dataset: measure, or reuse a measurement
+    ddp = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not ddp or rank == 0:
+        choice = probe_backends(data, device, res=res, batch_size=batch_size, num_workers=num_workers,
+                                cached_only=not probe or (world_size > 1 and not ddp))
+    if ddp:
+        shared = [choice]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        choice = shared[0]
     return choice or choose_backend(data, split, device)

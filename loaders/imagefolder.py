@@ -123,6 +123,9 @@ class ShardBytes:
                 mm = self._maps[s] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return mm
 
+    def name(self, i: int) -> str:
+        return f"sample {i} of {self.index.shards[int(self.index.shard_of[i])]}"
+
     def __call__(self, i: int) -> memoryview:
         ix = self.index
         o = int(ix.offset[i])
@@ -196,7 +199,11 @@ class PlanDataset:
     def __getitem__(self, item):
         tagged, res = item
         i = int(tagged) & sampling.SAMPLE_MASK
-        img = decode_rgb(self.read(i))
+        try:
+            img = decode_rgb(self.read(i))
+        except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for a file it cannot decode
+            raise FastRSBError(f"{self.read.name(i)}: cannot decode ({type(e).__name__}: {e}); run fastrsb convert, "
+                               "which lists such files instead of training on them, or remove the file") from None
         return crop_resize(img, tagged, res, self.spec), int(self.labels[i])
 
 
@@ -205,6 +212,9 @@ class _ReadPath:
         self.paths = paths
 
     def __call__(self, i):
+        return self.paths[i]
+
+    def name(self, i) -> str:
         return self.paths[i]
 
 

@@ -145,6 +145,18 @@ def run(args) -> list[dict]:
     from fastrsb.loaders import make_loader
     from fastrsb.loaders.registry import usable as backend_usable
 
+    try:
+        sizes = [int(s) for s in args.sizes.split(",")]
+    except ValueError:
+        raise FastRSBError(f"--sizes {args.sizes!r}: give comma-separated resolutions in pixels, e.g. 160,224") from None
+    from fastrsb.loaders import registry
+
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = [b for b in backends if b not in registry.names()]
+    if unknown or any(s < 8 for s in sizes):
+        raise FastRSBError(f"--backends: unknown {', '.join(unknown)}; choose from {', '.join(registry.names())}"
+                           if unknown else f"--sizes {args.sizes!r}: give resolutions of at least 8 px")
+
     tmp = None
     if args.demo:
         tmp = tempfile.TemporaryDirectory(prefix="fastrsb-bench-")
@@ -157,17 +169,6 @@ def run(args) -> list[dict]:
 
     config = {"workers": workers, "batch_size": args.batch_size, "warmup_batches": args.warmup,
               "timed_batches": args.batches, "runs": args.runs, "data": str(args.data), "src": str(args.src)}
-    try:
-        sizes = [int(s) for s in args.sizes.split(",")]
-    except ValueError:
-        raise FastRSBError(f"--sizes {args.sizes!r}: give comma-separated resolutions in pixels, e.g. 160,224") from None
-    from fastrsb.loaders import registry
-
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = [b for b in backends if b not in registry.names()]
-    if unknown or any(s < 8 for s in sizes):
-        raise FastRSBError(f"--backends: unknown {', '.join(unknown)}; choose from {', '.join(registry.names())}"
-                           if unknown else f"--sizes {args.sizes!r}: give resolutions of at least 8 px")
     out = []
 
     def emit_line(name, value, baseline=None, **extra):
