@@ -160,7 +160,7 @@ def real_recipe(**changes):
 def test_trains_and_beats_chance(demo_data, tmp_path, capsys):
     recipe = real_recipe(epochs=8)
     summary = train(recipe, demo_data, "pil", out_dir=tmp_path / "run", batch_per_gpu=8, eval_every_epochs=3,
-                    log_every_steps=2, progress=False, num_workers=0)
+                    log_every_steps=2, progress=False, num_workers=0, device="cpu")
     out = capsys.readouterr().out
     assert "global batch 16 = 1 CPU process x 8 per process x 2 accumulation steps" in out
     assert "scaled linearly" in out
@@ -178,12 +178,13 @@ def test_trains_and_beats_chance(demo_data, tmp_path, capsys):
     # Final weights load into a plain timm model and give the reported accuracy.
     model = timm.create_model("test_resnet", num_classes=4)
     model.load_state_dict(torch.load(run / "model.pt", weights_only=True))
-    again = evaluate(model, demo_data, "pil", res=32, crop_pct=recipe.test_crop_pct, batch_size=16, num_workers=0)
+    again = evaluate(model, demo_data, "pil", res=32, crop_pct=recipe.test_crop_pct, batch_size=16, num_workers=0,
+                     device="cpu")
     assert again["top1"] == pytest.approx(summary["top1"]) and again["samples"] == 40
-    from_run = evaluate(run, demo_data, "pil", num_workers=0)
+    from_run = evaluate(run, demo_data, "pil", num_workers=0, device="cpu")
     assert from_run["top1"] == pytest.approx(summary["top1"]) and from_run["res"] == 32
     with pytest.raises(FastRSBError, match="already holds a run"):
-        train(recipe, demo_data, "pil", out_dir=run, batch_per_gpu=8, progress=False, num_workers=0)
+        train(recipe, demo_data, "pil", out_dir=run, batch_per_gpu=8, progress=False, num_workers=0, device="cpu")
 
 
 def _state(path):
@@ -200,7 +201,7 @@ def _assert_same_weights(a_path, b_path):
 def test_interrupted_and_resumed_equals_uninterrupted(demo_data, tmp_path):
     # RandAugment + mixup/cutmix (augmentation generator), drop-path (global RNG) and EMA all on.
     recipe = real_recipe(epochs=3, ema_decay=0.9, drop_path_rate=0.1, global_batch=24)
-    kw = dict(batch_per_gpu=12, eval_every_epochs=2, log_every_steps=3, progress=False, num_workers=0)
+    kw = dict(batch_per_gpu=12, eval_every_epochs=2, log_every_steps=3, progress=False, num_workers=0, device="cpu")
     full = train(recipe, demo_data, "pil", out_dir=tmp_path / "full", **kw)
     part = train(recipe, demo_data, "pil", out_dir=tmp_path / "part", stop_after_epochs=2, **kw)
     assert not part["finished"] and not (tmp_path / "part" / "model.pt").exists()
@@ -239,7 +240,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path):
 
         return augment
 
-    kw = dict(MEMORY, make_augment=make_poisoned_augment)
+    kw = dict(MEMORY, make_augment=make_poisoned_augment, device="cpu")
     with pytest.raises(FastRSBError, match="loss became nan.*last good checkpoint"):
         train(recipe, "unused", "memory", out_dir=tmp_path / "run", batch_per_gpu=8, log_every_steps=2,
               progress=False, **kw)
@@ -251,7 +252,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_on_cpu(tmp_path, precision):
     """bf16 autocast, and fp16 with its GradScaler, run the same loop (on CUDA they are the defaults/options)."""
-    summary = train(tiny_recipe(epochs=3), "unused", "memory", out_dir=tmp_path / "run", batch_per_gpu=8,
+    summary = train(tiny_recipe(epochs=3), "unused", "memory", out_dir=tmp_path / "run", batch_per_gpu=8, device="cpu",
                     precision=precision, eval_every_epochs=3, log_every_steps=3, progress=False, **MEMORY)
     assert json.loads((tmp_path / "run" / "run.json").read_text())["precision"] == precision
     assert summary["top1"] > 50.0
@@ -308,13 +309,15 @@ def test_cli_train_and_eval(demo_data, tmp_path, capsys):
     run = tmp_path / "run"
     argv = ["train", "--recipe", "a3", "--data", str(demo_data), "--loader", "pil", "--model", "test_resnet",
             "--out", str(run), "--batch-per-gpu", "16", "--workers", "0", "--no-progress", "--eval-every", "1",
+            "--device", "cpu",
             "epochs=1", "train_res=32", "test_res=32", "global_batch=16", "warmup_epochs=0"]
     assert fastrsb_main(argv) == 0
     out = capsys.readouterr().out
     assert "global batch 16 = 1 CPU process x 16 per process x 1 accumulation step" in out and "summary:" in out
     summary = json.loads((run / "run.json").read_text())["summary"]
     assert summary["finished"] and summary["steps"] == 120 // 16
-    assert fastrsb_main(["eval", str(run), "--data", str(demo_data), "--loader", "pil", "--workers", "0"]) == 0
+    assert fastrsb_main(["eval", str(run), "--data", str(demo_data), "--loader", "pil", "--workers", "0",
+                         "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["top1"] == pytest.approx(summary["top1"]) and result["samples"] == 40
     # user errors come back as messages and status 2, not tracebacks
