@@ -39,3 +39,15 @@ def converted(odd_dataset, tmp_path_factory) -> Path:
 
 
 os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (benchmarks/gpu_suite.sh runs `pytest -m cuda`)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests skipped without CUDA are the CUDA tests: mark them, so a GPU box can run just those."""
+    for item in items:
+        for mark in item.iter_markers("skipif"):
+            if "CUDA" in str(mark.kwargs.get("reason", "")):
+                item.add_marker(pytest.mark.cuda)
