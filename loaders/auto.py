@@ -45,7 +45,7 @@ def choose_backend(data, split, device) -> tuple[str, str]:
     return usable[0], "first by the prior order" + ("; skipped " + ", ".join(skipped) if skipped else "")
 
 
-def probe_backends(data, device, *, res: int, batch_size: int, num_workers: int, seconds: float = 2.0,
+def probe_backends(data, device, *, make_loader, res: int, batch_size: int, num_workers: int, seconds: float = 2.0,
                    max_batches: int = 6, cached_only: bool = False) -> tuple[str, str] | None:
     """Time the train pipeline of every candidate backend on this machine; return (fastest, reason).
 
@@ -53,12 +53,11 @@ def probe_backends(data, device, *, res: int, batch_size: int, num_workers: int,
     times up to `max_batches` batches or `seconds`. The result is kept in DATA/.fastrsb-auto-probe.json
     per (device, workers, candidates), so later loaders (the val split, the next run) reuse it without
     probing again. cached_only=True returns None instead of probing (DDP: ranks must not race).
+    make_loader: the contract's make_loader (passed in: this module sits below it).
     """
     import torch
 
     from fastrsb.runmeta import device_name
-
-    from .loader import make_loader
 
     data = Path(data)
     usable, skipped = candidate_backends(data, "train", device)
@@ -101,8 +100,8 @@ def probe_backends(data, device, *, res: int, batch_size: int, num_workers: int,
         + ("; skipped " + ", ".join(skipped) if skipped else "")
 
 
-def resolve_auto(data, split, device, *, rank: int, world_size: int, res: int, batch_size: int, num_workers: int,
-                 probe: bool) -> tuple[str, str]:
+def resolve_auto(data, split, device, *, make_loader, rank: int, world_size: int, res: int, batch_size: int,
+                 num_workers: int, probe: bool) -> tuple[str, str]:
     """(backend, reason) for backend='auto'; under DDP rank 0 measures and every rank takes its choice."""
     import torch
 
@@ -113,7 +112,8 @@ def resolve_auto(data, split, device, *, rank: int, world_size: int, res: int, b
     choice = None  # a converted dataset: measure, or reuse a measurement
     ddp = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
     if not ddp or rank == 0:
-        choice = probe_backends(data, device, res=res, batch_size=batch_size, num_workers=num_workers,
+        choice = probe_backends(data, device, make_loader=make_loader, res=res, batch_size=batch_size,
+                                num_workers=num_workers,
                                 cached_only=not probe or (world_size > 1 and not ddp))
     if ddp:
         shared = [choice]

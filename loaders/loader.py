@@ -24,6 +24,7 @@ from pathlib import Path
 from fastrsb.errors import FastRSBError
 
 from . import registry
+from .auto import resolve_auto
 from .sampling import CropSpec
 
 
@@ -94,8 +95,6 @@ def make_loader(backend: str, data, split: str, *, batch_size: int, res: int, de
     """
     import torch
 
-    from .auto import resolve_auto
-
     check_res(res)
     if batch_size < 1:
         raise FastRSBError(f"batch_size must be positive, got {batch_size}")
@@ -120,8 +119,8 @@ def make_loader(backend: str, data, split: str, *, batch_size: int, res: int, de
 
     reason = ""
     if backend == "auto":
-        backend, reason = resolve_auto(data, split, device, rank=rank, world_size=world_size, res=res,
-                                       batch_size=batch_size, num_workers=num_workers, probe=probe)
+        backend, reason = resolve_auto(data, split, device, make_loader=make_loader, rank=rank, world_size=world_size,
+                                       res=res, batch_size=batch_size, num_workers=num_workers, probe=probe)
         if verbose:
             print(f"fastrsb: loader backend 'auto' -> '{backend}' ({reason})", file=sys.stderr, flush=True)
     spec = registry.get(backend)
