@@ -12,8 +12,8 @@ or 8 GPUs. The recipe's lr is the lr at global batch 2048; another `global_batch
 (and says so).
 
 Where the work happens (STYLE.md): the loader (`fastrsb.data.make_loader`) yields uint8 NCHW
-channels-last images and int64 labels already on the device; `fastrsb.gpu_aug.make_train_augment`
-does flip, RandAugment, mixup/cutmix and normalisation as batch operations on the device, with its own
+channels-last images and int64 labels already on the device; `fastrsb.augment.make_train_augment`
+does RandAugment, mixup/cutmix and normalisation as batch operations on the device, with its own
 `torch.Generator` (saved in checkpoints). The loop never branches on the loader backend.
 
 Host-device synchronisations are marked `# sync:`; in steady state there is one per `log_every_steps`
@@ -255,13 +255,13 @@ def _default_make_loader():
 
 
 def _default_make_augment():
-    from .gpu_aug import make_train_augment
+    from .augment import make_train_augment
 
     return make_train_augment
 
 
 def _default_normalize():
-    from .gpu_aug import normalize
+    from .augment import normalize
 
     return normalize
 
@@ -319,7 +319,7 @@ def train(
     stop_after_epochs: stop (checkpoint written) after this many epochs of the schedule, as an
         interruption would; the run can then be resumed.
     make_loader, make_augment, normalize: substitutes for fastrsb.data.make_loader,
-        fastrsb.gpu_aug.make_train_augment and fastrsb.gpu_aug.normalize, with the same contracts.
+        fastrsb.augment.make_train_augment and fastrsb.augment.normalize, with the same contracts.
     """
     t_start = time.perf_counter()
     model_name = model_name or recipe.model
@@ -383,13 +383,11 @@ def train(
         say(f"  {train_loader.num_samples} train images, {num_classes} classes, {steps_per_epoch} optimizer steps "
             f"per epoch, {total_steps} in all ({warmup_steps} warmup), base lr {base_lr:g}")
 
-        # hflip=0: every loader backend already flips (p=0.5, fused with decode and crop); flipping
-        # again here would only cost time.
         augment = make_augment(recipe.rand_augment, recipe.mixup_alpha, recipe.cutmix_alpha, recipe.label_smoothing,
-                               num_classes, hflip=0.0, mixup_prob=recipe.mixup_prob,
+                               num_classes, mixup_prob=recipe.mixup_prob,
                                switch_prob=recipe.mixup_switch_prob,
                                dtype=_autocast_dtype(precision))
-        # A CPU generator: gpu_aug takes its random decisions on the host, so drawing them needs no sync.
+        # A CPU generator: augment takes its random decisions on the host, so drawing them needs no sync.
         augment_generator = torch.Generator()
         augment_generator.manual_seed(seed * 1_000_003 + rank + 1)  # each rank draws its own augmentations
         loss_fn = make_loss(recipe)

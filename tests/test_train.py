@@ -1,7 +1,7 @@
 """fastrsb.train on the CPU: learns, resumes bit-identically, DDP (gloo, 2 processes) matches 1 process.
 
 Learning and resuming run the real pipeline: `fastrsb demo-data` -> `fastrsb convert --format beton,dali`
--> the `pil` loader -> fastrsb.gpu_aug (RandAugment, mixup/cutmix). The DDP and non-finite-loss tests use
+-> the `pil` loader -> fastrsb.augment (RandAugment, mixup/cutmix). The DDP and non-finite-loss tests use
 a small in-memory loader and augmentation that honour the same contracts (uint8 NCHW channels-last
 images and int64 labels on the device; augment -> normalised float images and dense soft targets),
 so that only the trainer is under test.
@@ -93,14 +93,12 @@ def memory_normalize(images, dtype=torch.float32):
     return ((images.float() - MEAN.to(images.device)) / STD.to(images.device)).to(dtype)
 
 
-def make_memory_augment(rand_augment, mixup_alpha, cutmix_alpha, label_smoothing, num_classes, hflip=0.5,
+def make_memory_augment(rand_augment, mixup_alpha, cutmix_alpha, label_smoothing, num_classes,
                         mixup_prob=1.0, switch_prob=0.5, dtype=torch.float32):
-    """Flip + mixup (batch-reversed partner) drawn from the given generator; smoothed dense targets."""
+    """Mixup (batch-reversed partner); smoothed dense targets. No flip: the loaders flip."""
 
     def augment(images, labels, generator=None):
         x = memory_normalize(images)
-        flip = torch.rand(x.shape[0], 1, 1, 1, generator=generator, device=x.device) < hflip
-        x = torch.where(flip, x.flip(3), x)
         off = label_smoothing / num_classes
         target = torch.full((x.shape[0], num_classes), off, device=x.device)
         target.scatter_(1, labels[:, None], 1.0 - label_smoothing + off)

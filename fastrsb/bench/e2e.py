@@ -5,7 +5,7 @@ pipeline (loader -> GPU augmentation -> LAMB step), each against timm's own pipe
 
 The same recipe (A3 by default: RandAugment m6, mixup 0.1 / cutmix 1.0, BCE threshold 0.2, LAMB) runs
 through both pipelines:
-  * fastrsb: `make_loader(backend)` (decode + random-resized-crop + flip), `gpu_aug.make_train_augment`
+  * fastrsb: `make_loader(backend)` (decode + random-resized-crop + flip), `augment.make_train_augment`
     on the device, channels-last bf16 step with fastrsb's multi-tensor LAMB (torch.compile on CUDA);
   * baseline: timm's `create_loader` over the source ImageFolder (PIL, RandAugment on the CPU
     workers, its prefetcher normalising on CUDA), `timm.data.Mixup`, `BinaryCrossEntropy`, timm's Lamb.
@@ -78,7 +78,7 @@ def _model(name, num_classes, recipe, device, compile_model):
 
 def _fastrsb_pipeline(args, data, recipe, device, num_classes):
     from fastrsb.data import make_loader
-    from fastrsb.gpu_aug import make_train_augment
+    from fastrsb.augment import make_train_augment
     from fastrsb.loss import bce_loss
     from fastrsb.optim import Lamb, make_param_groups
 
@@ -86,7 +86,7 @@ def _fastrsb_pipeline(args, data, recipe, device, num_classes):
     loader = make_loader(args.backend, data, "train", batch_size=args.batch, res=args.res, device=device,
                          num_workers=args.workers, seed=0, verbose=False)
     augment = make_train_augment(recipe.rand_augment, recipe.mixup_alpha, recipe.cutmix_alpha,
-                                 recipe.label_smoothing, num_classes, hflip=0.0, dtype=dtype)
+                                 recipe.label_smoothing, num_classes, dtype=dtype)
     model, run_model = _model(args.model, num_classes, recipe, device, args.compile)
     optimizer = Lamb(make_param_groups(model, recipe.weight_decay), lr=recipe.lr)
     gen = torch.Generator().manual_seed(0)
