@@ -112,6 +112,9 @@ def device_constants(device: torch.device, height: int, width: int, fill: Sequen
             "centres": centres.to(device),  # PIL maps output pixel centres, in double precision
             "smooth": smooth.expand(3, 1, 3, 3).contiguous().to(device),
             "fill": torch.tensor(fill, dtype=torch.float32).view(1, 1, 1, 3).to(device),
+            # column offsets of a row's interpolation taps in the warp's edge-padded rows
+            "linear_taps": torch.tensor([0, 1], dtype=torch.int64).view(2, 1).to(device),
+            "cubic_taps": torch.tensor([-1, 0, 1, 2], dtype=torch.int64).view(4, 1).to(device),
         }
     return _CONSTANTS[key]
 
@@ -386,20 +389,20 @@ def warp(x: torch.Tensor, mats: torch.Tensor, consts: dict, interpolation: str,
     iy = corner[..., 1].clamp(-1, h - 1).long() + pad
     base = ((torch.arange(b, device=x.device).view(b, 1) * (h + 2 * pad) + iy) * stride + ix).view(-1)
 
-    def pixels(offset: int) -> torch.Tensor:
-        return rows.index_select(0, base + offset).view(b, h, w, c).float()
+    def taps(row: int) -> tuple[torch.Tensor, ...]:
+        """The neighbours in source row iy + row: one gather of (columns, b, h, w, c)."""
+        offsets = consts["cubic_taps" if cubic else "linear_taps"] + row * stride
+        return rows.index_select(0, (base + offsets).view(-1)).view(-1, b, h, w, c).float().unbind(0)
 
     if interpolation == "nearest":
-        out = pixels(0)
+        out = rows.index_select(0, base).view(b, h, w, c).float()
     else:
         dx, dy = (src - corner).float().view(b, h, w, 2, 1).unbind(3)
         if cubic:
             flag = None if interpolation == "bicubic" else bicubic.view(b, 1, 1, 1)
-            row = [_cubic(*(pixels(j * stride + i) for i in (-1, 0, 1, 2)), dx, flag) for j in (-1, 0, 1, 2)]
-            out = _cubic(*row, dy, flag)
+            out = _cubic(*(_cubic(*taps(j), dx, flag) for j in (-1, 0, 1, 2)), dy, flag)
         else:
-            row = [_linear(pixels(j * stride), pixels(j * stride + 1), dx) for j in (0, 1)]
-            out = _linear(*row, dy)
+            out = _linear(*(_linear(*taps(j), dx) for j in (0, 1)), dy)
     out = torch.where(inside, out, consts["fill"])
     return out.clamp_(0, 255).to(torch.uint8).permute(0, 3, 1, 2)  # truncates, as PIL does
 
