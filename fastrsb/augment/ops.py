@@ -103,13 +103,12 @@ def device_constants(device: torch.device, height: int, width: int, fill: Sequen
     device = torch.device(device)
     key = (str(device), height, width, tuple(fill))
     if key not in _CONSTANTS:
-        ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float64),
-                                torch.arange(width, dtype=torch.float64), indexing="ij")
-        centres = torch.stack([xs + 0.5, ys + 0.5, torch.ones_like(xs)], dim=-1).view(1, height * width, 3)
         smooth = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0  # ImageFilter.SMOOTH
         _CONSTANTS[key] = {
             "levels": torch.arange(256, dtype=torch.int64).to(device),
-            "centres": centres.to(device),  # PIL maps output pixel centres, in double precision
+            # output pixel centres, which PIL maps in double precision
+            "centre_x": (torch.arange(width, dtype=torch.float64) + 0.5).view(1, 1, width).to(device),
+            "centre_y": (torch.arange(height, dtype=torch.float64) + 0.5).view(1, height, 1).to(device),
             "smooth": smooth.expand(3, 1, 3, 3).contiguous().to(device),
             "fill": torch.tensor(fill, dtype=torch.float32).view(1, 1, 1, 3).to(device),
             # column offsets of a row's interpolation taps in the warp's edge-padded rows
@@ -375,7 +374,11 @@ def warp(x: torch.Tensor, mats: torch.Tensor, consts: dict, interpolation: str,
     `bicubic` (b,): bicubic where True, bilinear elsewhere. The result is channels_last in memory.
     """
     b, c, h, w = x.shape
-    src = torch.matmul(consts["centres"], mats.transpose(1, 2)) - 0.5  # (b, h*w, 2), pixel index units
+    a = mats.view(b, 6, 1, 1).unbind(1)
+    cx, cy = consts["centre_x"], consts["centre_y"]
+    # a0 x + a1 y + a2 as PIL's affine_transform writes it (pointwise, so a compiler fuses it), then
+    # PIL's `xin -= 0.5`: (b, h, w, 2) in pixel index units
+    src = torch.stack([a[0] * cx + a[1] * cy + a[2], a[3] * cx + a[4] * cy + a[5]], dim=-1) - 0.5
     inside = ((src >= -0.5).all(dim=-1) & (src[..., 0] < w - 0.5) & (src[..., 1] < h - 0.5)).view(b, h, w, 1)
     cubic = interpolation in ("bicubic", "random")
     pad = 2 if cubic else 1
@@ -387,7 +390,7 @@ def warp(x: torch.Tensor, mats: torch.Tensor, consts: dict, interpolation: str,
     # index into the padded image; clamped only to stay in memory for points that get the fill
     ix = corner[..., 0].clamp(-1, w - 1).long() + pad
     iy = corner[..., 1].clamp(-1, h - 1).long() + pad
-    base = ((torch.arange(b, device=x.device).view(b, 1) * (h + 2 * pad) + iy) * stride + ix).view(-1)
+    base = ((torch.arange(b, device=x.device).view(b, 1, 1) * (h + 2 * pad) + iy) * stride + ix).view(-1)
 
     def taps(row: int) -> tuple[torch.Tensor, ...]:
         """The neighbours in source row iy + row: one gather of (columns, b, h, w, c)."""
