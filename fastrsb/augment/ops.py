@@ -348,6 +348,11 @@ def _smooth_pil(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _linear(v2, v3, d):
+    """PIL's BILINEAR macro, v2 + (v3 - v2) d, in float32."""
+    return v2 + d * (v3 - v2)
+
+
 def _cubic(v1, v2, v3, v4, d, bicubic: torch.Tensor | None):
     """PIL's BICUBIC macro (Geometry.c: cubic convolution with a = -1) in float32; where `bicubic` is
     False the same polynomial with p3 = p4 = 0 is PIL's bilinear v2 + d (v3 - v2), bit for bit."""
@@ -408,11 +413,6 @@ def warp(x: torch.Tensor, mats: torch.Tensor, consts: dict, interpolation: str,
             out = _linear(*(_linear(*taps(j), dx) for j in (0, 1)), dy)
     out = torch.where(inside, out, consts["fill"])
     return out.clamp_(0, 255).to(torch.uint8).permute(0, 3, 1, 2)  # truncates, as PIL does
-
-
-def _linear(v2, v3, d):
-    """PIL's BILINEAR macro, v2 + (v3 - v2) d, in float32."""
-    return v2 + d * (v3 - v2)
 
 
 def apply_layer(x: torch.Tensor, cols: torch.Tensor, stages: Stages, consts: dict, interpolation: str) -> torch.Tensor:
