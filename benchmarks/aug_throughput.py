@@ -1,6 +1,6 @@
-"""Augmentation throughput against timm's and torchvision's RandAugment; see fastrsb/bench/aug.py.
+"""Train augmentation throughput (RandAugment + mixup/cutmix + normalise) against timm's; see fastrsb/bench/aug.py.
 
-    python benchmarks/aug_throughput.py [--device cpu|cuda] [--batch 256] [--res 160] [--quick] [--out FILE]
+    python benchmarks/aug_throughput.py [--device cpu|cuda] [--batches 256,2048] [--res 160] [--quick] [--out FILE]
 """
 import sys
 

@@ -57,8 +57,7 @@ if [ ! -f "$data/train/manifest.json" ]; then
 fi
 stage bench-loader 75 "$py" -m fastrsb bench loader --data "$data" --src "$out/src" --device "$device" \
   --workers "$cores" --sizes 160 --splits train --batches 12 --runs 2 --out "$results"
-stage bench-aug 45 "$py" -m fastrsb bench aug --device "$device" --batch 256 --out "$results"
-stage bench-aug-2048 45 "$py" -m fastrsb bench aug --device "$device" --batch 2048 --out "$results"
+stage bench-aug 150 "$py" -m fastrsb bench aug --device "$device" --batches 256,2048 --out "$results"
 stage bench-step 150 "$py" -m fastrsb bench step --device "$device" --res 160 --batch 2048 --batch-per-gpu 2048 \
   --compile-modes none,default --repeats 5 --warmup 2 --out "$results"
 stage bench-e2e 100 "$py" -m fastrsb bench e2e --data "$data" --device "$device" --workers "$cores" \

@@ -67,7 +67,7 @@ def evaluate(model_or_checkpoint, data: str | os.PathLike, backend: str = "auto"
     if make_loader is None:
         from .loaders import make_loader
     if normalize is None:
-        from .gpu_aug import normalize
+        from .augment import normalize
     dist_info = setup_distributed(device)
     try:
         model, info = load_for_eval(model_or_checkpoint, model_name, num_classes)

@@ -17,12 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def smooth_one_hot(labels: Tensor, num_classes: int, smoothing: float = 0.0) -> Tensor:
-    """timm's one-hot with label smoothing: off = s / K, on = 1 - s + s / K (float32)."""
-    off = smoothing / num_classes
-    targets = torch.full((labels.shape[0], num_classes), off, device=labels.device, dtype=torch.float32)
-    return targets.scatter_(1, labels.long().view(-1, 1), 1.0 - smoothing + off)
+from .augment.mixup import smooth_one_hot
 
 
 def bce_loss(logits: Tensor, target: Tensor, *, smoothing: float = 0.0,

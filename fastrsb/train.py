@@ -186,9 +186,9 @@ def _build(recipe, data, loader_backend, model_name, out, dist_info, *, batch_pe
     if make_loader is None:
         from .loaders import make_loader
     if make_augment is None:
-        from .gpu_aug import make_train_augment as make_augment
+        from .augment import make_train_augment as make_augment
     if normalize is None:
-        from .gpu_aug import normalize
+        from .augment import normalize
     common = dict(device=device, rank=rank, world_size=world_size, seed=seed, num_workers=num_workers)
     train_loader = make_loader(loader_backend, data, "train", batch_size=layout.batch_per_gpu,
                                res=res_at(0, recipe.train_res, recipe.progressive_res, recipe.progressive_epochs),
@@ -208,9 +208,11 @@ def _build(recipe, data, loader_backend, model_name, out, dist_info, *, batch_pe
     try:
         augment = make_augment(recipe.rand_augment, recipe.mixup_alpha, recipe.cutmix_alpha, recipe.label_smoothing,
                                num_classes, mixup_prob=recipe.mixup_prob, switch_prob=recipe.mixup_switch_prob,
-                               dtype=autocast_dtype(precision))
+                               dtype=autocast_dtype(precision), interpolation=recipe.interpolation)
     except ValueError as e:
         raise FastRSBError(f"recipe {recipe.name}: rand_augment={recipe.rand_augment!r}: {e}") from None
+    if device.type == "cuda" and compile_mode != "none" and hasattr(augment, "compile"):
+        augment.compile()  # a fixed kernel sequence per shape: one graph for the whole augmentation
     # A CPU generator: the augmentation takes its random decisions on the host, so drawing them needs no sync.
     augment_generator = torch.Generator()
     augment_generator.manual_seed(seed * 1_000_003 + rank + 1)  # each rank draws its own augmentations

@@ -1,7 +1,7 @@
 """fastrsb.train on the CPU: learns, resumes bit-identically, DDP (gloo, 2 processes) matches 1 process.
 
 Learning and resuming run the real pipeline: `fastrsb demo-data` -> `fastrsb convert --format beton,dali`
--> the `pil` loader -> fastrsb.gpu_aug (RandAugment, mixup/cutmix). The DDP and non-finite-loss tests use
+-> the `pil` loader -> fastrsb.augment (RandAugment, mixup/cutmix). The DDP and non-finite-loss tests use
 a small in-memory loader and augmentation that honour the same contracts (uint8 NCHW channels-last
 images and int64 labels on the device; augment -> normalised float images and dense soft targets),
 so that only the trainer is under test.
@@ -97,7 +97,7 @@ def memory_normalize(images, dtype=torch.float32):
 
 
 def make_memory_augment(rand_augment, mixup_alpha, cutmix_alpha, label_smoothing, num_classes,
-                        mixup_prob=1.0, switch_prob=0.5, dtype=torch.float32):
+                        mixup_prob=1.0, switch_prob=0.5, dtype=torch.float32, interpolation="random"):
     """Mixup (batch-reversed partner, lambda from torch's global RNG) and smoothed dense targets; no draws
     from the per-rank generator, so DDP and one process see the same batches."""
 

@@ -75,7 +75,7 @@ def _model(name, num_classes, recipe, device):
 def _fastrsb_pipeline(args, data, recipe, device, num_classes):
     """The trainer's pieces: make_loader, the GPU augmentation, AugmentedBatches (side-stream prefetch) and
     TrainStep, with the recipe's loss, LAMB and compile mode."""
-    from fastrsb.gpu_aug import make_train_augment
+    from fastrsb.augment import make_train_augment
     from fastrsb.loaders import make_loader
     from fastrsb.loss import make_loss
     from fastrsb.optim import Lamb, make_param_groups

@@ -70,7 +70,7 @@ class with_rand_augment:
     def __init__(self, loader, rand_augment: str, seed: int = 0):
         import torch
 
-        from fastrsb.gpu_aug import RandAugment
+        from fastrsb.augment import RandAugment
 
         self.loader = loader
         self.rand_augment = RandAugment.from_timm(rand_augment)

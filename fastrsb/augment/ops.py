@@ -1,0 +1,468 @@
+"""RandAugment's image ops on uint8 NCHW batches, one fixed sequence of kernels per layer.
+
+Each op reproduces timm's PIL op (timm 1.0, `timm/data/auto_augment.py`, Ross Wightman) on 8-bit
+images, PIL's integer rounding included: grayscale conversion, truncating blends, equalize's LUT,
+affine transforms that sample pixel centres, clamp to the edge and fill outside the source image.
+tests/test_augment.py holds the per-op tolerances against timm.
+
+How a batch is augmented without data-dependent shapes (so that a call can be compiled or captured):
+every image's op for a layer is turned, on the host, into a row of numbers (`COLUMNS`): a LUT choice
+and its parameters, a blend choice and its factor, an affine matrix and an interpolation flag. The
+device then runs the same three stages over the whole batch whatever the draws:
+  1. one per-(image, channel) 256-entry lookup table: identity, invert, posterize, solarize,
+     solarize-add (all known on the host), brightness and contrast (blends with a constant, so LUTs
+     too), autocontrast and equalize (from a histogram of the batch);
+  2. one blend with a degenerate image, for Color (grayscale) and Sharpness (PIL's SMOOTH filter);
+  3. one affine warp (identity for images that drew no geometric op), bilinear or bicubic per image.
+Each image goes through at most one non-identity stage per layer; `torch.where` picks its result.
+Only the stages that the op set can need are issued (decided at construction, not per call).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+LEVEL_DENOM = 10.0  # timm's magnitude scale: 0..10
+TIMM_FILL = (124, 116, 104)  # timm's create_transform: img_mean, the ImageNet mean as uint8
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "random")
+
+# One row of per-image parameters per RandAugment layer (float64; integers are exact).
+COLUMNS = ("lut", "and_mask", "threshold", "add", "blend", "factor", "geometric", "bicubic",
+           "a00", "a01", "a02", "a10", "a11", "a12")
+_C = {name: i for i, name in enumerate(COLUMNS)}
+NUM_COLUMNS = len(COLUMNS)
+LUT_STATIC, LUT_AUTOCONTRAST, LUT_EQUALIZE, LUT_CONTRAST, LUT_BRIGHTNESS = range(5)
+BLEND_NONE, BLEND_COLOR, BLEND_SHARPNESS = range(3)
+_IDENTITY_ROW = np.zeros(NUM_COLUMNS)
+_IDENTITY_ROW[[_C["and_mask"], _C["threshold"], _C["factor"], _C["a00"], _C["a11"]]] = (255, 256, 1, 1, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks, host randomness, host -> device
+# ----------------------------------------------------------------------------------------------
+
+def check_images(images: torch.Tensor, who: str, uint8: bool) -> None:
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{who}: images must be a torch.Tensor, got {type(images).__name__}")
+    if images.ndim != 4:
+        raise ValueError(f"{who}: images must be a 4-d NCHW batch, got shape {tuple(images.shape)}")
+    if images.shape[1] != 3:
+        raise ValueError(
+            f"{who}: images must be NCHW with 3 (RGB) channels, got shape {tuple(images.shape)}; "
+            "an NHWC tensor must be permuted to NCHW (channels_last memory format is fine)")
+    if uint8 and images.dtype != torch.uint8:
+        raise TypeError(
+            f"{who}: images must be uint8 (0..255, like the 8-bit PIL images timm augments), got "
+            f"{images.dtype}; augment before normalising")
+    if not uint8 and images.dtype not in (torch.uint8, torch.float16, torch.bfloat16, torch.float32,
+                                          torch.float64):
+        raise TypeError(f"{who}: images must be uint8 or floating point, got {images.dtype}")
+
+
+def host_rng(generator: torch.Generator | None) -> np.random.Generator:
+    """A numpy generator seeded from `generator` (or torch's default CPU generator).
+
+    The seed is drawn on the generator's device: a CUDA generator costs one device-to-host sync here,
+    a CPU generator none.
+    """
+    device = generator.device if generator is not None else torch.device("cpu")
+    seed = torch.randint(0, 2**62, (1,), generator=generator, device=device)
+    return np.random.default_rng(int(seed.item()))  # sync only when the generator lives on a GPU
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host array to `device` without waiting for the device (pinned, asynchronous copy on CUDA)."""
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def memory_format(images: torch.Tensor) -> torch.memory_format:
+    if images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def fill_values(fill: int | Sequence[int]) -> tuple[float, float, float]:
+    values = [float(fill)] * 3 if isinstance(fill, (int, float)) else [float(v) for v in fill]
+    if len(values) != 3 or not all(0 <= v <= 255 for v in values):
+        raise ValueError(f"fill must be one value or 3 values in 0..255, got {fill!r}")
+    return tuple(values)
+
+
+_CONSTANTS: dict = {}
+
+
+def device_constants(device: torch.device, height: int, width: int, fill: Sequence[float]) -> dict:
+    """Tensors every call needs, made once per (device, size, fill) and reused (no per-call copies)."""
+    device = torch.device(device)
+    key = (str(device), height, width, tuple(fill))
+    if key not in _CONSTANTS:
+        smooth = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]]) / 13.0  # ImageFilter.SMOOTH
+        _CONSTANTS[key] = {
+            "levels": torch.arange(256, dtype=torch.int64).to(device),
+            # output pixel centres, which PIL maps in double precision
+            "centre_x": (torch.arange(width, dtype=torch.float64) + 0.5).view(1, 1, width).to(device),
+            "centre_y": (torch.arange(height, dtype=torch.float64) + 0.5).view(1, height, 1).to(device),
+            "smooth": smooth.expand(3, 1, 3, 3).contiguous().to(device),
+            "fill": torch.tensor(fill, dtype=torch.float32).view(1, 1, 1, 3).to(device),
+            # column offsets of a row's interpolation taps in the warp's edge-padded rows
+            "linear_taps": torch.tensor([0, 1], dtype=torch.int64).view(2, 1).to(device),
+            "cubic_taps": torch.tensor([-1, 0, 1, 2], dtype=torch.int64).view(4, 1).to(device),
+        }
+    return _CONSTANTS[key]
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side: an op at a magnitude -> its row of parameters
+# ----------------------------------------------------------------------------------------------
+
+def _posterize_mask(bits: np.ndarray) -> np.ndarray:
+    bits = np.clip(bits, 0, 8).astype(np.int64)
+    return (0xFF << (8 - bits)) & 0xFF  # keep the `bits` most significant bits
+
+
+def _solarize_threshold(m: np.ndarray) -> np.ndarray:  # min(256, int(m / 10 * 256))
+    return np.minimum(np.trunc(np.abs(m) / LEVEL_DENOM * 256), 256)
+
+
+def _enhance_factor(m):  # 'Color' etc.: [0.1, 1.9], unsigned
+    return np.abs(m) / LEVEL_DENOM * 1.8 + 0.1
+
+
+def _enhance_increasing_factor(m):  # 1 +- 0.9 m / 10, at least 0.1
+    return np.maximum(1.0 + m / LEVEL_DENOM * 0.9, 0.1)
+
+
+def _rotate(m, h, w, pct):
+    angle = -np.deg2rad(m / LEVEL_DENOM * 30.0)  # Image.rotate: counter-clockwise about the centre
+    cos, sin = np.cos(angle), np.sin(angle)
+    cx, cy = w / 2.0, h / 2.0
+    return cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy
+
+
+def _shear_x(m, h, w, pct):
+    return 1.0, m / LEVEL_DENOM * 0.3, 0.0, 0.0, 1.0, 0.0
+
+
+def _shear_y(m, h, w, pct):
+    return 1.0, 0.0, 0.0, m / LEVEL_DENOM * 0.3, 1.0, 0.0
+
+
+def _translate_x_rel(m, h, w, pct):
+    return 1.0, 0.0, m / LEVEL_DENOM * pct * w, 0.0, 1.0, 0.0
+
+
+def _translate_y_rel(m, h, w, pct):
+    return 1.0, 0.0, 0.0, 0.0, 1.0, m / LEVEL_DENOM * pct * h
+
+
+@dataclass(frozen=True)
+class Op:
+    """One RandAugment op: `columns(m, h, w, translate_pct)` gives its parameter columns for signed
+    magnitudes m (numpy), as {column: values}; matrices are PIL's affine maps, source = A @ (x, y, 1),
+    pixel centres at half-integers, origin at the image's top-left corner."""
+    columns: Callable
+    signed: bool  # RandAugment gives this op a random sign
+    geometric: bool = False
+    lut: int = LUT_STATIC
+    blend: int = BLEND_NONE
+
+
+def _lut_op(kind, factor=None, signed=False):
+    return Op(lambda m, h, w, pct: {"lut": kind, **({"factor": factor(m)} if factor else {})}, signed, lut=kind)
+
+
+def _blend_op(kind, factor, signed):
+    return Op(lambda m, h, w, pct: {"blend": kind, "factor": factor(m)}, signed, blend=kind)
+
+
+def _geometric_op(matrix):
+    def columns(m, h, w, pct):
+        names = ("a00", "a01", "a02", "a10", "a11", "a12")
+        return {"geometric": 1, **dict(zip(names, matrix(m, h, w, pct)))}
+    return Op(columns, True, geometric=True)
+
+
+OPS: dict[str, Op] = {
+    "AutoContrast": _lut_op(LUT_AUTOCONTRAST),
+    "Equalize": _lut_op(LUT_EQUALIZE),
+    "Invert": Op(lambda m, h, w, pct: {"threshold": 0}, False),  # solarize at 0 inverts every level
+    # timm 'Posterize': keep int(m / 10 * 4) bits (0 bits at m < 2.5); increasing: 4 - that
+    "Posterize": Op(lambda m, h, w, pct: {"and_mask": _posterize_mask(np.trunc(np.abs(m) / LEVEL_DENOM * 4))},
+                    False),
+    "PosterizeIncreasing": Op(
+        lambda m, h, w, pct: {"and_mask": _posterize_mask(4 - np.trunc(np.abs(m) / LEVEL_DENOM * 4))}, False),
+    # threshold min(256, int(m / 10 * 256)) (weaker with magnitude); increasing: 256 - that
+    "Solarize": Op(lambda m, h, w, pct: {"threshold": _solarize_threshold(m)}, False),
+    "SolarizeIncreasing": Op(lambda m, h, w, pct: {"threshold": 256 - _solarize_threshold(m)}, False),
+    # add min(128, int(m / 10 * 110)) to pixels below 128, saturating
+    "SolarizeAdd": Op(lambda m, h, w, pct: {"add": np.minimum(np.trunc(np.abs(m) / LEVEL_DENOM * 110), 128)},
+                      False),
+    "Color": _blend_op(BLEND_COLOR, _enhance_factor, False),
+    "ColorIncreasing": _blend_op(BLEND_COLOR, _enhance_increasing_factor, True),
+    "Contrast": _lut_op(LUT_CONTRAST, _enhance_factor),
+    "ContrastIncreasing": _lut_op(LUT_CONTRAST, _enhance_increasing_factor, True),
+    "Brightness": _lut_op(LUT_BRIGHTNESS, _enhance_factor),
+    "BrightnessIncreasing": _lut_op(LUT_BRIGHTNESS, _enhance_increasing_factor, True),
+    "Sharpness": _blend_op(BLEND_SHARPNESS, _enhance_factor, False),
+    "SharpnessIncreasing": _blend_op(BLEND_SHARPNESS, _enhance_increasing_factor, True),
+    "Rotate": _geometric_op(_rotate),
+    "ShearX": _geometric_op(_shear_x),
+    "ShearY": _geometric_op(_shear_y),
+    "TranslateXRel": _geometric_op(_translate_x_rel),
+    "TranslateYRel": _geometric_op(_translate_y_rel),
+}
+OP_NAMES = tuple(OPS)
+SIGNED_OPS = tuple(name for name, op in OPS.items() if op.signed)
+
+
+def lookup_op(name: str) -> Op:
+    if name not in OPS:
+        raise ValueError(f"unknown RandAugment op {name!r}; valid ops: {', '.join(OP_NAMES)}")
+    return OPS[name]
+
+
+def layer_columns(ops: Sequence[str], op_index: np.ndarray, applied: np.ndarray, magnitude: np.ndarray,
+                  bicubic: np.ndarray, height: int, width: int, translate_pct: float) -> np.ndarray:
+    """(batch, NUM_COLUMNS) float64: each image's op of one layer as parameters; identity where not applied."""
+    rows = np.tile(_IDENTITY_ROW, (op_index.shape[0], 1))
+    rows[:, _C["bicubic"]] = bicubic
+    for k, name in enumerate(ops):
+        sel = np.flatnonzero(applied & (op_index == k))  # host-side numpy: shapes vary only here
+        if sel.size:
+            for column, values in OPS[name].columns(magnitude[sel], height, width, translate_pct).items():
+                rows[sel, _C[column]] = values
+    return rows
+
+
+@dataclass(frozen=True)
+class Stages:
+    """Which device stages an op set can need; fixed for a RandAugment, so every call issues the same kernels."""
+    histogram: bool  # AutoContrast, Equalize
+    gray: bool  # Contrast (grey mean), Color (grey degenerate)
+    lut_blend: bool  # Contrast, Brightness: blends with a constant, as LUTs
+    color: bool
+    sharpness: bool
+    warp: bool
+
+    @classmethod
+    def of(cls, names: Sequence[str]) -> "Stages":
+        ops = [lookup_op(n) for n in names]
+        return cls(histogram=any(op.lut in (LUT_AUTOCONTRAST, LUT_EQUALIZE) for op in ops),
+                   gray=any(op.lut == LUT_CONTRAST or op.blend == BLEND_COLOR for op in ops),
+                   lut_blend=any(op.lut in (LUT_CONTRAST, LUT_BRIGHTNESS) for op in ops),
+                   color=any(op.blend == BLEND_COLOR for op in ops),
+                   sharpness=any(op.blend == BLEND_SHARPNESS for op in ops),
+                   warp=any(op.geometric for op in ops))
+
+
+# ----------------------------------------------------------------------------------------------
+# Device side: one layer over the whole batch
+# ----------------------------------------------------------------------------------------------
+
+def _col(v: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, 1, 1, 1)
+
+
+def _blend(degenerate: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """PIL's Image.blend(degenerate, image, factor) for 8-bit images: clamp, then truncate. Float32."""
+    return torch.lerp(degenerate.float(), x.float(), factor).clamp_(0, 255).to(torch.uint8)
+
+
+def _grayscale_pil(x: torch.Tensor) -> torch.Tensor:
+    """PIL's RGB -> L conversion (ITU-R 601-2 luma in 16-bit fixed point, rounded), as int32."""
+    xi = x.to(torch.int32)
+    return (xi[:, 0:1] * 19595 + xi[:, 1:2] * 38470 + xi[:, 2:3] * 7471 + 0x8000) >> 16
+
+
+def _histogram(x: torch.Tensor) -> torch.Tensor:
+    """(b, 3, 256) int64 pixel counts per image and channel."""
+    b, c, h, w = x.shape
+    flat = x.reshape(b * c, h * w).long()
+    hist = torch.zeros(b * c, 256, dtype=torch.int64, device=x.device)
+    hist.scatter_add_(1, flat, torch.ones_like(flat))  # scatter, not bincount: bincount syncs on CUDA
+    return hist.view(b, c, 256)
+
+
+def _autocontrast_lut(hist: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    present = (hist > 0).to(torch.int8)
+    lo = present.argmax(dim=-1).double()  # first level present
+    hi = (255 - present.flip(-1).argmax(dim=-1)).double()  # last level present
+    scale = 255.0 / (hi - lo).clamp(min=1)
+    offset = -lo * scale
+    # float64 and truncation, as ImageOps.autocontrast builds its LUT in Python floats
+    lut = torch.trunc(levels.double() * scale[..., None] + offset[..., None]).clamp(0, 255)
+    return torch.where((hi > lo)[..., None], lut, levels.double()).to(torch.uint8)
+
+
+def _equalize_lut(hist: torch.Tensor, levels: torch.Tensor, pixels: int) -> torch.Tensor:
+    present = (hist > 0).to(torch.int8)
+    top = 255 - present.flip(-1).argmax(dim=-1, keepdim=True)  # the highest level present
+    step = (pixels - hist.gather(-1, top)) // 255  # ImageOps.equalize: (total - count of top value) // 255
+    distinct = present.sum(dim=-1, keepdim=True)
+    before = torch.cumsum(hist, dim=-1) - hist
+    lut = (step // 2 + before) // step.clamp(min=1)
+    return torch.where((step > 0) & (distinct > 1), lut.clamp(max=255), levels).to(torch.uint8)
+
+
+def _apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """Per-(image, channel) lookup: lut is (b, 3, 256) uint8."""
+    b, c, h, w = x.shape
+    base = torch.arange(b * c, device=x.device).view(b, c, 1, 1) * 256
+    return torch.take(lut.reshape(-1), x.long() + base)
+
+
+def _lut_stage(x, cols, stages: Stages, consts, gray_mean):
+    b = x.shape[0]
+    levels = consts["levels"]
+    kind = cols[:, _C["lut"]].view(b, 1, 1)
+    v = levels & cols[:, _C["and_mask"]].long().view(b, 1, 1)  # posterize
+    v = torch.where(v < cols[:, _C["threshold"]].long().view(b, 1, 1), v, 255 - v)  # solarize, invert
+    v = torch.where(v < 128, (v + cols[:, _C["add"]].long().view(b, 1, 1)).clamp(max=255), v)  # solarize-add
+    lut = v.to(torch.uint8).expand(b, 3, 256)
+    if stages.lut_blend:  # brightness: blend with black; contrast: with the rounded grey mean
+        degenerate = torch.zeros((), dtype=torch.float64, device=x.device)
+        if gray_mean is not None:
+            degenerate = torch.where(kind == LUT_CONTRAST, torch.floor(gray_mean + 0.5).view(b, 1, 1), degenerate)
+        blended = _blend(degenerate, levels.view(1, 1, 256), cols[:, _C["factor"]].float().view(b, 1, 1))
+        lut = torch.where((kind == LUT_CONTRAST) | (kind == LUT_BRIGHTNESS), blended, lut)
+    if stages.histogram:
+        hist = _histogram(x)
+        lut = torch.where(kind == LUT_AUTOCONTRAST, _autocontrast_lut(hist, levels), lut)
+        lut = torch.where(kind == LUT_EQUALIZE, _equalize_lut(hist, levels, x.shape[2] * x.shape[3]), lut)
+    return _apply_lut(x, lut)
+
+
+def _smooth_pil(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """PIL's 3x3 SMOOTH filter, rounded; the one-pixel border stays as it was."""
+    out = x.clone()
+    if x.shape[2] > 2 and x.shape[3] > 2:
+        smooth = F.conv2d(x.float(), kernel, groups=3)
+        out[:, :, 1:-1, 1:-1] = torch.floor(smooth + 0.5).clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def _linear(v2, v3, d):
+    """PIL's BILINEAR macro, v2 + (v3 - v2) d, in float32."""
+    return v2 + d * (v3 - v2)
+
+
+def _cubic(v1, v2, v3, v4, d, bicubic: torch.Tensor | None):
+    """PIL's BICUBIC macro (Geometry.c: cubic convolution with a = -1) in float32; where `bicubic` is
+    False the same polynomial with p3 = p4 = 0 is PIL's bilinear v2 + d (v3 - v2), bit for bit."""
+    p2 = v3 - v1
+    p3 = 2 * (v1 - v2) + v3 - v4
+    p4 = v2 - v1 - v3 + v4
+    if bicubic is not None:
+        p2 = torch.where(bicubic, p2, v3 - v2)
+        p3 = torch.where(bicubic, p3, 0.0)
+        p4 = torch.where(bicubic, p4, 0.0)
+    return v2 + d * (p2 + d * (p3 + d * p4))
+
+
+def warp(x: torch.Tensor, mats: torch.Tensor, consts: dict, interpolation: str,
+         bicubic: torch.Tensor | None = None) -> torch.Tensor:
+    """PIL's Image.transform(AFFINE) for a batch, one matrix per image (b, 2, 3) float64.
+
+    PIL maps each output pixel centre to a source point in double precision, fills the pixel when
+    that point lies outside the image, and otherwise interpolates between edge-clamped neighbours
+    and truncates. We do the same: float64 coordinates, gathers of the neighbours from an
+    edge-padded copy, float32 interpolation. (grid_sample was the first choice, but its float32
+    normalised coordinates put exact pixel centres a hair off, and truncation turns that into
+    off-by-one pixels even for the identity.) `interpolation` 'random' takes a per-image bool
+    `bicubic` (b,): bicubic where True, bilinear elsewhere. The result is channels_last in memory.
+    """
+    b, c, h, w = x.shape
+    a = mats.view(b, 6, 1, 1).unbind(1)
+    cx, cy = consts["centre_x"], consts["centre_y"]
+    # a0 x + a1 y + a2 as PIL's affine_transform writes it (pointwise, so a compiler fuses it), then
+    # PIL's `xin -= 0.5`: (b, h, w, 2) in pixel index units
+    src = torch.stack([a[0] * cx + a[1] * cy + a[2], a[3] * cx + a[4] * cy + a[5]], dim=-1) - 0.5
+    inside = ((src >= -0.5).all(dim=-1) & (src[..., 0] < w - 0.5) & (src[..., 1] < h - 0.5)).view(b, h, w, 1)
+    cubic = interpolation in ("bicubic", "random")
+    pad = 2 if cubic else 1
+    # gather uint8 pixels (a quarter of the bytes of float), interpolate in float32
+    padded = F.pad(x.contiguous(memory_format=torch.channels_last), (pad,) * 4, mode="replicate")
+    rows = padded.permute(0, 2, 3, 1).reshape(-1, c)  # (b * (h+2pad) * (w+2pad), c), a view
+    stride = w + 2 * pad
+    corner = src.floor() if interpolation != "nearest" else (src + 0.5).floor()
+    # index into the padded image; clamped only to stay in memory for points that get the fill
+    ix = corner[..., 0].clamp(-1, w - 1).long() + pad
+    iy = corner[..., 1].clamp(-1, h - 1).long() + pad
+    base = ((torch.arange(b, device=x.device).view(b, 1, 1) * (h + 2 * pad) + iy) * stride + ix).view(-1)
+
+    def taps(row: int) -> tuple[torch.Tensor, ...]:
+        """The neighbours in source row iy + row: one gather of (columns, b, h, w, c)."""
+        offsets = consts["cubic_taps" if cubic else "linear_taps"] + row * stride
+        return rows.index_select(0, (base + offsets).view(-1)).view(-1, b, h, w, c).float().unbind(0)
+
+    if interpolation == "nearest":
+        out = rows.index_select(0, base).view(b, h, w, c).float()
+    else:
+        dx, dy = (src - corner).float().view(b, h, w, 2, 1).unbind(3)
+        if cubic:
+            flag = None if interpolation == "bicubic" else bicubic.view(b, 1, 1, 1)
+            out = _cubic(*(_cubic(*taps(j), dx, flag) for j in (-1, 0, 1, 2)), dy, flag)
+        else:
+            out = _linear(*(_linear(*taps(j), dx) for j in (0, 1)), dy)
+    out = torch.where(inside, out, consts["fill"])
+    return out.clamp_(0, 255).to(torch.uint8).permute(0, 3, 1, 2)  # truncates, as PIL does
+
+
+def apply_layer(x: torch.Tensor, cols: torch.Tensor, stages: Stages, consts: dict, interpolation: str) -> torch.Tensor:
+    """One RandAugment layer on uint8 (b, 3, H, W): `cols` (b, NUM_COLUMNS) float64 on x's device.
+
+    The kernels issued depend only on x's shape, `stages` and `interpolation`, never on `cols`.
+    """
+    b = x.shape[0]
+    gray = _grayscale_pil(x) if stages.gray else None
+    gray_mean = gray.double().mean(dim=(1, 2, 3)) if stages.gray else None
+    out = _lut_stage(x, cols, stages, consts, gray_mean)
+    if stages.color or stages.sharpness:
+        kind = _col(cols[:, _C["blend"]])
+        degenerate = _smooth_pil(x, consts["smooth"]) if stages.sharpness else x
+        if stages.color:
+            degenerate = torch.where(kind == BLEND_COLOR, gray, degenerate)
+        blended = _blend(degenerate, x, _col(cols[:, _C["factor"]]).float())
+        out = torch.where(kind != BLEND_NONE, blended, out)
+    if stages.warp:
+        mats = cols[:, _C["a00"]:].reshape(b, 2, 3)
+        bicubic = cols[:, _C["bicubic"]] > 0.5 if interpolation == "random" else None
+        warped = warp(out, mats, consts, interpolation, bicubic)
+        out = torch.where(_col(cols[:, _C["geometric"]] > 0.5), warped, out)
+    return out
+
+
+def apply_op(name: str, images: torch.Tensor, magnitudes, *, fill: int | Sequence[int] = TIMM_FILL,
+             interpolation: str = "bilinear", translate_pct: float = 0.45) -> torch.Tensor:
+    """Apply one RandAugment op to every image of a uint8 NCHW batch, each at its own magnitude.
+
+    `magnitudes`: a number or a (batch,) array/tensor on timm's 0..10 scale, already signed: for the
+    ops in SIGNED_OPS a negative magnitude is what timm's `_randomly_negate` gives when it flips the
+    sign (negative angle, shear, translation, or enhancement factor below 1 for the *Increasing ops).
+    Unsigned ops use the absolute value. No clamping happens here: RandAugment clamps before the sign.
+    `interpolation`: 'bilinear', 'bicubic' or 'nearest' (one for all images). This runs the same
+    layer code as RandAugment; the magnitudes are read on the host (a device tensor costs a sync).
+    """
+    check_images(images, "apply_op", uint8=True)
+    lookup_op(name)
+    if interpolation not in ("bilinear", "bicubic", "nearest"):
+        raise ValueError(f"interpolation must be 'bilinear', 'bicubic' or 'nearest', got {interpolation!r}")
+    batch, _, h, w = images.shape
+    m = np.asarray(torch.as_tensor(magnitudes, dtype=torch.float64).cpu())
+    m = np.broadcast_to(m, (batch,)) if m.ndim == 0 else m
+    if m.shape != (batch,):
+        raise ValueError(f"magnitudes must be a number or shaped ({batch},), got {tuple(m.shape)}")
+    if batch == 0:
+        return images.clone()
+    cols = layer_columns((name,), np.zeros(batch, np.int64), np.ones(batch, bool), m,
+                         np.full(batch, interpolation == "bicubic"), h, w, translate_pct)
+    consts = device_constants(images.device, h, w, fill_values(fill))
+    out = apply_layer(images, to_device(cols, images.device), Stages.of((name,)), consts, interpolation)
+    return out.contiguous(memory_format=memory_format(images))

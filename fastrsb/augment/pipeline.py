@@ -1,0 +1,168 @@
+"""The trainer's train augmentation: RandAugment -> mixup/cutmix -> normalise, on a device batch.
+
+As timm's train pipeline (timm 1.0: `create_transform` with `auto_augment`, then `Mixup` and the
+prefetcher's normalisation), minus decode, random-resized-crop and flip, which the loaders do
+(fused with decoding; they honour `recipe.hflip`).
+
+A call has a host part and a device part. The host part draws every random decision with numpy
+(seeded from the optional CPU `torch.Generator`) and packs them into one float64 array; one pinned,
+non-blocking copy takes it to the device. The device part (`TrainAugment.apply_packed`: params
+tensor -> images, targets) runs the same kernels for every draw, with constants cached per device,
+and never synchronises with the host, so `TrainAugment.compile()` can wrap it in
+`torch.compile(fullgraph=True, dynamic=False)` (one compile per input shape).
+
+Measured (`fastrsb bench aug --quick`, benchmarks/results/cpu-2core-aug-2026-11-27.jsonl: 2-core AMD EPYC
+shared with other jobs, torch 2.14.1, timm 1.0.31; A3's rand-m6-mstd0.5-inc1 + mixup 0.1 / cutmix 1.0,
+160 px; median of 3 calls): batch 256 takes 24.5 s eager and 5.9 s compiled (35 s to compile), batch
+2048 takes 149 s eager and 25.3 s compiled (3.2 s per 256 images), against 0.28 s and 3.15 s for timm's
+PIL RandAugment on one core + Mixup + normalise. On a CPU, computing every stage for every image (the
+price of a fixed kernel sequence) loses to PIL's per-image C code by 8x (compiled, 2048) to 88x
+(eager, 256). The design targets the GPU, compiled: <= 0.6 ms per 256 images at batch 2048 and <= 5 ms
+at 256 on one H100 (issue 9); not yet measured on a GPU.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .mixup import NUM_COLUMNS as MIX_COLUMNS, MixupCutmix, smooth_one_hot
+from .ops import TIMM_FILL, check_images, host_rng, memory_format, to_device
+from .rand_augment import RandAugment
+
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+
+_NORMALIZE_CONSTANTS: dict = {}
+
+
+def _normalize_constants(device: torch.device, mean: Sequence[float], std: Sequence[float]):
+    key = (str(device), tuple(mean), tuple(std))
+    if key not in _NORMALIZE_CONSTANTS:
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        _NORMALIZE_CONSTANTS[key] = ((1.0 / (255.0 * std_t)).to(device), (-mean_t / std_t).to(device))
+    return _NORMALIZE_CONSTANTS[key]
+
+
+def normalize(images: Tensor, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+              std: Sequence[float] = IMAGENET_DEFAULT_STD, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(images / 255 - mean) / std for uint8 or float images in 0..255; keeps channels_last."""
+    check_images(images, "normalize", uint8=False)
+    if not dtype.is_floating_point:
+        raise TypeError(f"normalize: dtype must be floating point, got {dtype}")
+    return _normalized(images, mean, std, dtype).contiguous(memory_format=memory_format(images))
+
+
+def _normalized(images: Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype) -> Tensor:
+    scale, shift = _normalize_constants(images.device, mean, std)
+    return images.to(torch.float32, copy=True).mul_(scale).add_(shift).to(dtype)
+
+
+class TrainAugment:
+    """RandAugment -> mixup/cutmix -> normalise (see make_train_augment).
+
+    `augment(images_uint8_nchw, labels_int64, generator=None)` -> (images in `dtype`, channels_last;
+    float32 targets (B, num_classes)). Either stage may be None; targets are then the smoothed one-hot.
+    """
+
+    def __init__(self, rand_augment: RandAugment | None, mixup: MixupCutmix | None, label_smoothing: float,
+                 num_classes: int, dtype: torch.dtype = torch.float32,
+                 mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD):
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes!r}")
+        if not dtype.is_floating_point:
+            raise TypeError(f"train augment: dtype must be floating point, got {dtype}")
+        self.rand_augment = rand_augment
+        self.mixup = mixup
+        self.label_smoothing = float(label_smoothing)
+        self.num_classes = int(num_classes)
+        self.dtype = dtype
+        self.mean, self.std = tuple(mean), tuple(std)
+        self._device_part = self.apply_packed
+        self.compiled = False
+
+    def compile(self) -> "TrainAugment":
+        """Run the device part through torch.compile(fullgraph=True, dynamic=False) from now on."""
+        self._device_part = torch.compile(self.apply_packed, fullgraph=True, dynamic=False)
+        self.compiled = True
+        return self
+
+    def sample_params(self, batch_size: int, height: int, width: int,
+                      generator: torch.Generator | None = None) -> dict:
+        """Every random decision of one call, on the host: {'rand_augment': ..., 'mixup': ...} (None where off)."""
+        if self.mixup is not None and batch_size % 2:
+            raise ValueError(f"mixup/cutmix needs an even batch size, got {batch_size}")
+        rng = host_rng(generator)  # one seed per call; every draw below is on the host
+        ra = self.rand_augment.sample_params(batch_size, rng=rng) if self.rand_augment is not None else None
+        mix = self.mixup.sample_params(batch_size, height, width, rng=rng) if self.mixup is not None else None
+        return {"rand_augment": ra, "mixup": mix}
+
+    def pack(self, params: dict, height: int, width: int) -> np.ndarray:
+        """The params of one call as one (batch, columns) float64 array: RandAugment's, then mixup's."""
+        parts = []
+        if self.rand_augment is not None:
+            parts.append(self.rand_augment.pack(params["rand_augment"], height, width))
+        if self.mixup is not None:
+            parts.append(MixupCutmix.pack(params["mixup"]))
+        return np.concatenate(parts, axis=1) if parts else np.zeros((0, 0))
+
+    def apply_packed(self, images: Tensor, labels: Tensor, packed: Tensor) -> tuple[Tensor, Tensor]:
+        """The device part: same kernels for every draw, no host synchronisation."""
+        x = images
+        if self.rand_augment is not None:
+            x = self.rand_augment.apply_packed(x, packed[:, :self.rand_augment.num_columns])
+        if self.mixup is not None:
+            x, targets = self.mixup.apply_packed(x, labels, packed[:, packed.shape[1] - MIX_COLUMNS:])
+        else:
+            targets = smooth_one_hot(labels, self.num_classes, self.label_smoothing)
+        out = _normalized(x, self.mean, self.std, self.dtype)
+        return out.contiguous(memory_format=torch.channels_last), targets
+
+    def apply_params(self, images: Tensor, labels: Tensor, params: dict) -> tuple[Tensor, Tensor]:
+        """Apply the draws of `sample_params`: at most one host-to-device copy, then the device part."""
+        _, _, h, w = images.shape
+        packed = self.pack(params, h, w)
+        packed_d = to_device(packed, images.device) if packed.size else packed_placeholder(images.device)
+        return self._device_part(images, labels, packed_d)
+
+    def __call__(self, images: Tensor, labels: Tensor, generator: torch.Generator | None = None):
+        check_images(images, "train augment", uint8=True)
+        if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+            raise ValueError(f"labels must be shaped ({images.shape[0]},), got {tuple(labels.shape)}")
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be integer class indices, got {labels.dtype}")
+        _, _, h, w = images.shape
+        return self.apply_params(images, labels, self.sample_params(images.shape[0], h, w, generator))
+
+
+_PLACEHOLDERS: dict = {}
+
+
+def packed_placeholder(device: torch.device) -> Tensor:
+    """An empty params tensor for an augmentation without random stages (no copy at all)."""
+    key = str(device)
+    if key not in _PLACEHOLDERS:
+        _PLACEHOLDERS[key] = torch.zeros((0, 0), dtype=torch.float64, device=device)
+    return _PLACEHOLDERS[key]
+
+
+def make_train_augment(rand_augment: str | None, mixup_alpha: float, cutmix_alpha: float, label_smoothing: float,
+                       num_classes: int, *, mixup_prob: float = 1.0, switch_prob: float = 0.5,
+                       dtype: torch.dtype = torch.float32, mixup_mode: str = "batch",
+                       fill: int | Sequence[int] = TIMM_FILL, interpolation: str = "random") -> TrainAugment:
+    """The trainer's augmentation: `(images_uint8, labels_int64, generator=None) -> (images, targets)`.
+
+    rand_augment: timm string ('rand-m6-mstd0.5-inc1') or None/'' for none. Mixup/cutmix is off when
+    both alphas are 0; targets are then the (smoothed) one-hot labels. `fill` and `interpolation` are
+    RandAugment's (timm's create_transform defaults). Call `.compile()` on the result to compile its
+    device part.
+    """
+    ra = RandAugment.from_timm(rand_augment, fill=fill, interpolation=interpolation) if rand_augment else None
+    mix = None
+    if mixup_alpha > 0 or cutmix_alpha > 0:
+        mix = MixupCutmix(mixup_alpha, cutmix_alpha, prob=mixup_prob, switch_prob=switch_prob, mode=mixup_mode,
+                          label_smoothing=label_smoothing, num_classes=num_classes)
+    return TrainAugment(ra, mix, label_smoothing, num_classes, dtype)
