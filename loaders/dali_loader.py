@@ -30,6 +30,7 @@ import numpy as np
 from fastrsb.errors import FastRSBError, missing_extra
 
 from . import layout, registry, sampling
+from .resample import support_margin
 
 
 def _open(data, split, **kw):
@@ -55,13 +56,17 @@ _HOST_MEMORY_PADDING = 140544512
 
 
 class PlanSource:
-    """external_source callback: one planned batch per call, StopIteration at the end of the epoch."""
+    """external_source callback: one planned batch per call, StopIteration at the end of the epoch.
 
-    def __init__(self, index: ShardIndex, train: bool, crop_pct: float):
+    Per sample it hands DALI what `CropSpec` decided for that read: the JPEG bytes, the label, the
+    window to ROI-decode (the crop box widened by the resize filter's support, so the resize reads the
+    same neighbouring pixels PIL does), the box inside that window, the filter and the flip.
+    """
+
+    def __init__(self, index: ShardIndex, crop: sampling.CropSpec):
         self.read = ShardBytes(index)
         self.index = index
-        self.train = train
-        self.crop_pct = crop_pct
+        self.crop = crop
         self.batches: list[np.ndarray] = []
         self.k = 0
         self.res = 0
@@ -69,47 +74,55 @@ class PlanSource:
     def start(self, batches, res: int):
         self.batches, self.k, self.res = batches, 0, int(res)
 
+    def windows(self, tagged: np.ndarray):
+        """(slice start (x, y), slice shape (w, h), roi start (y, x), roi end (y, x), interp, flip) per read."""
+        ids = tagged & sampling.SAMPLE_MASK
+        n, res = tagged.size, self.res
+        start, shape = np.zeros((n, 2), np.int32), np.zeros((n, 2), np.int32)
+        roi_start, roi_end = np.zeros((n, 2), np.float32), np.zeros((n, 2), np.float32)
+        interp, flips = np.zeros(n, np.int32), np.zeros(n, np.int32)
+        for k, (t, height, width) in enumerate(zip(tagged.tolist(), self.index.heights[ids].tolist(),
+                                                   self.index.widths[ids].tolist())):
+            top, left, h, w, flip = self.crop.box(height, width, t)
+            bicubic = self.crop.bicubic(t)
+            my, mx = support_margin(h, res, bicubic), support_margin(w, res, bicubic)
+            y0, x0 = max(0, top - my), max(0, left - mx)
+            y1, x1 = min(height, top + h + my), min(width, left + w + mx)
+            start[k], shape[k] = (x0, y0), (x1 - x0, y1 - y0)
+            roi_start[k], roi_end[k] = (top - y0, left - x0), (top - y0 + h, left - x0 + w)
+            interp[k] = int(types.INTERP_CUBIC if bicubic else types.INTERP_LINEAR)
+            flips[k] = flip
+        return start, shape, roi_start, roi_end, interp, flips
+
     def __call__(self):
         if self.k >= len(self.batches):
             raise StopIteration
-        ids = self.batches[self.k] & sampling.SAMPLE_MASK
+        tagged = self.batches[self.k]
         self.k += 1
-        jpegs = self.read.batch(ids)
-        labels = self.index.labels[ids]
+        ids = tagged & sampling.SAMPLE_MASK
         size = np.full((ids.size, 2), self.res, dtype=np.float32)
-        if self.train:
-            return jpegs, labels, size
-        h, w = self.index.heights[ids], self.index.widths[ids]
-        c = np.floor(self.crop_pct * np.minimum(h, w)).astype(np.int64)
-        top, left = (h - c) // 2, (w - c) // 2
-        start = np.stack([top, left], axis=1).astype(np.float32)
-        end = np.stack([top + c, left + c], axis=1).astype(np.float32)
-        return jpegs, labels, size, start, end
+        return (self.read.batch(ids), self.index.labels[ids], size, *self.windows(tagged))
 
 
-def build_pipeline(source: PlanSource, *, batch_size: int, num_threads: int, device_id, crop: sampling.CropSpec,
-                   hw_decoder_load: float) -> Pipeline:
+def build_pipeline(source: PlanSource, *, batch_size: int, num_threads: int, device_id, hw_decoder_load: float,
+                   seed: int) -> Pipeline:
+    """decoders.image_slice (ROI decode of the planned window) -> resize (per-sample filter) -> flip."""
     mixed = device_id is not None
-    train, seed = crop.train, crop.seed
+    # DALI's own generator is not used: every random choice comes from the plan (seed kept for DALI).
     pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                     prefetch_queue_depth=2)
-    n = 3 if train else 5
     with pipe:
-        outs = fn.external_source(source=source, num_outputs=n, batch=True,
-                                  dtype=[types.UINT8, types.INT64] + [types.FLOAT] * (n - 2))
-        jpegs, labels, size = outs[:3]
+        jpegs, labels, size, start, shape, roi_start, roi_end, interp, flip = fn.external_source(
+            source=source, num_outputs=9, batch=True,
+            dtype=[types.UINT8, types.INT64, types.FLOAT, types.INT32, types.INT32, types.FLOAT, types.FLOAT,
+                   types.INT32, types.INT32])
         decoder = dict(device="mixed", hw_decoder_load=hw_decoder_load, device_memory_padding=_DEVICE_MEMORY_PADDING,
                        host_memory_padding=_HOST_MEMORY_PADDING) if mixed else dict(device="cpu")
-        if train:
-            images = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, random_area=list(crop.scale),
-                                                   random_aspect_ratio=list(crop.ratio), num_attempts=10, seed=seed,
-                                                   **decoder)
-            images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
-            images = fn.flip(images, horizontal=fn.random.coin_flip(probability=crop.hflip, seed=seed + 1))
-        else:
-            images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
-            images = fn.resize(images, size=size, roi_start=outs[3], roi_end=outs[4], roi_relative=False,
-                               interp_type=types.INTERP_CUBIC, antialias=True)
+        images = fn.decoders.image_slice(jpegs, start=start, shape=shape, normalized_anchor=False,
+                                         normalized_shape=False, output_type=types.RGB, **decoder)
+        images = fn.resize(images, size=size, roi_start=roi_start, roi_end=roi_end, roi_relative=False,
+                           interp_type=fn.cast(interp, dtype=types.INTERP_TYPE), antialias=True)
+        images = fn.flip(images, horizontal=flip)
         pipe.set_outputs(images, labels)
     pipe.build()
     return pipe
@@ -130,14 +143,14 @@ class DALILoader:
         self.num_samples = len(index)
         self.num_classes = len(layout.read_classes(data))
         self.plan = sampling.IndexPlan(self.num_samples, batch_size, **plan_kwargs)
-        self.source = PlanSource(index, crop.train, crop.crop_pct)
+        self.source = PlanSource(index, crop)
         device_id = None
         if self.device.type == "cuda":
             device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
         if not 0.0 <= hw_decoder_load <= 1.0:
             raise FastRSBError(f"hw_decoder_load must be in [0, 1], got {hw_decoder_load}")
         self.pipe = build_pipeline(self.source, batch_size=batch_size, num_threads=max(1, num_workers),
-                                   device_id=device_id, crop=crop, hw_decoder_load=hw_decoder_load)
+                                   device_id=device_id, hw_decoder_load=hw_decoder_load, seed=crop.seed)
         self._state = "new"  # new | running | exhausted
 
     def _finish_epoch(self):

@@ -35,7 +35,7 @@ import numpy as np
 
 from fastrsb.errors import FastRSBError, missing_extra
 
-from . import layout, registry, sampling
+from . import layout, registry, resample, sampling
 
 
 def _open(data, split, **kw):
@@ -50,7 +50,7 @@ registry.register(registry.Backend(
 try:
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
-    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.libffcv import imdecode
     from ffcv.loader import Loader
     from ffcv.pipeline.compiler import Compiler
     from ffcv.traversal_order.base import TraversalOrder
@@ -79,10 +79,11 @@ class SeededResizedCropDecoder(ResizedCropRGBImageDecoder):
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
         imdecode_c = Compiler.compile(imdecode)
-        resize_crop_c = Compiler.compile(resize_crop)
-        read_key, _, rrc = sampling.numba_functions()
+        read_key, _, rrc, use_bicubic = sampling.numba_functions()
+        _, resize_box = resample.numba_functions()
         mask = sampling.SAMPLE_MASK
         train, seed, crop_pct, flip_p = self.crop.train, self.crop.seed, self.crop.crop_pct, self.crop.hflip
+        mode = self.crop.mode
         s_lo, s_hi = self.crop.scale
         lr_lo, lr_hi = math.log(self.crop.ratio[0]), math.log(self.crop.ratio[1])
 
@@ -100,22 +101,13 @@ class SeededResizedCropDecoder(ResizedCropRGBImageDecoder):
                     temp_buffer = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
                 else:
                     temp_buffer = image_data.reshape(height, width, 3)
+                key = read_key(seed, np.int64(tagged))
                 if train:
-                    i, j, h, w, flip = rrc(np.int64(height), np.int64(width), read_key(seed, np.int64(tagged)),
-                                           s_lo, s_hi, lr_lo, lr_hi, flip_p)
+                    i, j, h, w, flip = rrc(np.int64(height), np.int64(width), key, s_lo, s_hi, lr_lo, lr_hi, flip_p)
                 else:
                     c = np.int64(crop_pct * min(height, width))
                     i, j, h, w, flip = (np.int64(height) - c) // 2, (np.int64(width) - c) // 2, c, c, 0
-                out = destination[dst_ix]
-                resize_crop_c(temp_buffer, i, i + h, j, j + w, out)
-                if flip:
-                    ow = out.shape[1]
-                    for r in range(out.shape[0]):
-                        for col in range(ow // 2):
-                            for ch in range(3):
-                                tmp = out[r, col, ch]
-                                out[r, col, ch] = out[r, ow - 1 - col, ch]
-                                out[r, ow - 1 - col, ch] = tmp
+                resize_box(temp_buffer, i, j, h, w, destination[dst_ix], use_bicubic(key, mode), flip)
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
