@@ -1,27 +1,36 @@
 """The DALI backend: decodes the webdataset shards `fastrsb convert` writes (OUT/<split>/wds/).
 
-Follows NVIDIA's DALI ResNet-50 example: decode and random crop fused in
-`fn.decoders.image_random_crop`, `device="mixed"` on a GPU (nvJPEG, with `hw_decoder_load` of the
-images sent to the A100/H100 hardware JPEG decoder), CPU operators with `device_id=None` without one::
+After NVIDIA's DALI ResNet-50 example (decode fused with the crop, `device="mixed"` on a GPU: nvJPEG,
+with `hw_decoder_load` of the images sent to the A100/H100 hardware JPEG decoder; CPU operators with
+`device_id=None` without one), but the crop is the plan's, not DALI's::
 
-    external_source (JPEG bytes, label, output size[, window])   <- the IndexPlan, in Python
-    train: decoders.image_random_crop(scale 0.08-1, ratio 3/4-4/3) -> resize(linear, antialias)
-           -> flip(horizontal = coin_flip)
-    val:   decoders.image -> resize(window = central int(crop_pct * short side) square, cubic, antialias)
+    external_source (JPEG bytes, label, output size, ROI window, box, filter, flip)  <- IndexPlan + CropSpec
+    decoders.image_slice(window)        ROI decode: only the box plus the filter's support is decoded
+    -> resize(roi = box in the window, linear or cubic per sample, antialias) -> flip(per sample)
+
+Crops: the example's `fn.decoders.image_random_crop` draws from DALI's own generator, seeded once per
+pipeline, so its boxes differ from FFCV/PIL and a resumed run (a fresh pipeline at epoch e) draws other
+boxes than the run it resumes (issue 12: 72 of 86 tensors differed). Here every box, flip and filter
+comes from `sampling.CropSpec` (a pure function of (seed, tagged read)), as in the FFCV and PIL
+backends: the same seed gives the same boxes on all three, and resume is exact. The window decoded
+is the box widened by the resize filter's support (`resample.support_margin`), so the antialiased
+resize reads the same pixels around the box as PIL's `Image.resize(box=...)`. Train: bilinear or
+bicubic per read ("random", timm's default, or `interpolation`); val: the central
+int(crop_pct * short side) square, bicubic. Measured on demo data (CPU decoder): per-image mean |diff|
+to the PIL backend 0.18 grey levels (`fastrsb bench parity`); nvJPEG's decode is not bit-identical
+to libjpeg-turbo's, so on a GPU the gap is the decoder's too.
 
 Reads: an `external_source` fed from the shared `sampling.IndexPlan` (JPEG bytes sliced out of the
 memory-mapped shards at the offsets of the .idx files), rather than `fn.readers.webdataset` with
 `shard_id`/`num_shards`: the reader's own shuffling is a buffer-based approximation and its sharding
 splits samples, so it cannot give exact repeated augmentation or the seeded order the FFCV and PIL
 backends follow. Labels come from samples.tsv, travel through the pipeline with their images, and
-sizes come from samples.tsv too (the val window needs them before decoding).
+sizes come from samples.tsv too (the windows need them before decoding). The output size is an
+argument input fed per batch, so `set_epoch(res=...)` changes it without rebuilding the pipeline.
 
-Crops and flips draw from DALI's generator, seeded with `seed`: the same seed gives the same crops
-for the same sequence of epochs, not the same boxes as FFCV/PIL. The output size is an argument
-input fed per batch, so `set_epoch(res=...)` changes it without rebuilding the pipeline.
-
-Measured on one H100 (RECIPES.md): mixed decode + random crop 160 + flip, hardware decoder share
-1.0 / 0.65 / 0: 19-25.6k / 18.7-19k / 9.2-9.8k img/s; hence the default hw_decoder_load=1.0.
+Measured on one H100 (RECIPES.md) with the example's image_random_crop: mixed decode + random crop 160
++ flip, hardware decoder share 1.0 / 0.65 / 0: 19-25.6k / 18.7-19k / 9.2-9.8k img/s; hence the default
+hw_decoder_load=1.0. The ROI-decode path with plan windows has not been measured on a GPU yet.
 """
 from __future__ import annotations
 
