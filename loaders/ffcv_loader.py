@@ -90,7 +90,7 @@ class SeededResizedCropDecoder(ResizedCropRGBImageDecoder):
         my_range = Compiler.get_iterator()
         imdecode_c = Compiler.compile(imdecode)
         read_key, _, rrc, use_bicubic = sampling.numba_functions()
-        _, resize_box = resample.numba_functions()
+        resize_box = resample.numba_functions()[1]
         mask = sampling.SAMPLE_MASK
         train, seed, crop_pct, flip_p = self.crop.train, self.crop.seed, self.crop.crop_pct, self.crop.hflip
         mode = self.crop.mode

@@ -120,23 +120,24 @@ def _build(jit):
                 for c in range(3):
                     dst[yy, ox, c] = _clip8(acc[3 * xx + c])
 
-    return coefficients, resize_box
+    @jit
+    def support_margin(in_extent, out_size, bicubic):
+        """Source pixels beyond a box edge that the resize of that box reads (for ROI-decoding a box)."""
+        scale = in_extent / out_size
+        return int(math.ceil((2.0 if bicubic else 1.0) * (scale if scale > 1.0 else 1.0))) + 1
+
+    return coefficients, resize_box, support_margin
 
 
 _NUMBA = None
+coefficients, _, support_margin = _build(lambda f: f)  # plain Python (resize_box is only usable compiled)
 
 
 def numba_functions():
-    """(coefficients, resize_box) compiled by numba (compiled on first use, a few seconds)."""
+    """(coefficients, resize_box, support_margin) compiled by numba (on first use, a few seconds)."""
     global _NUMBA
     if _NUMBA is None:
         import numba
 
         _NUMBA = _build(numba.njit(cache=False, nogil=True))
     return _NUMBA
-
-
-def support_margin(in_extent: int, out_size: int, bicubic: bool) -> int:
-    """Source pixels beyond a box edge that the resize of that box reads (for ROI-decoding a box)."""
-    filterscale = max(in_extent / out_size, 1.0)
-    return int(math.ceil((2.0 if bicubic else 1.0) * filterscale)) + 1

@@ -182,7 +182,7 @@ def test_resample_matches_pil():
 
     from fastrsb.loaders.resample import numba_functions
 
-    _, resize_box = numba_functions()
+    resize_box = numba_functions()[1]
     rng = np.random.default_rng(0)
     exact = []
     for trial in range(120):
@@ -201,6 +201,35 @@ def test_resample_matches_pil():
         assert diff.max() <= 2 and diff.mean() <= 0.25, (trial, height, width, top, left, h, w, res, bicubic)
         exact.append(diff.max() == 0)
     assert np.mean(exact) >= 0.5
+
+
+def test_dali_windows_follow_the_crop_spec():
+    """DALI's per-batch windows (numba) hold CropSpec's boxes, flips and filters, and a margin that
+    covers the taps PIL's resize reads around the box (resample.coefficients)."""
+    pytest.importorskip("nvidia.dali")
+    from fastrsb.loaders import resample
+    from fastrsb.loaders.dali_loader import _windows_function
+
+    rng = np.random.default_rng(0)
+    heights, widths = rng.integers(20, 600, 500), rng.integers(20, 600, 500)
+    tagged = sampling.tag(rng.integers(0, 10**6, 500), rng.integers(0, 3, 500), 4)
+    for spec, res in ((sampling.CropSpec(train=True, seed=5), 160), (sampling.CropSpec(train=False, seed=5,
+                                                                                     crop_pct=0.95), 224)):
+        start, shape, roi_start, roi_end, bicubic, flips = _windows_function()(
+            heights, widths, tagged, spec.seed, spec.train, spec.crop_pct, spec.scale[0], spec.scale[1],
+            math.log(spec.ratio[0]), math.log(spec.ratio[1]), spec.hflip, spec.mode, res)
+        for k in range(tagged.size):
+            height, width, t = int(heights[k]), int(widths[k]), int(tagged[k])
+            top, left, h, w, flip = spec.box(height, width, t)
+            x0, y0 = start[k]
+            assert (y0 + roi_start[k][0], x0 + roi_start[k][1]) == (top, left)
+            assert (roi_end[k] - roi_start[k]).tolist() == [h, w]
+            assert flips[k] == flip and bool(bicubic[k]) == spec.bicubic(t)
+            assert 0 <= x0 and 0 <= y0 and x0 + shape[k][0] <= width and y0 + shape[k][1] <= height
+            for extent, first, size, box0, box_len in ((width, x0, shape[k][0], left, w),
+                                                      (height, y0, shape[k][1], top, h)):
+                bounds, _ = resample.coefficients(extent, float(box0), float(box0 + box_len), res, bool(bicubic[k]))
+                assert bounds[:, 0].min() >= first and (bounds[:, 0] + bounds[:, 1]).max() <= first + size
 
 
 def test_plan_rejects_bad_arguments():
