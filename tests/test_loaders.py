@@ -442,6 +442,24 @@ def test_repeated_augmentation_single_process(data, backend):
         assert not torch.equal(images[k], images[k + 1]) and not torch.equal(images[k + 1], images[k + 2])
 
 
+@pytest.mark.parametrize("backend", ["dali", "pil"])
+def test_accumulation_keeps_repeated_copies_in_different_micro_batches(data, backend):
+    """One process, 3 accumulation steps, 3 repeats: the loader yields the plan's micro-batches (their
+    labels follow the plan's samples), and no micro-batch holds two copies of a sample."""
+    out = data / "out"
+    loader = make_loader(backend, out, "train", **TRAIN, aug_repeats=3, accum_steps=3)
+    plan = IndexPlan(96, 16, seed=0, aug_repeats=3, accum_steps=3)
+    assert len(loader) == plan.batches_per_epoch == 6 and loader.samples_per_epoch == 96
+    batches = run_epoch(loader)
+    labels = np.asarray(tsv_labels(out, "train"))
+    for (_, y), planned in zip(batches, plan.batches(0)):
+        samples = planned & sampling.SAMPLE_MASK
+        assert np.unique(samples).size == samples.size
+        assert y.tolist() == labels[samples].tolist()
+    with pytest.raises(FastRSBError, match="accum_steps"):
+        make_loader(backend, out, "train", **TRAIN, accum_steps=0)
+
+
 def test_pil_over_the_source_imagefolder(data):
     loader = make_loader("pil", data / "src", "val", **VAL)
     images, labels = cat(run_epoch(loader))
