@@ -161,7 +161,11 @@ def _build(recipe, data, loader_backend, model_name, out, dist_info, *, batch_pe
     compile_mode = compile_mode or ("default" if device.type == "cuda" else "none")
     if compile_mode not in COMPILE_MODES:
         raise FastRSBError(f"--compile-mode {compile_mode!r}: choose one of {', '.join(COMPILE_MODES)}")
-    if batch_per_gpu == "auto" and device.type == "cuda":
+    if batch_per_gpu == "auto" and resume and (out / "run.json").is_file():
+        # the same micro-batches as before the interruption, or the plan (and the run) would change
+        batch_per_gpu = json.loads((out / "run.json").read_text())["layout"]["batch_per_gpu"]
+        why = "the resumed run's"
+    elif batch_per_gpu == "auto" and device.type == "cuda":
         per_rank = recipe.global_batch // world_size if recipe.global_batch % world_size == 0 else recipe.global_batch
         batch_per_gpu = _probe_batch(recipe, model_name, device, precision, per_rank, say)
         why = "the largest micro-batch that fits (probed)"
@@ -193,7 +197,8 @@ def _build(recipe, data, loader_backend, model_name, out, dist_info, *, batch_pe
     train_loader = make_loader(loader_backend, data, "train", batch_size=layout.batch_per_gpu,
                                res=res_at(0, recipe.train_res, recipe.progressive_res, recipe.progressive_epochs),
                                aug_repeats=recipe.aug_repeats, drop_last=True, scale=tuple(recipe.rrc_scale),
-                               ratio=tuple(recipe.rrc_ratio), hflip=recipe.hflip, **common)
+                               ratio=tuple(recipe.rrc_ratio), hflip=recipe.hflip, interpolation=recipe.interpolation,
+                               accum_steps=layout.accum_steps, **common)
     val_loader = make_loader(loader_backend, data, "val", batch_size=layout.batch_per_gpu, res=recipe.test_res,
                              crop_pct=recipe.test_crop_pct, drop_last=False, **common)
     num_classes = train_loader.num_classes

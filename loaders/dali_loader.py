@@ -1,35 +1,46 @@
 """The DALI backend: decodes the webdataset shards `fastrsb convert` writes (OUT/<split>/wds/).
 
-Follows NVIDIA's DALI ResNet-50 example: decode and random crop fused in
-`fn.decoders.image_random_crop`, `device="mixed"` on a GPU (nvJPEG, with `hw_decoder_load` of the
-images sent to the A100/H100 hardware JPEG decoder), CPU operators with `device_id=None` without one::
+After NVIDIA's DALI ResNet-50 example (decode fused with the crop, `device="mixed"` on a GPU: nvJPEG,
+with `hw_decoder_load` of the images sent to the A100/H100 hardware JPEG decoder; CPU operators with
+`device_id=None` without one), but the crop is the plan's, not DALI's::
 
-    external_source (JPEG bytes, label, output size[, window])   <- the IndexPlan, in Python
-    train: decoders.image_random_crop(scale 0.08-1, ratio 3/4-4/3) -> resize(linear, antialias)
-           -> flip(horizontal = coin_flip)
-    val:   decoders.image -> resize(window = central int(crop_pct * short side) square, cubic, antialias)
+    external_source (JPEG bytes, label, output size, ROI window, box, filter, flip)  <- IndexPlan + CropSpec
+    decoders.image_slice(window)        ROI decode: only the box plus the filter's support is decoded
+    -> resize(roi = box in the window, linear or cubic per sample, antialias) -> flip(per sample)
+
+Crops: the example's `fn.decoders.image_random_crop` draws from DALI's own generator, seeded once per
+pipeline, so its boxes differ from FFCV/PIL and a resumed run (a fresh pipeline at epoch e) draws other
+boxes than the run it resumes (issue 12: 72 of 86 tensors differed). Here every box, flip and filter
+comes from `sampling.CropSpec` (a pure function of (seed, tagged read)), as in the FFCV and PIL
+backends: the same seed gives the same boxes on all three, and resume is exact. The window decoded
+is the box widened by the resize filter's support (`resample.support_margin`), so the antialiased
+resize reads the same pixels around the box as PIL's `Image.resize(box=...)`. Train: bilinear or
+bicubic per read ("random", timm's default, or `interpolation`); val: the central
+int(crop_pct * short side) square, bicubic. Measured on demo data (CPU decoder): per-image mean |diff|
+to the PIL backend 0.18 grey levels (`fastrsb bench parity`); nvJPEG's decode is not bit-identical
+to libjpeg-turbo's, so on a GPU the gap is the decoder's too.
 
 Reads: an `external_source` fed from the shared `sampling.IndexPlan` (JPEG bytes sliced out of the
 memory-mapped shards at the offsets of the .idx files), rather than `fn.readers.webdataset` with
 `shard_id`/`num_shards`: the reader's own shuffling is a buffer-based approximation and its sharding
 splits samples, so it cannot give exact repeated augmentation or the seeded order the FFCV and PIL
 backends follow. Labels come from samples.tsv, travel through the pipeline with their images, and
-sizes come from samples.tsv too (the val window needs them before decoding).
+sizes come from samples.tsv too (the windows need them before decoding). The output size is an
+argument input fed per batch, so `set_epoch(res=...)` changes it without rebuilding the pipeline.
 
-Crops and flips draw from DALI's generator, seeded with `seed`: the same seed gives the same crops
-for the same sequence of epochs, not the same boxes as FFCV/PIL. The output size is an argument
-input fed per batch, so `set_epoch(res=...)` changes it without rebuilding the pipeline.
-
-Measured on one H100 (RECIPES.md): mixed decode + random crop 160 + flip, hardware decoder share
-1.0 / 0.65 / 0: 19-25.6k / 18.7-19k / 9.2-9.8k img/s; hence the default hw_decoder_load=1.0.
+Measured on one H100 (RECIPES.md) with the example's image_random_crop: mixed decode + random crop 160
++ flip, hardware decoder share 1.0 / 0.65 / 0: 19-25.6k / 18.7-19k / 9.2-9.8k img/s; hence the default
+hw_decoder_load=1.0. The ROI-decode path with plan windows has not been measured on a GPU yet.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 from fastrsb.errors import FastRSBError, missing_extra
 
-from . import layout, registry, sampling
+from . import layout, registry, resample, sampling
 
 
 def _open(data, split, **kw):
@@ -55,13 +66,17 @@ _HOST_MEMORY_PADDING = 140544512
 
 
 class PlanSource:
-    """external_source callback: one planned batch per call, StopIteration at the end of the epoch."""
+    """external_source callback: one planned batch per call, StopIteration at the end of the epoch.
 
-    def __init__(self, index: ShardIndex, train: bool, crop_pct: float):
+    Per sample it hands DALI what `CropSpec` decided for that read: the JPEG bytes, the label, the
+    window to ROI-decode (the crop box widened by the resize filter's support, so the resize reads the
+    same neighbouring pixels PIL does), the box inside that window, the filter and the flip.
+    """
+
+    def __init__(self, index: ShardIndex, crop: sampling.CropSpec):
         self.read = ShardBytes(index)
         self.index = index
-        self.train = train
-        self.crop_pct = crop_pct
+        self.crop = crop
         self.batches: list[np.ndarray] = []
         self.k = 0
         self.res = 0
@@ -69,47 +84,89 @@ class PlanSource:
     def start(self, batches, res: int):
         self.batches, self.k, self.res = batches, 0, int(res)
 
+    def windows(self, tagged: np.ndarray):
+        """(slice start (x, y), slice shape (w, h), roi start (y, x), roi end (y, x), interp, flip) per read.
+
+        The boxes, flips and filters of `CropSpec.box` / `CropSpec.bicubic`, computed by the same
+        sampling functions compiled with numba (2-3 ms per 256 reads in Python, a host cost per batch)."""
+        ids = tagged & sampling.SAMPLE_MASK
+        c = self.crop
+        out = _windows_function()(self.index.heights[ids], self.index.widths[ids], tagged.astype(np.int64), c.seed,
+                                  c.train, c.crop_pct, c.scale[0], c.scale[1], math.log(c.ratio[0]),
+                                  math.log(c.ratio[1]), c.hflip, c.mode, self.res)
+        start, shape, roi_start, roi_end, bicubic, flips = out
+        interp = np.where(bicubic == 1, int(types.INTERP_CUBIC), int(types.INTERP_LINEAR)).astype(np.int32)
+        return start, shape, roi_start, roi_end, interp, flips
+
     def __call__(self):
         if self.k >= len(self.batches):
             raise StopIteration
-        ids = self.batches[self.k] & sampling.SAMPLE_MASK
+        tagged = self.batches[self.k]
         self.k += 1
-        jpegs = self.read.batch(ids)
-        labels = self.index.labels[ids]
+        ids = tagged & sampling.SAMPLE_MASK
         size = np.full((ids.size, 2), self.res, dtype=np.float32)
-        if self.train:
-            return jpegs, labels, size
-        h, w = self.index.heights[ids], self.index.widths[ids]
-        c = np.floor(self.crop_pct * np.minimum(h, w)).astype(np.int64)
-        top, left = (h - c) // 2, (w - c) // 2
-        start = np.stack([top, left], axis=1).astype(np.float32)
-        end = np.stack([top + c, left + c], axis=1).astype(np.float32)
-        return jpegs, labels, size, start, end
+        return (self.read.batch(ids), self.index.labels[ids], size, *self.windows(tagged))
 
 
-def build_pipeline(source: PlanSource, *, batch_size: int, num_threads: int, device_id, crop: sampling.CropSpec,
-                   hw_decoder_load: float) -> Pipeline:
+_WINDOWS = None
+
+
+def _windows_function():
+    """numba-compiled per-batch windows (compiled once per process, on first use)."""
+    global _WINDOWS
+    if _WINDOWS is None:
+        import numba
+
+        read_key, _, rrc, use_bicubic = sampling.numba_functions()
+        margin = resample.numba_functions()[2]
+
+        @numba.njit(cache=False)
+        def windows(heights, widths, tagged, seed, train, crop_pct, s_lo, s_hi, lr_lo, lr_hi, flip_p, mode, res):
+            n = tagged.size
+            start, shape = np.zeros((n, 2), np.int32), np.zeros((n, 2), np.int32)
+            roi_start, roi_end = np.zeros((n, 2), np.float32), np.zeros((n, 2), np.float32)
+            bicubic, flips = np.zeros(n, np.int32), np.zeros(n, np.int32)
+            for k in range(n):
+                height, width = np.int64(heights[k]), np.int64(widths[k])
+                key = read_key(seed, tagged[k])
+                if train:
+                    top, left, h, w, flip = rrc(height, width, key, s_lo, s_hi, lr_lo, lr_hi, flip_p)
+                else:  # sampling.center_crop_box
+                    c = np.int64(crop_pct * min(height, width))
+                    top, left, h, w, flip = (height - c) // 2, (width - c) // 2, c, c, 0
+                cubic = use_bicubic(key, mode)
+                my, mx = margin(h, res, cubic), margin(w, res, cubic)
+                y0, x0 = max(0, top - my), max(0, left - mx)
+                y1, x1 = min(height, top + h + my), min(width, left + w + mx)
+                start[k, 0], start[k, 1], shape[k, 0], shape[k, 1] = x0, y0, x1 - x0, y1 - y0
+                roi_start[k, 0], roi_start[k, 1] = top - y0, left - x0
+                roi_end[k, 0], roi_end[k, 1] = top - y0 + h, left - x0 + w
+                bicubic[k], flips[k] = cubic, flip
+            return start, shape, roi_start, roi_end, bicubic, flips
+
+        _WINDOWS = windows
+    return _WINDOWS
+
+
+def build_pipeline(source: PlanSource, *, batch_size: int, num_threads: int, device_id, hw_decoder_load: float,
+                   seed: int) -> Pipeline:
+    """decoders.image_slice (ROI decode of the planned window) -> resize (per-sample filter) -> flip."""
     mixed = device_id is not None
-    train, seed = crop.train, crop.seed
+    # DALI's own generator is not used: every random choice comes from the plan (seed kept for DALI).
     pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                     prefetch_queue_depth=2)
-    n = 3 if train else 5
     with pipe:
-        outs = fn.external_source(source=source, num_outputs=n, batch=True,
-                                  dtype=[types.UINT8, types.INT64] + [types.FLOAT] * (n - 2))
-        jpegs, labels, size = outs[:3]
+        jpegs, labels, size, start, shape, roi_start, roi_end, interp, flip = fn.external_source(
+            source=source, num_outputs=9, batch=True,
+            dtype=[types.UINT8, types.INT64, types.FLOAT, types.INT32, types.INT32, types.FLOAT, types.FLOAT,
+                   types.INT32, types.INT32])
         decoder = dict(device="mixed", hw_decoder_load=hw_decoder_load, device_memory_padding=_DEVICE_MEMORY_PADDING,
                        host_memory_padding=_HOST_MEMORY_PADDING) if mixed else dict(device="cpu")
-        if train:
-            images = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, random_area=list(crop.scale),
-                                                   random_aspect_ratio=list(crop.ratio), num_attempts=10, seed=seed,
-                                                   **decoder)
-            images = fn.resize(images, size=size, interp_type=types.INTERP_LINEAR, antialias=True)
-            images = fn.flip(images, horizontal=fn.random.coin_flip(probability=crop.hflip, seed=seed + 1))
-        else:
-            images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
-            images = fn.resize(images, size=size, roi_start=outs[3], roi_end=outs[4], roi_relative=False,
-                               interp_type=types.INTERP_CUBIC, antialias=True)
+        images = fn.decoders.image_slice(jpegs, start=start, shape=shape, normalized_anchor=False,
+                                         normalized_shape=False, output_type=types.RGB, **decoder)
+        images = fn.resize(images, size=size, roi_start=roi_start, roi_end=roi_end, roi_relative=False,
+                           interp_type=fn.cast(interp, dtype=types.INTERP_TYPE), antialias=True)
+        images = fn.flip(images, horizontal=flip)
         pipe.set_outputs(images, labels)
     pipe.build()
     return pipe
@@ -130,14 +187,14 @@ class DALILoader:
         self.num_samples = len(index)
         self.num_classes = len(layout.read_classes(data))
         self.plan = sampling.IndexPlan(self.num_samples, batch_size, **plan_kwargs)
-        self.source = PlanSource(index, crop.train, crop.crop_pct)
+        self.source = PlanSource(index, crop)
         device_id = None
         if self.device.type == "cuda":
             device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
         if not 0.0 <= hw_decoder_load <= 1.0:
             raise FastRSBError(f"hw_decoder_load must be in [0, 1], got {hw_decoder_load}")
         self.pipe = build_pipeline(self.source, batch_size=batch_size, num_threads=max(1, num_workers),
-                                   device_id=device_id, crop=crop, hw_decoder_load=hw_decoder_load)
+                                   device_id=device_id, hw_decoder_load=hw_decoder_load, seed=crop.seed)
         self._state = "new"  # new | running | exhausted
 
     def _finish_epoch(self):

@@ -5,10 +5,12 @@ very bytes the FFCV and DALI backends decode) or a source ImageFolder (`SRC/<spl
 label = position of the class folder in sorted order, as torchvision's ImageFolder).
 
 Train: torchvision's RandomResizedCrop geometry (scale 0.08-1, ratio 3/4-4/3) with the box drawn by
-`sampling.random_resized_crop` from (seed, read), resized with PIL's antialiased bilinear filter
-(torchvision's default), then a horizontal flip decided by the same key: the FFCV backend draws the
-very same boxes and flips. Val: the central c x c square, c = int(crop_pct * short side), resized to
-res with antialiased bicubic (RECIPES.md): resize-short-side-to-res/crop_pct-then-center-crop.
+`sampling.random_resized_crop` from (seed, read), resized with PIL's antialiased bilinear or bicubic
+filter, chosen per read from the same key when `interpolation="random"` (timm's default for its train
+transform) or fixed, then a horizontal flip decided by the same key: the FFCV and DALI backends draw
+the very same boxes, flips and filters. Val: the central c x c square, c = int(crop_pct * short side),
+resized to res with antialiased bicubic (RECIPES.md): resize-short-side-to-res/crop_pct-then-center-crop.
+These are the reference pixels `fastrsb bench parity` compares the other backends with.
 
 Batches are uint8 NHWC in worker processes, pinned, and copied to the GPU on a side CUDA stream one
 batch ahead (timm's prefetcher idea); they come out as NCHW channels_last views.
@@ -174,12 +176,14 @@ def decode_rgb(data):
 
 
 def crop_resize(img, tagged: int, res: int, spec: sampling.CropSpec) -> np.ndarray:
-    """One read: HxWx3 uint8 at res x res (train: seeded RRC + flip; val: center window)."""
+    """One read: HxWx3 uint8 at res x res (train: seeded RRC + flip; val: center window), resized with
+    PIL's antialiased bilinear or bicubic filter as `spec.bicubic(tagged)` says."""
     from PIL import Image
 
     width, height = img.size
     top, left, h, w, flip = spec.box(height, width, tagged)
-    out = img.resize((res, res), Image.BILINEAR if spec.train else Image.BICUBIC, box=(left, top, left + w, top + h))
+    resample = Image.BICUBIC if spec.bicubic(tagged) else Image.BILINEAR
+    out = img.resize((res, res), resample, box=(left, top, left + w, top + h))
     if flip:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
     return np.asarray(out, dtype=np.uint8)

@@ -9,9 +9,15 @@
 `data` is the folder `fastrsb convert` wrote, or, for a backend that reads source folders (PIL), a
 source ImageFolder root (`<split>/<class>/*`).
 
-Train split: random-resized-crop (scale 0.08-1, ratio 3/4-4/3) fused with decoding, at `res`, then a
-horizontal flip with probability `hflip` (the recipe's): the only flip of the pipeline. Val split: the
-central int(crop_pct * short side) square resized to res x res. Reads (order, DDP shards, repeated
+Train split: random-resized-crop (scale 0.08-1, ratio 3/4-4/3) fused with decoding, resized to `res`
+with an antialiased bilinear or bicubic filter (`interpolation`: fixed, or "random" per read as timm's
+`transforms_imagenet_train`), then a horizontal flip with probability `hflip` (the recipe's): the only
+flip of the pipeline. Val split: the central int(crop_pct * short side) square resized to res x res,
+antialiased bicubic (timm's eval transform). Every backend uses PIL's filters: PIL itself; FFCV a
+numba port of Pillow's resampling (`resample.py`; FFCV's own OpenCV INTER_AREA is not used); DALI
+`fn.resize` with the same filter per sample (antialias on). The pixels differ only by the JPEG decoder
+(libjpeg-turbo in PIL and FFCV, nvJPEG / libjpeg-turbo in DALI) and rounding:
+`fastrsb bench parity` measures the gap. Reads (order, DDP shards, repeated
 augmentation, pads) and crops come from one `sampling.IndexPlan` and `sampling.CropSpec`, identical
 for all backends. Iterating twice without `set_epoch` repeats the epoch (as torch's DistributedSampler does).
 """
@@ -25,7 +31,7 @@ from fastrsb.errors import FastRSBError
 
 from . import registry
 from .auto import resolve_auto
-from .sampling import CropSpec
+from .sampling import INTERPOLATIONS, CropSpec
 
 
 class Loader:
@@ -79,7 +85,8 @@ def make_loader(backend: str, data, split: str, *, batch_size: int, res: int, de
                 world_size: int = 1, seed: int = 0, aug_repeats: int = 0, crop_pct: float = 0.875,
                 drop_last: bool | None = None, num_workers: int | None = None, shuffle: bool | None = None,
                 pad: bool = True, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5,
-                hw_decoder_load: float = 1.0, verbose: bool = True, probe: bool = True) -> Loader:
+                interpolation: str = "random", accum_steps: int = 1, hw_decoder_load: float = 1.0,
+                verbose: bool = True, probe: bool = True) -> Loader:
     """Build a loader for `split` ('train' augments; any other split is evaluated) of `data`.
 
     drop_last / shuffle default to True for 'train' and False otherwise. pad=True extends every rank
@@ -87,6 +94,12 @@ def make_loader(backend: str, data, split: str, *, batch_size: int, res: int, de
     pad=False cuts to floor(N / world_size) (up to world_size - 1 samples skipped per epoch).
     aug_repeats=R >= 2: repeated augmentation (each read sample R times, epoch length unchanged).
     hflip: probability of the horizontal flip of a train read (0 turns it off).
+    interpolation: the train resize filter, "bilinear", "bicubic" or "random" (one of the two per read,
+        drawn from (seed, read) as timm's `random` interpolation); eval is always bicubic. Every backend
+        resizes antialiased with PIL's filters (see the module docstring).
+    accum_steps: micro-batches per optimizer step (train split). The epoch is cut into
+        world_size x accum_steps micro-shards, so with aug_repeats=R the R copies of a sample land in R
+        different micro-batches when world_size x accum_steps >= R (sampling.IndexPlan). Needs drop_last.
     num_workers: threads (FFCV, DALI) or processes (PIL); default: the cores this process may use.
     hw_decoder_load: the share of JPEGs DALI's mixed decoder sends to the hardware decoder (others ignore it).
     backend='auto': on a converted dataset, the fastest candidate by `auto.probe_backends` (a measurement
@@ -102,6 +115,10 @@ def make_loader(backend: str, data, split: str, *, batch_size: int, res: int, de
         raise FastRSBError(f"crop_pct must be in (0, 1], got {crop_pct}")
     if not 0.0 <= hflip <= 1.0:
         raise FastRSBError(f"hflip must be a probability in [0, 1], got {hflip}")
+    if interpolation not in INTERPOLATIONS:
+        raise FastRSBError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
+    if isinstance(accum_steps, bool) or not isinstance(accum_steps, int) or accum_steps < 1:
+        raise FastRSBError(f"accum_steps must be a positive integer, got {accum_steps!r}")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FastRSBError(f"device {device} asked for but CUDA is not available: pass device='cpu' "
@@ -130,9 +147,9 @@ def make_loader(backend: str, data, split: str, *, batch_size: int, res: int, de
         raise FastRSBError(f"{data} has no {spec.reads.format(split=split)}: run "
                            f"fastrsb convert SRC {data} --format {spec.convert_format}")
     plan_kwargs = dict(rank=rank, world_size=world_size, seed=seed, shuffle=shuffle, aug_repeats=aug_repeats,
-                       drop_last=drop_last, pad=pad)
+                       drop_last=drop_last, pad=pad, accum_steps=accum_steps if train else 1)
     crop = CropSpec(train=train, seed=seed, crop_pct=crop_pct, scale=tuple(scale), ratio=tuple(ratio),
-                    hflip=float(hflip) if train else 0.0)
+                    hflip=float(hflip) if train else 0.0, interpolation=interpolation)
     impl = spec.open(data, split, batch_size=batch_size, res=res, device=device, num_workers=num_workers,
                      plan_kwargs=plan_kwargs, crop=crop, options={"hw_decoder_load": hw_decoder_load})
     return Loader(impl, res=res, reason=reason)

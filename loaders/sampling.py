@@ -9,22 +9,30 @@ Order of an epoch (`IndexPlan.epoch`):
    identity when `shuffle=False`, e.g. for validation);
 2. repeated augmentation (`aug_repeats=R >= 2`, RSB A1/A2 with R=3): each index of the permutation is
    repeated R times in a row, `[a, a, a, b, b, b, ...]`, as timm's `RepeatAugSampler` does;
-3. DDP sharding: the list is cut into `world_size` interleaved shares, rank r taking positions
-   r, r + W, r + 2W, ... (torch's `DistributedSampler` layout). With repeats, the R copies of a sample
-   sit in consecutive positions and so go to R different ranks (when W >= R); with one process they
-   share a batch. Unlike timm's sampler, world_size=1 is allowed;
-4. every rank keeps the same number of samples: `ceil(N / W)` with `pad=True` (the list is extended
+3. sharding into micro-shards: with W processes and A accumulation steps (`accum_steps`) the list
+   is cut into V = W * A interleaved shares, share v taking positions v, v + V, v + 2V, ... (torch's
+   `DistributedSampler` layout over V replicas). Rank r owns shares r, r + W, ..., r + (A-1)W and
+   reads them batch by batch in turn: micro-batch a of each optimizer step comes from share a*W + r.
+   With A = 1 this is DistributedSampler's layout. With repeats, the R copies of a sample sit in
+   consecutive positions and so go to R different shares, i.e. R different micro-batches (ranks, or
+   accumulation steps of one rank) when V >= R: timm's RepeatAugSampler puts them on different
+   processes, and accumulation plays the part of the missing processes. Unlike timm's sampler,
+   world_size=1 is allowed;
+4. every share keeps the same number of samples: `ceil(N / V)` with `pad=True` (the list is extended
    by wrapping around, so every sample is read at least once and a few twice, as in
-   `DistributedSampler`), `floor(N / W)` with `pad=False` (up to W-1 samples are skipped that epoch).
-   With repeats the epoch length stays that of the dataset (the first N/W of the repeated list, so
-   about N/R distinct samples per epoch, each R times);
-5. batches: `drop_last=True` keeps whole batches only, so every rank runs the same number of steps.
+   `DistributedSampler`), `floor(N / V)` with `pad=False` (up to V-1 samples are skipped that epoch).
+   With repeats the epoch length stays that of the dataset (the first N/V of the repeated list per
+   share, so about N/R distinct samples per epoch, each R times);
+5. batches: `drop_last=True` keeps whole batches only, so every rank runs the same number of steps
+   (with A > 1, a multiple of A: every optimizer step gets its A micro-batches).
 
 Each planned position is a *tagged index*: sample index (low 40 bits), copy number (8 bits: which
 repeat, or which wrap-around pad) and epoch (15 bits, modulo 2**15). Backends decode sample =
-tag & SAMPLE_MASK; the crop and flip of that read are a pure function of (seed, tag), computed by
-`random_resized_crop` from a counter-based hash (no RNG state), so they do not depend on which
-thread or worker process decodes the image, and the PIL and FFCV backends draw the same boxes.
+tag & SAMPLE_MASK; the crop, flip and interpolation of that read are a pure function of (seed, tag),
+computed by `random_resized_crop` and `use_bicubic` from a counter-based hash (no RNG state), so they
+do not depend on which thread or worker process decodes the image, and the FFCV, DALI and PIL
+backends draw the same boxes (`CropSpec.box`). A fresh loader at epoch e therefore gives the very
+reads of one that has run epochs 0..e-1: `--resume` is exact on every backend.
 """
 from __future__ import annotations
 
@@ -67,6 +75,7 @@ class IndexPlan:
     aug_repeats: int = 0  # 0 or 1: off; R >= 2: each sample R times per epoch
     drop_last: bool = True
     pad: bool = True
+    accum_steps: int = 1  # micro-batches per optimizer step on each rank (module docstring, 3.)
 
     def __post_init__(self):
         from fastrsb.errors import FastRSBError
@@ -77,34 +86,54 @@ class IndexPlan:
             raise FastRSBError(f"batch_size must be positive, got {self.batch_size}")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise FastRSBError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
+        if isinstance(self.accum_steps, bool) or not isinstance(self.accum_steps, int) or self.accum_steps < 1:
+            raise FastRSBError(f"accum_steps must be a positive integer, got {self.accum_steps!r}")
+        if self.accum_steps > 1 and not self.drop_last:
+            raise FastRSBError("accum_steps > 1 needs whole micro-batches: pass drop_last=True (or accum_steps=1)")
         if self.aug_repeats < 0 or self.aug_repeats > COPY_MASK:
             raise FastRSBError(f"aug_repeats must be in [0, {COPY_MASK}], got {self.aug_repeats}")
         if self.num_samples > SAMPLE_MASK:
             raise FastRSBError(f"more than 2**{SAMPLE_BITS} samples are not supported")
         if self.batches_per_epoch < 1:
             raise FastRSBError(
-                f"batch_size {self.batch_size} is larger than the {self.samples_per_rank} samples rank "
-                f"{self.rank} reads per epoch and drop_last=True: lower batch_size or pass drop_last=False")
+                f"batch_size {self.batch_size} is larger than the {self.samples_per_share} samples each of the "
+                f"{self.shares} micro-shards (world_size {self.world_size} x accum_steps {self.accum_steps}) reads "
+                "per epoch and drop_last=True: lower batch_size or accum_steps, or pass drop_last=False")
 
     @property
     def repeats(self) -> int:
         return max(1, self.aug_repeats)
 
     @property
+    def shares(self) -> int:
+        """V = world_size * accum_steps: the micro-shards the epoch is cut into."""
+        return self.world_size * self.accum_steps
+
+    @property
+    def samples_per_share(self) -> int:
+        """Samples one micro-shard reads per epoch, before dropping the last partial batch."""
+        n, v = self.num_samples, self.shares
+        return math.ceil(n / v) if self.pad else n // v
+
+    @property
     def samples_per_rank(self) -> int:
         """Samples this rank reads per epoch, before dropping the last partial batch."""
-        n, w = self.num_samples, self.world_size
-        return math.ceil(n / w) if self.pad else n // w
+        return self.samples_per_share * self.accum_steps
+
+    @property
+    def batches_per_share(self) -> int:
+        per = self.samples_per_share
+        return per // self.batch_size if self.drop_last else math.ceil(per / self.batch_size)
 
     @property
     def batches_per_epoch(self) -> int:
-        per = self.samples_per_rank
-        return per // self.batch_size if self.drop_last else math.ceil(per / self.batch_size)
+        """Micro-batches this rank yields per epoch (a multiple of accum_steps)."""
+        return self.batches_per_share * self.accum_steps
 
     @property
     def reads_per_epoch(self) -> int:
         """Samples this rank yields per epoch (after drop_last)."""
-        return min(self.samples_per_rank, self.batches_per_epoch * self.batch_size)
+        return min(self.samples_per_share, self.batches_per_share * self.batch_size) * self.accum_steps
 
     def permutation(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
@@ -118,14 +147,25 @@ class IndexPlan:
         r = self.repeats
         samples = np.repeat(order, r)
         copies = np.tile(np.arange(r, dtype=np.int64), self.num_samples)
-        total = self.samples_per_rank * self.world_size
+        v = self.shares
+        total = self.samples_per_share * v
         if total > samples.size:  # wrap-around padding; the copy number marks the wrap
             wraps = np.arange(total, dtype=np.int64) // samples.size
             samples = np.resize(samples, total)
             copies = np.resize(copies, total) + r * wraps
-        mine = slice(self.rank, total, self.world_size)
-        keep = self.reads_per_epoch
-        return samples[mine][:keep], copies[mine][:keep]
+        keep = min(self.samples_per_share, self.batches_per_share * self.batch_size)
+        if self.accum_steps == 1:
+            mine = slice(self.rank, total, v)
+            return samples[mine][:keep], copies[mine][:keep]
+        # this rank's shares, one row per accumulation step: share a*W + rank; read micro-batch by
+        # micro-batch in turn (whole batches: accum_steps > 1 requires drop_last), step k taking
+        # batch k of shares a = 0, 1, ..., A-1
+        rows = [slice(a * self.world_size + self.rank, total, v) for a in range(self.accum_steps)]
+        b = self.batch_size
+        shape = (self.accum_steps, keep // b, b)
+        mine_s = np.stack([samples[row][:keep] for row in rows]).reshape(shape)
+        mine_c = np.stack([copies[row][:keep] for row in rows]).reshape(shape)
+        return mine_s.transpose(1, 0, 2).reshape(-1), mine_c.transpose(1, 0, 2).reshape(-1)
 
     def tagged(self, epoch: int) -> np.ndarray:
         samples, copies = self.epoch(epoch)
@@ -196,15 +236,24 @@ def _build(jit):
             h = height
         return (height - h) // 2, (width - w) // 2, h, w, int(uniform(key, 99) < flip_p)
 
-    return _mix32, read_key, uniform, random_resized_crop
+    @jit
+    def use_bicubic(key, mode):
+        """1 for bicubic, 0 for bilinear; mode RANDOM draws one of the two with p=1/2 (timm's 'random')."""
+        if mode == 2:  # RANDOM
+            return int(uniform(key, 98) < 0.5)
+        return int(mode == 1)  # BICUBIC
+
+    return _mix32, read_key, uniform, random_resized_crop, use_bicubic
 
 
-_mix32, read_key, uniform, random_resized_crop = _build(lambda f: f)
+BILINEAR, BICUBIC, RANDOM = 0, 1, 2
+INTERPOLATIONS = {"bilinear": BILINEAR, "bicubic": BICUBIC, "random": RANDOM}
+_mix32, read_key, uniform, random_resized_crop, use_bicubic = _build(lambda f: f)
 _NUMBA = None
 
 
 def numba_functions():
-    """(read_key, uniform, random_resized_crop) compiled by numba, for FFCV's JIT pipeline."""
+    """(read_key, uniform, random_resized_crop, use_bicubic) compiled by numba, for FFCV's JIT pipeline."""
     global _NUMBA
     if _NUMBA is None:
         import numba
@@ -217,8 +266,12 @@ def numba_functions():
 class CropSpec:
     """What a backend does to each read: train (seeded random-resized-crop + flip) or eval (centre window).
 
-    The one description of crops and flips all backends follow: boxes and flips are a pure function of
-    (seed, tagged read) through `random_resized_crop`, so every backend reads the same boxes.
+    The one description of crops, flips and resize filters all backends follow: boxes, flips and the
+    filter are a pure function of (seed, tagged read) through `random_resized_crop` and `use_bicubic`,
+    so every backend reads the same boxes and resizes each with the same filter. interpolation
+    (train only): "bilinear", "bicubic" or "random" (one of the two per read with p=1/2, timm's
+    `random` interpolation of `transforms_imagenet_train`); eval always resizes bicubic (timm's eval).
+    Every backend resizes antialiased (the filter support widens with the downscale factor, as PIL's).
     """
 
     train: bool
@@ -227,6 +280,23 @@ class CropSpec:
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5  # probability of a horizontal flip (train only)
+    interpolation: str = "random"  # train resize filter: bilinear | bicubic | random (eval: bicubic)
+
+    def __post_init__(self):
+        if self.interpolation not in INTERPOLATIONS:
+            from fastrsb.errors import FastRSBError
+
+            raise FastRSBError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, "
+                               f"got {self.interpolation!r}")
+
+    @property
+    def mode(self) -> int:
+        """The filter as an int for compiled code: BILINEAR, BICUBIC or RANDOM (eval: always BICUBIC)."""
+        return INTERPOLATIONS[self.interpolation] if self.train else BICUBIC
+
+    def bicubic(self, tagged: int) -> bool:
+        """Whether this read is resized bicubic (else bilinear)."""
+        return bool(use_bicubic(read_key(self.seed, int(tagged)), self.mode))
 
     def box(self, height: int, width: int, tagged: int) -> tuple[int, int, int, int, int]:
         """(top, left, crop_height, crop_width, flip) of one read of an image of this size."""

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAYERS = [
     ["fastrsb.errors", "fastrsb.runmeta", "fastrsb.recipes", "fastrsb.schedule", "fastrsb.images",
      "fastrsb.loaders.wds", "fastrsb.loaders.sampling", "fastrsb.loaders.layout", "fastrsb.loaders.registry",
-     "fastrsb.loaders.beton", "fastrsb.benchlog"],
+     "fastrsb.loaders.beton", "fastrsb.loaders.resample", "fastrsb.benchlog"],
     ["fastrsb.loaders", "fastrsb.augment", "fastrsb.loss", "fastrsb.optim"],
     ["fastrsb.runtime", "fastrsb.step", "fastrsb.checkpoint", "fastrsb.evaluate", "fastrsb.prefetch"],
     ["fastrsb.train", "fastrsb.convert", "fastrsb.verify", "fastrsb.bench", "fastrsb.demo_data", "fastrsb.sweep",
