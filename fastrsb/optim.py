@@ -14,8 +14,9 @@ with gradient g:
     r     <- min(r, 1)                                        (if trust_clip: LAMBC)
     p     <- p - lr r u
 
-Why this module exists: timm's per-parameter Lamb (timm <= 1.0.29) halved ResNet-50 step throughput on
-one H100 (3,150 img/s vs 7,116 with SGD, batch 256 at 160 px, bf16, channels-last; RECIPES.md).
+Why this module exists: timm's per-parameter Lamb (timm <= 1.0.29) loops over the parameters in Python,
+which roughly halves ResNet-50 step throughput against SGD on an H100 in public reports; fastrsb has not
+measured that on a GPU yet (`fastrsb bench step --timm-per-param` does, against this module).
 Here every step is a fixed handful of `torch._foreach_*` calls per (device, dtype) bucket; the
 per-parameter trust ratios come from `torch._foreach_norm`, stacked into one vector, so the step has
 no per-parameter Python arithmetic and no host-device synchronisation. The bias corrections are folded

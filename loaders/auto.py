@@ -1,9 +1,9 @@
 """`auto`: which backend reads a split fastest here — a short measurement of each candidate, cached.
 
-Without a measurement the registry's prior order stands: on a GPU, DALI's mixed decoder (nvJPEG and
-the hardware JPEG decoder; RECIPES.md: 19-25.6k img/s at 160 px on one H100) before CPU decoding; on
-the CPU, FFCV > DALI CPU > PIL (benchmarks/results/cpu-2core-2026-11-26.jsonl, 1 run: FFCV and DALI
-tied at 160, FFCV ahead at 224). `probe_backends` replaces the prior with a measurement.
+Without a measurement the registry's prior order stands (each backend's `prior_cuda` / `prior_cpu`): on a
+GPU, DALI's mixed decoder (nvJPEG and the hardware JPEG decoder, not yet measured by fastrsb) before CPU
+decoding; on the CPU, FFCV > DALI CPU > PIL (benchmarks/results/cpu-2core-2026-11-26.jsonl, 1 run: FFCV
+and DALI tied at 160, FFCV ahead at 224). `probe_backends` replaces the prior with a measurement.
 """
 from __future__ import annotations
 

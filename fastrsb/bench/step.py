@@ -13,8 +13,7 @@ targets), so the figure is the step alone, with gradient accumulation when `batc
 median of `--repeats` follows `--warmup` untimed steps (which include compilation). One JSON line per
 (res, batch), in the format of fastrsb/benchlog.py; the baseline is timm's `Lamb` in eager mode with its
 default code path (timm >= 1.0.30 picks its own foreach path on CUDA) and timm's BinaryCrossEntropy, and
-with `--timm-per-param` also its per-parameter path (the one RECIPES.md measured at 3,150 img/s for
-batch 256 at 160 px on one H100). `--compile-mode` picks the compile mode of fastrsb's step (the
+with `--timm-per-param` also its per-parameter path (the one older timm releases use). `--compile-mode` picks the compile mode of fastrsb's step (the
 trainer's `--compile-mode`); `--compile-modes a,b,c` measures several in one run.
 
 Goal (issue 9): >= 14,000 img/s for ResNet-50 at 160 px, batch 2048, on one H100. Not yet measured:
