@@ -28,9 +28,24 @@ backends follow. Labels come from samples.tsv, travel through the pipeline with 
 sizes come from samples.tsv too (the windows need them before decoding). The output size is an
 argument input fed per batch, so `set_epoch(res=...)` changes it without rebuilding the pipeline.
 
+Overlap (issue 9): the source is `no_copy`: it hands DALI tensors that wrap the JPEG bytes in the
+shard maps where they lie, so the training thread copies no image bytes (the pages are first touched
+by DALI's decoder threads); what stays in that thread per batch is the plan slice, the numba windows
+and wrapping the views (3.3 ms of Python per 2048 JPEGs on the 2-core CPU box). The loop uses DALI's
+scheduled API: batch k is taken with `outputs(cuda_stream=torch's current stream)` (no host
+synchronisation with the GPU work), copied on that stream, and batch k + prefetch_depth is scheduled
+before batch k is handed out. Labels go to the GPU inside the pipeline (`labels.gpu()`) and are copied
+like the images: no pageable host-to-device copy. Not used: DALI's parallel external source
+(`parallel=True`, worker processes). Its callback must be stateless, a function of DALI's own
+(epoch_idx, iteration), while the epoch number and resolution here are set per epoch by the caller
+(`set_epoch`, resume, progressive resizing), so the workers would need a shared schedule; and DALI
+cannot fork workers once CUDA is initialised (the trainer's case), so they would be spawned, each
+importing numpy, numba and the plan. Worth it only if the 3.3 ms above shows up on a GPU profile.
+
 Measured on one H100 (RECIPES.md) with the example's image_random_crop: mixed decode + random crop 160
 + flip, hardware decoder share 1.0 / 0.65 / 0: 19-25.6k / 18.7-19k / 9.2-9.8k img/s; hence the default
-hw_decoder_load=1.0. The ROI-decode path with plan windows has not been measured on a GPU yet.
+hw_decoder_load=1.0. The ROI-decode path with plan windows, the no_copy source and the stream-bound
+outputs have not been measured on a GPU yet.
 """
 from __future__ import annotations
 
