@@ -34,8 +34,9 @@ by DALI's decoder threads); what stays in that thread per batch is the plan slic
 and wrapping the views (3.3 ms of Python per 2048 JPEGs on the 2-core CPU box). The loop uses DALI's
 scheduled API: batch k is taken with `outputs(cuda_stream=torch's current stream)` (no host
 synchronisation with the GPU work), copied on that stream, and batch k + prefetch_depth is scheduled
-before batch k is handed out. Labels go to the GPU inside the pipeline (`labels.gpu()`) and are copied
-like the images: no pageable host-to-device copy. Not used: DALI's parallel external source
+before batch k is handed out. Labels go to the GPU inside the pipeline (`labels.gpu()`: DALI's executor
+moves them) and are copied device-to-device like the images: the training thread makes no pageable
+host-to-device copy. Not used: DALI's parallel external source
 (`parallel=True`, worker processes). Its callback must be stateless, a function of DALI's own
 (epoch_idx, iteration), while the epoch number and resolution here are set per epoch by the caller
 (`set_epoch`, resume, progressive resizing), so the workers would need a shared schedule; and DALI
