@@ -86,7 +86,7 @@ def make_loader(backend: str, data, split: str, *, batch_size: int, res: int, de
                 drop_last: bool | None = None, num_workers: int | None = None, shuffle: bool | None = None,
                 pad: bool = True, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5,
                 interpolation: str = "random", accum_steps: int = 1, hw_decoder_load: float = 1.0,
-                verbose: bool = True, probe: bool = True) -> Loader:
+                prefetch_depth: int = 2, verbose: bool = True, probe: bool = True) -> Loader:
     """Build a loader for `split` ('train' augments; any other split is evaluated) of `data`.
 
     drop_last / shuffle default to True for 'train' and False otherwise. pad=True extends every rank
@@ -102,6 +102,7 @@ def make_loader(backend: str, data, split: str, *, batch_size: int, res: int, de
         different micro-batches when world_size x accum_steps >= R (sampling.IndexPlan). Needs drop_last.
     num_workers: threads (FFCV, DALI) or processes (PIL); default: the cores this process may use.
     hw_decoder_load: the share of JPEGs DALI's mixed decoder sends to the hardware decoder (others ignore it).
+    prefetch_depth: batches DALI runs ahead of the consumer (its prefetch_queue_depth; others ignore it).
     backend='auto': on a converted dataset, the fastest candidate by `auto.probe_backends` (a measurement
         of a few train batches per backend, cached in the dataset folder; under DDP rank 0 measures and
         broadcasts its choice); probe=False uses a cached measurement or else the prior order.
@@ -151,5 +152,6 @@ def make_loader(backend: str, data, split: str, *, batch_size: int, res: int, de
     crop = CropSpec(train=train, seed=seed, crop_pct=crop_pct, scale=tuple(scale), ratio=tuple(ratio),
                     hflip=float(hflip) if train else 0.0, interpolation=interpolation)
     impl = spec.open(data, split, batch_size=batch_size, res=res, device=device, num_workers=num_workers,
-                     plan_kwargs=plan_kwargs, crop=crop, options={"hw_decoder_load": hw_decoder_load})
+                     plan_kwargs=plan_kwargs, crop=crop,
+                     options={"hw_decoder_load": hw_decoder_load, "prefetch_depth": prefetch_depth})
     return Loader(impl, res=res, reason=reason)

@@ -460,6 +460,70 @@ def test_accumulation_keeps_repeated_copies_in_different_micro_batches(data, bac
         make_loader(backend, out, "train", **TRAIN, accum_steps=0)
 
 
+@pytest.mark.parametrize("depth", [1, 3])
+def test_dali_schedules_ahead_at_the_chosen_depth(data, epoch0, depth):
+    """prefetch_depth reaches DALI's pipeline; once a batch is handed out the source has fed `depth`
+    batches plus the next one, scheduled before the hand-out so DALI decodes it during the caller's
+    step; every depth yields the plan's batches, and an epoch abandoned midway leaves the next intact."""
+    pytest.importorskip("nvidia.dali")
+    loader = make_loader("dali", data / "out", "train", **TRAIN, prefetch_depth=depth)
+    impl = loader._impl
+    assert impl.pipe.prefetch_queue_depth == depth
+    batches = iter(loader)
+    next(batches)
+    assert impl.source.k == depth + 1
+    next(batches)
+    assert impl.source.k == depth + 2
+    batches.close()  # abandoned after 2 of 6 batches
+    again = run_epoch(loader)
+    assert torch.equal(cat(again)[1], cat(epoch0["dali", "train"])[1])
+    assert torch.equal(cat(again)[0], cat(epoch0["dali", "train"])[0])
+    assert len(impl.source.fed) <= depth + 2  # no_copy buffers kept alive: a bounded window
+    for bad in (0, True, 2.5):
+        with pytest.raises(FastRSBError, match="prefetch_depth"):
+            make_loader("dali", data / "out", "train", **TRAIN, prefetch_depth=bad)
+
+
+def test_dali_reads_the_shard_bytes_in_place(data, monkeypatch):
+    """The JPEGs DALI decodes are the memory-mapped shard bytes themselves (no per-batch copy in the
+    training thread): the external source is built with no_copy, and each tensor it hands over
+    points at the sample's offset in its shard's map."""
+    pytest.importorskip("nvidia.dali")
+    from fastrsb.loaders import dali_loader
+
+    built = []
+    external_source = dali_loader.fn.external_source
+    monkeypatch.setattr(dali_loader.fn, "external_source", lambda **kw: built.append(kw) or external_source(**kw))
+    loader = make_loader("dali", data / "out", "train", **TRAIN)
+    assert len(built) == 1 and built[0]["no_copy"] is True
+    source, index = loader._impl.source, loader._impl.source.index
+    planned = loader._impl.plan.batches(0)
+    source.start(planned, 64)
+    jpegs, labels = source()[:2]
+    ids = planned[0] & sampling.SAMPLE_MASK
+    assert labels.tolist() == index.labels[ids].tolist() and len(jpegs) == ids.size
+    for tensor, i in zip(jpegs, ids):
+        shard = np.frombuffer(source.read._map(int(index.shard_of[i])), np.uint8)
+        assert tensor.data_ptr() == shard.ctypes.data + int(index.offset[i])
+        assert tensor.shape() == [int(index.size[i])]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_dali_gpu_outputs_follow_torch_current_stream(data, epoch0):
+    """Mixed DALI: images and labels are copied on torch's current stream (here a side stream, as a
+    prefetcher would use), labels already on the GPU as int64; the plan's labels, and pixels near the
+    CPU operators' (nvJPEG and the GPU resize differ slightly; another seed differs by ~50)."""
+    loader = make_loader("dali", data / "out", "train", **{**TRAIN, "device": "cuda"})
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        batches = [(x.clone(), y.clone()) for x, y in loader]
+    side.synchronize()
+    images, labels = cat(batches)
+    assert labels.is_cuda and labels.dtype == torch.int64 and images.is_cuda
+    assert torch.equal(labels.cpu(), cat(epoch0["dali", "train"])[1])
+    assert (images.cpu().float() - cat(epoch0["dali", "train"])[0].float()).abs().mean() < 5
+
+
 def test_pil_over_the_source_imagefolder(data):
     loader = make_loader("pil", data / "src", "val", **VAL)
     images, labels = cat(run_epoch(loader))

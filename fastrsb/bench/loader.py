@@ -94,10 +94,11 @@ class TimmBaseline:
         self.split, self.device = split, device
         ds = create_dataset("", root=str(src / split), split=split, is_training=split == "train")
         train = split == "train"
+        # train: "random" (bilinear or bicubic per image), timm's default and fastrsb's; eval: bicubic
         self.loader = create_loader(
             ds, input_size=(3, res, res), batch_size=batch_size, is_training=train,
             auto_augment=RAND_AUGMENT if train else None, color_jitter=0.0,
-            interpolation="bilinear" if train else "bicubic", crop_pct=0.95, num_workers=workers,
+            interpolation="random" if train else "bicubic", crop_pct=0.95, num_workers=workers,
             device=torch.device(device), use_prefetcher=True, pin_memory=device.startswith("cuda"),
             persistent_workers=True)
 
