@@ -43,9 +43,8 @@ host-to-device copy. Not used: DALI's parallel external source
 cannot fork workers once CUDA is initialised (the trainer's case), so they would be spawned, each
 importing numpy, numba and the plan. Worth it only if the 3.3 ms above shows up on a GPU profile.
 
-Measured on one H100 (RECIPES.md) with the example's image_random_crop: mixed decode + random crop 160
-+ flip, hardware decoder share 1.0 / 0.65 / 0: 19-25.6k / 18.7-19k / 9.2-9.8k img/s; hence the default
-hw_decoder_load=1.0. The ROI-decode path with plan windows, the no_copy source and the stream-bound
+hw_decoder_load defaults to 1.0 (every JPEG to the hardware decoder), which public reports of DALI's
+ResNet-50 example on an H100 found fastest; fastrsb has not measured it. The ROI-decode path with plan windows, the no_copy source and the stream-bound
 outputs have not been measured on a GPU yet.
 """
 from __future__ import annotations

@@ -9,15 +9,14 @@ Train: torchvision's RandomResizedCrop geometry (scale 0.08-1, ratio 3/4-4/3) wi
 filter, chosen per read from the same key when `interpolation="random"` (timm's default for its train
 transform) or fixed, then a horizontal flip decided by the same key: the FFCV and DALI backends draw
 the very same boxes, flips and filters. Val: the central c x c square, c = int(crop_pct * short side),
-resized to res with antialiased bicubic (RECIPES.md): resize-short-side-to-res/crop_pct-then-center-crop.
+resized to res with antialiased bicubic: resize-short-side-to-res/crop_pct-then-center-crop, as timm's eval.
 These are the reference pixels `fastrsb bench parity` compares the other backends with.
 
 Batches are uint8 NHWC in worker processes, pinned, and copied to the GPU on a side CUDA stream one
 batch ahead (timm's prefetcher idea); they come out as NCHW channels_last views.
 
-Measured (RECIPES.md, 1 H100 node): PIL decode + RandomResizedCrop(160) runs at 224-265 img/s per
-core, 3,110-3,247 img/s on 16 cores, under half of what ResNet-50 trains at; it is the reference,
-not the fast path.
+PIL decodes and resizes on the CPU, image by image: it is the reference, not the fast path
+(`fastrsb bench loader` measures it beside the others).
 """
 from __future__ import annotations
 
