@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 
 from .errors import FastRSBError, missing_extra
+from .loaders.layout import beton_path, is_converted, read_classes, wds_shards
 
 BACKENDS = ("ffcv", "dali", "pil")
 
@@ -104,9 +105,7 @@ def backend_usable(backend: str) -> bool:
 def has_data_for(backend: str, data, split) -> bool:
     data = Path(data)
     if backend == "ffcv":
-        return (data / split / f"{split}.beton").is_file()
-    from fastrsb.loaders.imagefolder import is_converted, wds_shards
-
+        return beton_path(data, split).is_file()
     if backend == "dali" or is_converted(data):  # PIL reads a converted dataset from its shards
         return bool(wds_shards(data, split))
     return (data / split).is_dir()  # PIL over a source ImageFolder
@@ -246,7 +245,7 @@ def make_loader(backend: str, data, split: str, *, batch_size: int, res: int, de
     reason = ""
     if backend == "auto":
         choice = None
-        if (data / "classes.json").exists():  # a converted dataset: measure, or reuse a measurement
+        if is_converted(data):  # a converted dataset: measure, or reuse a measurement
             ddp = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
             if not ddp or rank == 0:
                 choice = probe_backends(data, device, res=res, batch_size=batch_size, num_workers=num_workers,
@@ -273,8 +272,6 @@ def make_loader(backend: str, data, split: str, *, batch_size: int, res: int, de
         spec = CropSpec(train=train, seed=seed, crop_pct=crop_pct, scale=tuple(scale), ratio=tuple(ratio))
         impl = PILLoader(data, split, spec=spec, **common)
     else:
-        from fastrsb.loaders.imagefolder import is_converted, read_classes
-
         fmt = "beton" if backend == "ffcv" else "dali"
         if not is_converted(data):
             raise FastRSBError(f"{data} is not a converted dataset (no classes.json): run "

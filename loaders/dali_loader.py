@@ -30,7 +30,7 @@ import numpy as np
 from fastrsb.errors import FastRSBError, missing_extra
 
 from . import sampling
-from .imagefolder import ShardBytes, ShardIndex
+from .layout import ShardBytes, ShardIndex
 
 try:
     from nvidia.dali import fn, types

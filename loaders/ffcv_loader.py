@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import math
 import queue
-from pathlib import Path
 
 import numpy as np
 
 from fastrsb.errors import FastRSBError, missing_extra
 
 from . import sampling
+from .layout import beton_path
 
 try:
     from ffcv.fields.basics import IntDecoder
@@ -47,10 +47,6 @@ try:
     from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise missing_extra("ffcv", "ffcv") from e
-
-
-def beton_path(data, split) -> Path:
-    return Path(data) / split / f"{split}.beton"
 
 
 class SeededResizedCropDecoder(ResizedCropRGBImageDecoder):

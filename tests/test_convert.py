@@ -17,8 +17,7 @@ from fastrsb.convert import convert
 from fastrsb.demo_data import KEPT_ODDITIES, make_demo_data
 from fastrsb.errors import FastRSBError
 from fastrsb.images import decode_jpeg, load_rgb
-from fastrsb.loaders import wds
-from fastrsb.verify import read_samples_tsv
+from fastrsb.loaders import layout, wds
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -46,7 +45,7 @@ def source_labels(root: Path, split: str) -> Counter:
 
 
 def tsv(out: Path, split: str) -> list[dict]:
-    return read_samples_tsv(out / split / "samples.tsv")
+    return layout.read_samples(layout.samples_path(out, split))
 
 
 def test_oddities_are_kept_rejected_or_named(converted, odd_dataset):
