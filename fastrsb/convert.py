@@ -199,7 +199,8 @@ def resolve_splits(src: Path, split: str | None) -> dict[str, Path]:
     if not src.is_dir():
         raise FastRSBError(f"{src}: not a folder; give the dataset root that holds train/ and val/")
     if not any(True for _ in os.scandir(src)):
-        raise FastRSBError(f"{src}: empty folder; give the dataset root that holds train/<class>/<image> and "
+        raise FastRSBError(f"{src}: empty folder, no train/ or val/ inside; give the dataset root that holds "
+                           "train/<class>/<image> and "
                            "val/<class>/<image>")
     if split is not None:
         if not split or "/" in split or split.startswith("."):
@@ -469,7 +470,7 @@ def convert_split(scan: SplitScan, out: Path, classes: list[str], formats: list[
                 log(f"{split}: already converted ({manifest_path}); nothing to do")
                 return manifest
     else:
-        if split_out.exists() and any(split_out.iterdir()):
+        if split_out.exists() and any(p.is_file() for p in split_out.rglob("*")):
             raise FastRSBError(f"{split_out} holds files of an unknown conversion; delete it or use another OUT")
         split_out.mkdir(parents=True, exist_ok=True)
         state = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint, "options": options, "formats": []}

@@ -216,11 +216,12 @@ def _child(kind: str, paths: list[str], decode: bool, sizes, conn) -> None:
         conn.close()
 
 
-def _guarded_read(kind: str, paths: list[Path], decode: bool, sizes) -> tuple[np.ndarray, int]:
-    """Run a backend read in a spawned child; a crash becomes Damaged naming the file (a shard: bisected)."""
+def _guarded_read(kind: str, paths: list[Path], decode: bool, sizes, reader=_child) -> tuple[np.ndarray, int]:
+    """Run a backend read (`reader`, in a spawned child); a crash becomes Damaged naming the file (a
+    shard: each is then read alone, and the one that crashes is named)."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(kind, [str(p) for p in paths], decode, sizes, child), daemon=True)
+    proc = ctx.Process(target=reader, args=(kind, [str(p) for p in paths], decode, sizes, child), daemon=True)
     proc.start()
     child.close()
     try:
@@ -235,7 +236,7 @@ def _guarded_read(kind: str, paths: list[Path], decode: bool, sizes) -> tuple[np
             offset = 0
             for tar in paths:  # one shard at a time: the one that crashes the decoder raises Damaged
                 n = len(wds.read_index(tar.with_suffix(".idx")))
-                _guarded_read(kind, [tar], decode, None if sizes is None else sizes[offset:offset + n])
+                _guarded_read(kind, [tar], decode, None if sizes is None else sizes[offset:offset + n], reader)
                 offset += n
         raise Damaged(f"{paths[0]}: the {'FFCV' if kind == 'beton' else 'DALI'} decoder crashed ({how}) reading it; "
                       f"a stored image is damaged: {_fix(paths[0])}")
