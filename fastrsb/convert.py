@@ -37,6 +37,7 @@ import platform
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
@@ -359,7 +360,7 @@ def _prepared_stream(jobs, workers: int):
     try:
         for chunk in itertools.chain(chunks, [None]):
             if chunk is not None:
-                window.append((chunk, executor.submit(_prepare_chunk, chunk)))
+                window.append((chunk, _submit_masked(executor, chunk)))
             while window and (chunk is None or len(window) >= 4 * workers):
                 pending, future = window.popleft()
                 try:
@@ -373,6 +374,16 @@ def _prepared_stream(jobs, workers: int):
                 yield from results
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _submit_masked(executor: ProcessPoolExecutor, chunk: list):
+    """Submit with SIGINT blocked: a submit may fork a worker, and a Ctrl-C landing during a fork is
+    swallowed by the at-fork hooks ("Exception ignored") and lost; blocked, it is delivered just after."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return executor.submit(_prepare_chunk, chunk)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _init_worker_in_parent() -> None:
@@ -641,6 +652,33 @@ def _disk_error(e: OSError, out: Path, scans: list[SplitScan]) -> FastRSBError:
                         "again: finished shards are kept and it resumes")
 
 
+class _Interrupts:
+    """Ctrl-C raises KeyboardInterrupt as usual, and is also remembered: one that lands where Python
+    swallows exceptions (a __del__, an at-fork hook) still stops the conversion at the next split."""
+
+    def __init__(self):
+        self.hit = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        self.hit = True
+        raise KeyboardInterrupt
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+    def check(self) -> None:
+        if self.hit:
+            raise KeyboardInterrupt
+
+
 def convert(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -700,16 +738,20 @@ def convert(
     }
     manifests = {}
     start = time.perf_counter()
+    interrupts = _Interrupts()
     try:
-        if not layout.classes_path(out).exists():
-            write_atomic(layout.classes_path(out), json.dumps(classes, indent=0) + "\n")
-        for scan in scans:
-            manifests[scan.name] = convert_split(scan, out, classes, formats, options, workers, progress, log,
-                                                 splits=tuple(s.name for s in scans))
+        with interrupts:
+            if not layout.classes_path(out).exists():
+                write_atomic(layout.classes_path(out), json.dumps(classes, indent=0) + "\n")
+            for scan in scans:
+                manifests[scan.name] = convert_split(scan, out, classes, formats, options, workers, progress, log,
+                                                     splits=tuple(s.name for s in scans))
+                interrupts.check()
     except OSError as e:
         raise _disk_error(e, out, scans) from None
     except KeyboardInterrupt:
-        log(f"interrupted: {out} keeps every finished shard; run the same fastrsb convert again to resume")
+        print(f"fastrsb convert: interrupted: {out} keeps every finished shard; run the same fastrsb convert again "
+              "to resume", file=sys.stderr, flush=True)
         raise
     log(f"converted {', '.join(manifests)} into {out} in {time.perf_counter() - start:.1f} s")
     return manifests

@@ -149,9 +149,13 @@ def write_beton(
     field.write_mode_requested = write_mode
     field.encode = functools.partial(_encode_prepared, field)
     writer = _in_process_writer()(str(tmp), {"image": field, "label": IntField()}, num_workers=1)
-    writer.from_indexed_dataset(samples, chunksize=256)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    try:
+        writer.from_indexed_dataset(samples, chunksize=256)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    except BaseException:  # a full disk or Ctrl-C: a partial file only takes space
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     return path
 
