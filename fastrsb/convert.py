@@ -39,9 +39,7 @@ import signal
 import sys
 import threading
 import time
-from collections import Counter, deque
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -344,46 +342,110 @@ def _progress_bar(total: int, desc: str, enabled: bool):
 CHUNK = 8  # images per task handed to a worker
 
 
-def _prepared_stream(jobs, workers: int):
-    """Prepared images in job order, computed over `workers` processes, a bounded window ahead.
+def _worker_loop(conn) -> None:
+    """A conversion worker: (chunk id, jobs) in, (chunk id, prepared images) out, until None."""
+    _init_worker()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked at the fork; ignored now
+    while (message := conn.recv()) is not None:
+        chunk_id, jobs = message
+        conn.send((chunk_id, _prepare_chunk(jobs)))
 
-    A worker that dies (killed, out of memory, a decoder crash) breaks the pool, which is reported
-    with the files it was working on, instead of leaving this process waiting forever."""
+
+class _Pool:
+    """Worker processes, each with its own pipe, and no thread in this process.
+
+    concurrent.futures' and multiprocessing's pools share one result pipe among all workers and read
+    it from a helper thread: a worker killed while sending (the OOM killer, kill -9) leaves that thread
+    blocked on half a message and the run waiting forever, at exit too (seen in test_faults). Here each
+    worker's pipe has one writer, so its death reads as EOF and its sentinel fires: the run stops and
+    names the files it was working on."""
+
+    def __init__(self, workers: int):
+        ctx = mp.get_context("fork") if sys.platform.startswith("linux") else mp.get_context()
+        self.procs, self.conns = [], []
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # a Ctrl-C during fork is kept
+        try:
+            for _ in range(workers):
+                mine, theirs = ctx.Pipe()
+                proc = ctx.Process(target=_worker_loop, args=(theirs,), daemon=True)
+                proc.start()
+                theirs.close()  # only the worker holds its end now: its death is EOF here
+                self.procs.append(proc)
+                self.conns.append(mine)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    def close(self) -> None:
+        for conn in self.conns:
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+        for proc in self.procs:
+            proc.join(timeout=2)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for conn in self.conns:
+            conn.close()
+
+
+def _died(jobs: list) -> FastRSBError:
+    names = ", ".join(shown(job[1]) for job in jobs)
+    return FastRSBError(
+        f"a conversion worker process died (killed, out of memory, or a decoder crash) while reading one of: "
+        f"{names} (in {shown(jobs[0][0])}); run the same fastrsb convert again to resume; if it dies again on "
+        "these files, move them out of SRC")
+
+
+def _prepared_stream(jobs, workers: int):
+    """Prepared images in job order, computed over `workers` processes, a bounded window ahead."""
+    from multiprocessing.connection import wait
+
     if workers <= 1:
         _init_worker_in_parent()
         yield from map(prepare_image, jobs)
         return
-    ctx = mp.get_context("fork") if sys.platform.startswith("linux") else mp.get_context()
-    executor = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker)
-    window = deque()
     chunks = iter(lambda: list(itertools.islice(jobs, CHUNK)), [])
+    pool = _Pool(workers)
+    sent: dict[int, tuple[int, list]] = {}  # chunk id -> (worker, jobs), in flight
+    done: dict[int, list] = {}
+    next_id = next_out = 0
+    exhausted = False
     try:
-        for chunk in itertools.chain(chunks, [None]):
-            if chunk is not None:
-                window.append((chunk, _submit_masked(executor, chunk)))
-            while window and (chunk is None or len(window) >= 4 * workers):
-                pending, future = window.popleft()
-                try:
-                    results = future.result()
-                except BrokenProcessPool:
-                    names = ", ".join(shown(job[1]) for job in pending)
-                    raise FastRSBError(
-                        f"a conversion worker process died (killed, out of memory, or a decoder crash) while "
-                        f"reading one of: {names} (in {shown(pending[0][0])}); run the same fastrsb convert again to "
-                        "resume; if it dies again on these files, move them out of SRC") from None
-                yield from results
+        while True:
+            busy = Counter(w for w, _ in sent.values())
+            for w in range(workers):  # two chunks in flight per worker, a bounded window ahead
+                while busy[w] < 2 and not exhausted and next_id < next_out + 4 * workers:
+                    chunk = next(chunks, None)
+                    if chunk is None:
+                        exhausted = True
+                        break
+                    pool.conns[w].send((next_id, chunk))
+                    sent[next_id] = (w, chunk)
+                    busy[w] += 1
+                    next_id += 1
+            if next_out in done:
+                yield from done.pop(next_out)
+                next_out += 1
+                continue
+            if not sent:
+                return
+            waiting = sorted({w for w, _ in sent.values()})
+            ready = wait([pool.conns[w] for w in waiting] + [pool.procs[w].sentinel for w in waiting])
+            for w in waiting:
+                in_flight = next(jobs for v, jobs in sent.values() if v == w)
+                if pool.conns[w] in ready:
+                    try:
+                        chunk_id, results = pool.conns[w].recv()
+                    except (EOFError, OSError):
+                        raise _died(in_flight) from None
+                    del sent[chunk_id]
+                    done[chunk_id] = results
+                elif pool.procs[w].sentinel in ready:
+                    raise _died(in_flight)
     finally:
-        executor.shutdown(wait=True, cancel_futures=True)
-
-
-def _submit_masked(executor: ProcessPoolExecutor, chunk: list):
-    """Submit with SIGINT blocked: a submit may fork a worker, and a Ctrl-C landing during a fork is
-    swallowed by the at-fork hooks ("Exception ignored") and lost; blocked, it is delivered just after."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        return executor.submit(_prepare_chunk, chunk)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        pool.close()
 
 
 def _init_worker_in_parent() -> None:

@@ -115,7 +115,10 @@ def _in_process_writer():
                 self.finalize(allocator.allocations)
             finally:
                 metadata = None  # no view of the shared memory may outlive it
-                self.metadata_sm.close()
+                try:
+                    self.metadata_sm.close()
+                except BufferError:  # after an error, views in its traceback still hold it; freed with them
+                    pass
                 self.metadata_sm.unlink()
 
     return InProcessWriter

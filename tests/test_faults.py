@@ -27,9 +27,9 @@ def tree_bytes(root: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
-    """Large enough (240 images, 200-400 px) that a conversion lasts a few seconds on 2 cores."""
+    """Large enough (240 images, 160-320 px) that a conversion lasts a few seconds on 2 cores."""
     src = tmp_path_factory.mktemp("faults") / "src"
-    make_demo_data(src, num_classes=4, train_per_class=50, val_per_class=10, min_size=200, max_size=400, seed=7)
+    make_demo_data(src, num_classes=4, train_per_class=50, val_per_class=10, min_size=160, max_size=320, seed=7)
     return src
 
 
@@ -42,7 +42,17 @@ def reference(source) -> dict:
 
 def start(source: Path, out: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "fastrsb", "convert", str(source), str(out), *ARGS], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+
+
+def finish(proc: subprocess.Popen, what: str, timeout=60) -> str:
+    """stderr of a run that must end by itself; a hang fails with the stacks of every thread."""
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGABRT)  # faulthandler prints the stacks
+        pytest.fail(f"{what}: still running after {timeout} s:\n{proc.communicate()[1][-6000:]}")
 
 
 def wait_for(predicate, proc, timeout=120.0) -> bool:
@@ -79,7 +89,7 @@ def test_interrupts_resume_byte_identical(sig, source, reference, tmp_path):
             kept = finished_files(out)
             os.killpg(proc.pid, sig)  # the whole group, as a terminal's Ctrl-C does
             t0 = time.time()
-            _, err = proc.communicate(timeout=60)
+            err = finish(proc, f"{name}: {sig!r}")
             assert time.time() - t0 < 30, f"{name}: took {time.time() - t0:.0f} s to stop"
             hits += 1
             if sig == signal.SIGINT:
@@ -88,7 +98,7 @@ def test_interrupts_resume_byte_identical(sig, source, reference, tmp_path):
             now = finished_files(out)
             assert all(now.get(k) == v for k, v in kept.items() if "manifest" not in k), f"{name}: lost a file"
         else:
-            proc.communicate(timeout=60)
+            finish(proc, name)
     assert hits >= 2, "the conversion finished before the faults could be injected"
     run_cli("convert", source, out, *ARGS)
     assert tree_bytes(out) == reference
@@ -107,7 +117,7 @@ def test_a_dead_worker_ends_the_run_with_a_message(source, reference, tmp_path):
     assert wait_for(lambda: len(_worker_pids(proc.pid)) >= 2 and any(layout.wds_dir(out, "train").glob("*.json")),
                     proc), "no worker processes seen"
     os.kill(_worker_pids(proc.pid)[0], signal.SIGKILL)  # as the OOM killer would
-    _, err = proc.communicate(timeout=60)
+    err = finish(proc, "after a worker was killed")
     assert proc.returncode == 2 and "worker process died" in err and "run the same fastrsb convert again" in err, err
     run_cli("convert", source, out, *ARGS)
     assert tree_bytes(out) == reference
@@ -151,30 +161,33 @@ def flip_byte(path: Path, where: int) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("target", ["shard", "beton", "manifest"])
-def test_damage_is_named_and_the_fix_restores_the_bytes(target, source, reference, tmp_path):
+@pytest.mark.parametrize("targets", [("train shard", "val manifest"), ("train beton",)])
+def test_damage_is_named_and_the_fix_restores_the_bytes(targets, source, reference, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    ref_dir = source.parent / "reference"
-    shutil.copytree(ref_dir, out, dirs_exist_ok=True)
-    if target == "shard":
-        damaged = layout.wds_shards(out, "train")[1]
-        flip_byte(damaged, 2000)
-    elif target == "beton":
-        damaged = layout.beton_path(out, "val")
-        flip_byte(damaged, damaged.stat().st_size - 100)
-    else:
-        damaged = layout.manifest_path(out, "train")
-        manifest = json.loads(damaged.read_text())
-        manifest["num_rejected"] = 0 if manifest["num_rejected"] else 1
-        damaged.write_text(json.dumps(manifest, indent=1))
+    shutil.copytree(source.parent / "reference", out)
+    damaged = []
+    for target in targets:
+        if target == "train shard":
+            damaged.append(layout.wds_shards(out, "train")[1])
+            flip_byte(damaged[-1], 2000)
+        elif target == "train beton":
+            damaged.append(layout.beton_path(out, "train"))
+            flip_byte(damaged[-1], damaged[-1].stat().st_size - 100)
+        else:
+            damaged.append(layout.manifest_path(out, "val"))
+            manifest = json.loads(damaged[-1].read_text())
+            manifest["num_rejected"] = 0 if manifest["num_rejected"] else 1
+            damaged[-1].write_text(json.dumps(manifest, indent=1))
     proc = run_cli("verify", out, "--quick", check=False)
     assert proc.returncode == 1
-    line = next(m for m in proc.stdout.splitlines() if m.startswith("DAMAGED"))
-    assert str(damaged) in line, proc.stdout
-    # follow the advice: delete the damaged file (and a shard's record), convert again
-    damaged.unlink()
-    if target == "shard":
-        damaged.with_suffix(".json").unlink()
+    lines = [m for m in proc.stdout.splitlines() if m.startswith("DAMAGED")]
+    assert len(lines) == len(targets), proc.stdout
+    for path, line in zip(damaged, lines):
+        assert str(path) in line, proc.stdout
+    # follow the advice: delete each damaged file (and a shard's record), convert again
+    for path in damaged:
+        path.unlink()
+        if path.suffix == ".tar":
+            path.with_suffix(".json").unlink()
     run_cli("convert", source, out, *ARGS)
     assert tree_bytes(out) == reference
