@@ -360,9 +360,11 @@ class _Pool:
     worker's pipe has one writer, so its death reads as EOF and its sentinel fires: the run stops and
     names the files it was working on."""
 
-    def __init__(self, workers: int):
-        ctx = mp.get_context("fork") if sys.platform.startswith("linux") else mp.get_context()
+    def __init__(self):
         self.procs, self.conns = [], []
+
+    def start(self, workers: int) -> None:
+        ctx = mp.get_context("fork") if sys.platform.startswith("linux") else mp.get_context()
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # a Ctrl-C during fork is kept
         try:
             for _ in range(workers):
@@ -407,12 +409,13 @@ def _prepared_stream(jobs, workers: int):
         yield from map(prepare_image, jobs)
         return
     chunks = iter(lambda: list(itertools.islice(jobs, CHUNK)), [])
-    pool = _Pool(workers)
+    pool = _Pool()
     sent: dict[int, tuple[int, list]] = {}  # chunk id -> (worker, jobs), in flight
     done: dict[int, list] = {}
     next_id = next_out = 0
     exhausted = False
     try:
+        pool.start(workers)  # inside the try: a Ctrl-C held back during the forks lands here, workers closed
         while True:
             busy = Counter(w for w, _ in sent.values())
             for w in range(workers):  # two chunks in flight per worker, a bounded window ahead

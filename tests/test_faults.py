@@ -52,7 +52,7 @@ def finish(proc: subprocess.Popen, what: str, timeout=60) -> str:
         return proc.communicate(timeout=timeout)[1]
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGABRT)  # faulthandler prints the stacks
-        pytest.fail(f"{what}: still running after {timeout} s:\n{proc.communicate()[1][-6000:]}")
+        pytest.fail(f"{what}: still running after {timeout} s:\n{proc.communicate()[1][:5000]}")
 
 
 def wait_for(predicate, proc, timeout=120.0) -> bool:
