@@ -546,7 +546,7 @@ def convert_split(scan: SplitScan, out: Path, classes: list[str], formats: list[
                 log(f"{split}: already converted ({manifest_path}); nothing to do")
                 return manifest
     else:
-        if split_out.exists() and any(p.is_file() for p in split_out.rglob("*")):
+        if split_out.exists() and any(p.is_file() and p.suffix != ".tmp" for p in split_out.rglob("*")):
             raise FastRSBError(f"{split_out} holds files of an unknown conversion; delete it or use another OUT")
         split_out.mkdir(parents=True, exist_ok=True)
         state = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint, "options": options, "formats": []}

@@ -71,11 +71,11 @@ def finished_files(out: Path) -> dict:
     return {k: v for k, v in tree_bytes(out).items() if not k.endswith(".tmp") and "state" not in k}
 
 
-STAGES = {
-    "train shard written": lambda out: any(layout.wds_dir(out, "train").glob("*.json")),
-    "train beton being written": lambda out: Path(str(layout.beton_path(out, "train")) + ".tmp").exists(),
-    "train manifest written": lambda out: layout.manifest_path(out, "train").exists(),
-    "val shard written": lambda out: any(layout.wds_dir(out, "val").glob("*.json")),
+STAGES = {  # each names the files whose appearance marks the stage (a new one: earlier runs left some)
+    "train shard written": lambda out: set(layout.wds_dir(out, "train").glob("*.json")),
+    "train beton being written": lambda out: set(layout.split_dir(out, "train").glob("*.beton.tmp")),
+    "train manifest written": lambda out: set(layout.split_dir(out, "train").glob("manifest.json")),
+    "val shard written": lambda out: set(layout.wds_dir(out, "val").glob("*.json")),
 }
 
 
@@ -84,8 +84,9 @@ def test_interrupts_resume_byte_identical(sig, source, reference, tmp_path):
     out = tmp_path / "out"
     hits = 0
     for name, stage in STAGES.items():
+        before = stage(out)
         proc = start(source, out)
-        if wait_for(lambda: stage(out), proc):
+        if wait_for(lambda: stage(out) - before, proc):
             kept = finished_files(out)
             os.killpg(proc.pid, sig)  # the whole group, as a terminal's Ctrl-C does
             t0 = time.time()
