@@ -83,6 +83,9 @@ def _convert_args(p):
     p.add_argument("--shuffle-seed", type=int, default=0,
                    help="the train split is written in an order shuffled with this seed, so that shards mix "
                         "classes; -1 keeps sorted order")
+    p.add_argument("--reencode-all", action="store_true",
+                   help="re-encode every image (default: keep a JPEG's original bytes where they decode as "
+                        "baseline or progressive RGB/gray JPEG, and, for train, fit --max-side)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -92,7 +95,7 @@ def _convert(args) -> int:
     convert(args.src, args.out, formats=[f.strip() for f in args.format.split(",") if f.strip()], split=args.split,
             max_side=args.max_side, quality=args.quality, write_mode=args.write_mode,
             compress_probability=args.compress_probability, shard_size=args.shard_size, workers=args.workers,
-            shuffle_seed=args.shuffle_seed, progress=not args.no_progress)
+            shuffle_seed=args.shuffle_seed, keep_jpeg=not args.reencode_all, progress=not args.no_progress)
     return 0
 
 

@@ -1,43 +1,57 @@
 """`fastrsb convert`: an ImageFolder dataset to FFCV .beton and DALI webdataset shards.
 
-Layout written: see `fastrsb/loaders/__init__.py`. How it runs:
+Layout written: `fastrsb/loaders/layout.py` (the one module that knows the paths). How it runs:
 
-1. Scan SRC/<split>/<class>/** (recursively, like torchvision's ImageFolder), labels from the sorted
-   class-folder names (kept in OUT/classes.json, so splits converted later get the same labels).
-2. Shards, in parallel over `workers` processes, one shard per task: every file is decoded by
-   `fastrsb.images.load_rgb` (RGB, EXIF orientation, max side bounded) and re-encoded as JPEG the
-   way FFCV encodes, or listed as rejected / non-image with its reason. A shard is written under
-   temporary names and renamed when complete; its record (`.json`, renamed last) marks it done.
-3. The beton, from the shard bytes, through ffcv's DatasetWriter (`loaders/beton.py`), to a
-   temporary name renamed when complete.
-4. samples.tsv and manifest.json (counts, rejected, options, versions, sha256 of every file).
+1. Scan and check every split before anything is written: SRC/<split>/<class>/** (recursively, like
+   torchvision's ImageFolder), labels from the sorted class-folder names (kept in OUT/classes.json,
+   so splits converted later get the same labels; val's classes must be among train's, and a class
+   listed there must still have its folder). Entries that are not read are listed in the manifest's
+   `skipped` with the reason: hidden names (`.`*), broken symlinks, symlinks that lead outside SRC
+   (a symlink inside SRC is followed, once), fifos and devices. OUT must not overlap a split folder.
+2. Shards, over `workers` processes: a JPEG every backend decodes as it is (baseline or progressive,
+   RGB or grayscale, no EXIF rotation; train: within `max_side`) keeps its original bytes; every
+   other file is decoded by `fastrsb.images` (RGB, EXIF orientation, train's max side bounded) and
+   re-encoded as JPEG the way FFCV encodes, or listed as rejected / non-image with its reason. A
+   shard is written under temporary names and renamed when complete; its record (`.json`, renamed
+   last) marks it done.
+3. The beton, from the shard bytes, through ffcv's DatasetWriter (`loaders/beton.py`), in this
+   process (no writer child to die unseen), to a temporary name renamed when complete.
+4. samples.jsonl (per sample: kept or re-encoded and why, the source's sha256) and manifest.json.
 
-Killed at any moment and run again with the same options, it redoes only unfinished shards and an
-unfinished beton, and ends with the same bytes as an uninterrupted run; the same input and options
-give byte-identical output (for the same library versions, which the manifest records).
+Formats accumulate: converting again with another `--format` adds it and never removes one already
+made (the state file lists them). Killed at any moment (kill -9, Ctrl-C, a full disk) and run again
+with the same options, it redoes only unfinished shards and an unfinished beton, and ends with the
+same bytes as an uninterrupted run; the same input and options give byte-identical output (for the
+same library versions, which the manifest records).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
+import itertools
 import json
 import math
 import multiprocessing as mp
 import os
-import platform
 import shutil
+import signal
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from . import runmeta
 from .errors import FastRSBError, missing_extra
-from .loaders import wds
+from .runmeta import write_atomic
+from .loaders import layout, wds
+from .loaders.layout import find_classes, shown
 
 FORMATS = ("beton", "dali")
-FORMAT_VERSION = 1
-STATE_FILE = ".convert-state.json"
+FORMAT_VERSION = layout.FORMAT_VERSION
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
@@ -48,31 +62,11 @@ def file_sha256(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def versions(with_ffcv: bool) -> dict:
-    """The libraries that shape the output bytes (not fastrsb.benchlog.versions: no torch, no device)."""
-    from importlib import metadata
-
-    from . import __version__
-
-    import cv2  # any of the opencv-python distributions
-
-    out = {"fastrsb": __version__, "python": platform.python_version(), "opencv": cv2.__version__}
-    for dist in ("numpy", "pillow") + (("ffcv",) if with_ffcv else ()):
-        try:
-            out[dist] = metadata.version(dist)  # ffcv's own __version__ attribute is stale
-        except metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
+    """The libraries that shape the output bytes: runmeta.versions of those alone (no torch, no device,
+    so the manifest does not change with what else the process imported)."""
+    return runmeta.versions(only=("numpy", "pillow", "opencv-python", "opencv-python-headless")
+                            + (("ffcv",) if with_ffcv else ()))
 
 
 # ---------------------------------------------------------------------------------------- scanning
@@ -80,38 +74,103 @@ def versions(with_ffcv: bool) -> dict:
 
 @dataclass(frozen=True)
 class SourceFile:
-    relpath: str  # relative to the split folder
+    relpath: str  # relative to the split folder (a str from os.fsdecode: any bytes survive)
     label: int  # -1: not inside a class folder
 
 
-def find_classes(split_dir: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+@dataclass
+class SplitScan:
+    name: str
+    folder: Path
+    classes: list[str]  # the class folders found
+    files: list[SourceFile] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # {"path", "reason"}: entries not read
 
 
-def scan_split(split_dir: Path, classes: list[str]) -> list[SourceFile]:
-    """Every file below split_dir, sorted by (class, path); files outside class folders get label -1."""
-    index = {name: i for i, name in enumerate(classes)}
-    files: list[SourceFile] = []
-    for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
-        if entry.is_file():
-            files.append(SourceFile(entry.name, -1))
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def _symlink_verdict(path: str, root: Path) -> tuple[str | None, Path | None]:
+    """(reason to skip or None, resolved target) for a symlink: followed only when it stays inside SRC."""
+    target = Path(os.path.realpath(path))
+    if not os.path.exists(path):
+        return f"broken symlink (to {shown(os.readlink(path))})", None
+    if not _inside(target, root):
+        return f"symlink to {shown(str(target))}, outside SRC: not followed (copy the file into SRC)", None
+    return None, target
+
+
+def _walk_class(folder: Path, split_root: Path, src_root: Path, label: int, scan: SplitScan, seen: set) -> int:
+    """Append the files below one class folder in (files, then sub-folders) sorted order; returns their number."""
+    count = 0
+    entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    subdirs = []
+    for entry in entries:
+        rel = os.path.relpath(entry.path, split_root)
+        if entry.name.startswith("."):
+            scan.skipped.append({"path": rel, "reason": "hidden (name starts with '.')"})
             continue
-        if not entry.is_dir() or entry.name.startswith("."):
+        if entry.is_symlink():
+            reason, target = _symlink_verdict(entry.path, src_root)
+            if reason:
+                scan.skipped.append({"path": rel, "reason": reason})
+                continue
+        if entry.is_dir():
+            real = os.path.realpath(entry.path)
+            if real in seen:
+                scan.skipped.append({"path": rel, "reason": f"folder already scanned ({shown(real)}): a symlink loop"})
+                continue
+            seen.add(real)
+            subdirs.append(entry)
+        elif entry.is_file():
+            scan.files.append(SourceFile(rel, label))
+            count += 1
+        else:
+            scan.skipped.append({"path": rel, "reason": "not a regular file (fifo, socket or device)"})
+    for entry in subdirs:
+        count += _walk_class(Path(entry.path), split_root, src_root, label, scan, seen)
+    return count
+
+
+def scan_split(name: str, folder: Path, classes: list[str], src_root: Path) -> SplitScan:
+    """Every entry below a split folder: files sorted by (class, path), files outside class folders
+    with label -1, and what is not read with the reason."""
+    index = {c: i for i, c in enumerate(classes)}
+    scan = SplitScan(name, folder, find_classes(folder))
+    seen = {os.path.realpath(folder)}
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.name.startswith("."):
+            scan.skipped.append({"path": entry.name, "reason": "hidden (name starts with '.')"})
+            continue
+        if entry.is_symlink():
+            reason, target = _symlink_verdict(entry.path, src_root)
+            if reason:
+                if os.path.isdir(entry.path):
+                    raise FastRSBError(f"{shown(entry.path)}: class folder is a {reason.split(':')[0]}; fastrsb "
+                                       "reads only what lies inside SRC: copy or move the class folder into SRC")
+                scan.skipped.append({"path": entry.name, "reason": reason})
+                continue
+        if entry.is_file():
+            scan.files.append(SourceFile(entry.name, -1))
+            continue
+        if not entry.is_dir():
+            scan.skipped.append({"path": entry.name, "reason": "not a regular file (fifo, socket or device)"})
             continue
         if entry.name not in index:
             raise FastRSBError(
-                f"{entry.path}: class folder not among the {len(classes)} classes of the train split "
+                f"{shown(entry.path)}: class folder not among the {len(classes)} classes of the train split "
                 f"(or OUT/classes.json); give every split the same class folders"
             )
-        found = []
-        for root, dirs, names in os.walk(entry.path):
-            dirs.sort()
-            for name in sorted(names):
-                found.append(SourceFile(os.path.relpath(os.path.join(root, name), split_dir), index[entry.name]))
-        if not found:
-            raise FastRSBError(f"{entry.path}: empty class folder; add its images or remove the folder")
-        files.extend(found)
-    return files
+        seen.add(os.path.realpath(entry.path))
+        if not _walk_class(Path(entry.path), folder, src_root, index[entry.name], scan, seen):
+            raise FastRSBError(f"{shown(entry.path)}: empty class folder (no file that is read); add its images "
+                               "or remove the folder")
+    return scan
+
+
+def _looks_like_split(folder: Path) -> bool:
+    return folder.is_dir() and bool(find_classes(folder))
 
 
 def resolve_splits(src: Path, split: str | None) -> dict[str, Path]:
@@ -119,9 +178,19 @@ def resolve_splits(src: Path, split: str | None) -> dict[str, Path]:
         raise FastRSBError(f"{src}: no such folder; give the dataset root that holds train/ and val/")
     if not src.is_dir():
         raise FastRSBError(f"{src}: not a folder; give the dataset root that holds train/ and val/")
+    if not any(True for _ in os.scandir(src)):
+        raise FastRSBError(f"{src}: empty folder, no train/ or val/ inside; give the dataset root that holds "
+                           "train/<class>/<image> and "
+                           "val/<class>/<image>")
     if split is not None:
         if not split or "/" in split or split.startswith("."):
             raise FastRSBError(f"--split {split!r}: give a plain name such as train or val")
+        held = [name for name in ("train", "val") if _looks_like_split(src / name)]
+        if held:
+            raise FastRSBError(
+                f"--split {split}: {src} holds {' and '.join(f'{h}/' for h in held)} with class folders, so "
+                f"--split would make {', '.join(held)} classes: drop --split to convert every split, or give "
+                f"{src / held[0]} as SRC")
         if not find_classes(src):
             raise FastRSBError(f"{src}: no class folders inside; --split expects SRC to hold one split's class folders")
         return {split: src}
@@ -135,12 +204,57 @@ def resolve_splits(src: Path, split: str | None) -> dict[str, Path]:
     return splits
 
 
+def _check_no_overlap(out: Path, splits: dict[str, Path]) -> None:
+    """OUT inside a split folder would be scanned as a class; a split inside OUT would be written over."""
+    out_real = Path(os.path.realpath(out))
+    for name, folder in splits.items():
+        real = Path(os.path.realpath(folder))
+        if _inside(out_real, real):
+            raise FastRSBError(f"OUT {out} lies inside the {name} split {folder}: it would be read as a class "
+                               "folder; choose an OUT outside the source folders")
+        if _inside(real, out_real):
+            raise FastRSBError(f"the {name} split {folder} lies inside OUT {out}: converting would write into the "
+                               "source; choose an OUT outside the source folders")
+
+
+def _check_classes(out: Path, splits: dict[str, Path]) -> list[str]:
+    """The class list of this conversion, checked against every split and OUT/classes.json; writes nothing."""
+    found = {name: find_classes(folder) for name, folder in splits.items()}
+    if "train" in found:
+        for name, classes in found.items():
+            extra = [c for c in classes if c not in set(found["train"])]
+            if extra:
+                raise FastRSBError(
+                    f"{splits[name]} has class folders that {splits['train']} lacks: {', '.join(map(shown, extra[:5]))}"
+                    f"{' ...' if len(extra) > 5 else ''}; a model trained on train cannot predict them: add them to "
+                    "train or remove them from " + name)
+    source = found.get("train") or found[next(iter(found))]
+    path = layout.classes_path(out)
+    if not path.exists():
+        return source
+    classes = layout.read_classes(out)
+    new = [c for c in source if c not in set(classes)]
+    if new:
+        raise FastRSBError(
+            f"{path} lists {len(classes)} classes without {', '.join(map(shown, new[:5]))}; converting into this OUT "
+            "would change labels: use a new OUT folder")
+    if "train" in found:
+        stale = [c for c in classes if c not in set(found["train"])]
+        if stale:
+            raise FastRSBError(
+                f"{path} lists class {shown(stale[0])}{f' (and {len(stale) - 1} more)' if len(stale) > 1 else ''}, "
+                f"which {splits['train']} no longer has: its label would hold no image. Restore the folder, or "
+                "convert into a new OUT folder (or delete OUT first)")
+    return classes
+
+
 # ----------------------------------------------------------------------------------------- workers
 
 def _init_worker() -> None:
     import cv2
 
     cv2.setNumThreads(1)  # parallelism comes from the processes
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the pool
 
 
 def shard_name(split: str, k: int) -> str:
@@ -148,17 +262,20 @@ def shard_name(split: str, k: int) -> str:
 
 
 def prepare_image(job: tuple) -> tuple:
-    """(split_dir, relpath, label, max_side, quality) -> (jpeg, height, width, None) or (None, 0, 0, BadImage)."""
-    from .images import BadImage, encode_jpeg, load_rgb
+    """(split_dir, relpath, label, max_side, quality, keep_jpeg) -> (Prepared, None) or (None, (reason, non_image))."""
+    from .images import BadImage, prepare
 
-    split_dir, relpath, label, max_side, quality = job
+    split_dir, relpath, label, max_side, quality, keep_jpeg = job
     try:
         if label < 0:
             raise BadImage("not inside a class folder", non_image=True)
-        rgb = load_rgb(Path(split_dir) / relpath, max_side)
-        return encode_jpeg(rgb, quality), int(rgb.shape[0]), int(rgb.shape[1]), None
+        return prepare(Path(split_dir) / relpath, max_side, quality, keep_jpeg), None
     except BadImage as e:
-        return None, 0, 0, (str(e), e.non_image)
+        return None, (str(e), e.non_image)
+
+
+def _prepare_chunk(jobs: list) -> list:
+    return [prepare_image(job) for job in jobs]
 
 
 def write_shard(task: dict, prepared) -> dict:
@@ -169,7 +286,7 @@ def write_shard(task: dict, prepared) -> dict:
     writer = None
     try:
         for position, relpath, label in task["files"]:
-            jpeg, height, width, error = next(prepared)
+            image, error = next(prepared)
             if error is not None:
                 reason, non_image = error
                 (non_images if non_image else rejected).append({"path": relpath, "reason": reason})
@@ -177,8 +294,9 @@ def write_shard(task: dict, prepared) -> dict:
             if writer is None:
                 writer = wds.ShardWriter(wds_dir / f"{name}.tar")
             key = f"{position:09d}"
-            writer.add(key, jpeg, label)
-            samples.append([key, label, height, width, relpath])
+            writer.add(key, image.jpeg, label)
+            samples.append([key, label, image.height, image.width, relpath, image.stored, image.why,
+                            image.source_sha256])
         files = {}
         if writer is not None:
             writer.close()
@@ -202,37 +320,147 @@ def _progress_bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled, smoothing=0.1, dynamic_ncols=True)
 
 
+CHUNK = 8  # images per task handed to a worker
+
+
+def _worker_loop(conn) -> None:
+    """A conversion worker: (chunk id, jobs) in, (chunk id, prepared images) out, until None."""
+    _init_worker()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked at the fork; ignored now
+    while (message := conn.recv()) is not None:
+        chunk_id, jobs = message
+        conn.send((chunk_id, _prepare_chunk(jobs)))
+
+
+class _Pool:
+    """Worker processes, each with its own pipe, and no thread in this process.
+
+    concurrent.futures' and multiprocessing's pools share one result pipe among all workers and read
+    it from a helper thread: a worker killed while sending (the OOM killer, kill -9) leaves that thread
+    blocked on half a message and the run waiting forever, at exit too (seen in test_faults). Here each
+    worker's pipe has one writer, so its death reads as EOF and its sentinel fires: the run stops and
+    names the files it was working on."""
+
+    def __init__(self):
+        self.procs, self.conns = [], []
+
+    def start(self, workers: int) -> None:
+        ctx = mp.get_context("fork") if sys.platform.startswith("linux") else mp.get_context()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # a Ctrl-C during fork is kept
+        try:
+            for _ in range(workers):
+                mine, theirs = ctx.Pipe()
+                proc = ctx.Process(target=_worker_loop, args=(theirs,), daemon=True)
+                proc.start()
+                theirs.close()  # only the worker holds its end now: its death is EOF here
+                self.procs.append(proc)
+                self.conns.append(mine)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    def close(self) -> None:
+        for conn in self.conns:
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+        for proc in self.procs:
+            proc.join(timeout=2)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for conn in self.conns:
+            conn.close()
+
+
+def _died(jobs: list) -> FastRSBError:
+    names = ", ".join(shown(job[1]) for job in jobs)
+    return FastRSBError(
+        f"a conversion worker process died (killed, out of memory, or a decoder crash) while reading one of: "
+        f"{names} (in {shown(jobs[0][0])}); run the same fastrsb convert again to resume; if it dies again on "
+        "these files, move them out of SRC")
+
+
+def _prepared_stream(jobs, workers: int):
+    """Prepared images in job order, computed over `workers` processes, a bounded window ahead."""
+    from multiprocessing.connection import wait
+
+    if workers <= 1:
+        _init_worker_in_parent()
+        yield from map(prepare_image, jobs)
+        return
+    chunks = iter(lambda: list(itertools.islice(jobs, CHUNK)), [])
+    pool = _Pool()
+    sent: dict[int, tuple[int, list]] = {}  # chunk id -> (worker, jobs), in flight
+    done: dict[int, list] = {}
+    next_id = next_out = 0
+    exhausted = False
+    try:
+        pool.start(workers)  # inside the try: a Ctrl-C held back during the forks lands here, workers closed
+        while True:
+            busy = Counter(w for w, _ in sent.values())
+            for w in range(workers):  # two chunks in flight per worker, a bounded window ahead
+                while busy[w] < 2 and not exhausted and next_id < next_out + 4 * workers:
+                    chunk = next(chunks, None)
+                    if chunk is None:
+                        exhausted = True
+                        break
+                    pool.conns[w].send((next_id, chunk))
+                    sent[next_id] = (w, chunk)
+                    busy[w] += 1
+                    next_id += 1
+            if next_out in done:
+                yield from done.pop(next_out)
+                next_out += 1
+                continue
+            if not sent:
+                return
+            waiting = sorted({w for w, _ in sent.values()})
+            ready = wait([pool.conns[w] for w in waiting] + [pool.procs[w].sentinel for w in waiting])
+            for w in waiting:
+                in_flight = next(jobs for v, jobs in sent.values() if v == w)
+                if pool.conns[w] in ready:
+                    try:
+                        chunk_id, results = pool.conns[w].recv()
+                    except (EOFError, OSError):
+                        raise _died(in_flight) from None
+                    del sent[chunk_id]
+                    done[chunk_id] = results
+                elif pool.procs[w].sentinel in ready:
+                    raise _died(in_flight)
+    finally:
+        pool.close()
+
+
+def _init_worker_in_parent() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
 def _run_shards(tasks: list[dict], workers: int, desc: str, progress: bool) -> None:
     """Decode and encode images over `workers` processes; this process writes the shards in order.
 
-    Work is spread per image (ordered imap), not per shard, so a dataset smaller than
-    workers x shard_size still uses every core; writing a tar is a copy, cheap beside decoding.
+    Work is spread per image chunk, not per shard, so a dataset smaller than workers x shard_size
+    still uses every core; writing a tar is a copy, cheap beside decoding.
     """
     if not tasks:
         return
-    jobs = ((t["split_dir"], relpath, label, t["max_side"], t["quality"]) for t in tasks for _, relpath, label in t["files"])
+    jobs = ((t["split_dir"], relpath, label, t["max_side"], t["quality"], t["keep_jpeg"])
+            for t in tasks for _, relpath, label in t["files"])
     bar = _progress_bar(sum(len(t["files"]) for t in tasks), desc, progress)
-    ctx = mp.get_context("fork") if sys.platform.startswith("linux") else mp.get_context()
-    pool = ctx.Pool(workers, initializer=_init_worker) if workers > 1 else None
+    stream = _prepared_stream(jobs, workers)
     try:
-        if pool is None:
-            _init_worker()
-            results = map(prepare_image, jobs)
-        else:
-            results = pool.imap(prepare_image, jobs, chunksize=8)
-
         def counted():
-            for r in results:
+            for r in stream:
                 bar.update(1)
                 yield r
 
-        stream = counted()
+        counting = counted()
         for task in tasks:
-            write_shard(task, stream)
+            write_shard(task, counting)
     finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        stream.close()
         bar.close()
 
 
@@ -246,68 +474,70 @@ def _check_writable(out: Path) -> None:
         raise FastRSBError(f"{out}: cannot write there ({e.strerror}); choose an OUT folder you can write to") from None
 
 
-def _load_or_write_classes(out: Path, splits: dict[str, Path]) -> list[str]:
-    source_classes = find_classes(splits.get("train", next(iter(splits.values()))))
-    path = out / "classes.json"
-    if path.exists():
-        classes = json.loads(path.read_text())
-        missing = [c for c in source_classes if c not in classes]
-        if missing:
-            raise FastRSBError(
-                f"{path} lists {len(classes)} classes without {missing[:5]}; converting into this OUT would "
-                "change labels: use a new OUT folder"
-            )
-        return classes
-    write_atomic(path, json.dumps(source_classes, indent=0) + "\n")
-    return source_classes
+def _read_state(path: Path, split_out: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise FastRSBError(f"{path}: unreadable ({e}); delete {split_out} and convert again") from None
+    if state.get("format_version") != FORMAT_VERSION:
+        raise FastRSBError(f"{split_out} was written by an older fastrsb (layout format "
+                           f"{state.get('format_version', 1)}); re-run fastrsb convert SRC into a new OUT folder "
+                           f"(or delete {split_out} first)")
+    return state
 
 
-def convert_split(
-    split: str,
-    split_dir: Path,
-    out: Path,
-    classes: list[str],
-    formats: list[str],
-    options: dict,
-    workers: int,
-    progress: bool,
-    log=print,
-) -> dict:
-    files = scan_split(split_dir, classes)
+def _complete(split_out: Path, manifest: dict) -> bool:
+    return all((split_out / rel).exists() for rel in manifest["files"])
+
+
+def convert_split(scan: SplitScan, out: Path, classes: list[str], formats: list[str], options: dict,
+                  workers: int, progress: bool, log=print, splits: tuple[str, ...] = ()) -> dict:
+    """Convert one scanned split into OUT/<split>; `splits`: every split of this run (verify checks them all)."""
+    split, split_dir, files = scan.name, scan.folder, scan.files
     order = np.arange(len(files))
     if split == "train" and options["shuffle_seed"] >= 0:
         order = np.random.default_rng(options["shuffle_seed"]).permutation(len(files))
-    split_out = out / split
-    wds_dir = split_out / "wds"
-    wds_dir.mkdir(parents=True, exist_ok=True)
-
+    split_out = layout.split_dir(out, split)
+    wds_dir = layout.wds_dir(out, split)
     fingerprint = hashlib.sha256(
         json.dumps(
             {"options": options, "classes": classes, "files": [(f.relpath, f.label) for f in files]}
         ).encode()
     ).hexdigest()
-    state_path = split_out / STATE_FILE
-    manifest_path = split_out / "manifest.json"
-    if state_path.exists():
-        state = json.loads(state_path.read_text())
+    state_path = layout.state_path(out, split)
+    manifest_path = layout.manifest_path(out, split)
+    state = _read_state(state_path, split_out)
+    if state is not None:
         if state.get("fingerprint") != fingerprint:
             raise FastRSBError(
                 f"{split_out} holds a conversion made from other source files or with other options "
                 f"({state.get('options')}); delete {split_out} or convert into another OUT folder"
             )
+        formats = sorted(set(formats) | set(state["formats"]))  # a format made before is kept, never removed
         if manifest_path.exists():
-            manifest = json.loads(manifest_path.read_text())
-            complete = all((split_out / rel).exists() for rel in manifest["files"])
-            if complete and set(formats) <= set(manifest["formats"]):
+            try:
+                manifest = layout.read_manifest(out, split)
+            except FastRSBError:
+                manifest = None  # rewritten below
+            if manifest is not None and _complete(split_out, manifest) and set(formats) <= set(manifest["formats"]):
+                if "dali" not in manifest["formats"]:
+                    shutil.rmtree(wds_dir, ignore_errors=True)  # staging shards a kill left behind
                 log(f"{split}: already converted ({manifest_path}); nothing to do")
                 return manifest
     else:
-        if any(wds_dir.iterdir()) or manifest_path.exists():
+        if split_out.exists() and any(p.is_file() and p.suffix != ".tmp" for p in split_out.rglob("*")):
             raise FastRSBError(f"{split_out} holds files of an unknown conversion; delete it or use another OUT")
-        write_atomic(state_path, json.dumps({"fingerprint": fingerprint, "options": options}, indent=1))
+        split_out.mkdir(parents=True, exist_ok=True)
+        state = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint, "options": options, "formats": []}
+        write_atomic(state_path, json.dumps(state, indent=1))
+    formats = sorted(formats)
+    wds_dir.mkdir(parents=True, exist_ok=True)
 
     shard_size = options["shard_size"]
     num_shards = max(1, math.ceil(len(files) / shard_size))
+    max_side = options["max_side"] if split == "train" else None  # val keeps its size (RECIPES.md eval)
     tasks, records = [], {}
     for k in range(num_shards):
         name = shard_name(split, k)
@@ -325,8 +555,9 @@ def convert_split(
                 "name": name,
                 "split_dir": str(split_dir),
                 "wds_dir": str(wds_dir),
-                "max_side": options["max_side"],
+                "max_side": max_side,
                 "quality": options["quality"],
+                "keep_jpeg": options["keep_jpeg"],
                 "files": [(int(p), files[p].relpath, files[p].label) for p in picked],
             }
         )
@@ -343,29 +574,32 @@ def convert_split(
     samples, rejected, non_images, shard_files = [], [], [], {}
     for record in records:
         tar = f"wds/{record['shard']}.tar"
-        for key, label, height, width, relpath in record["samples"]:
-            samples.append((key, label, height, width, tar if record["files"] else "", relpath))
+        for key, label, height, width, relpath, stored, why, sha in record["samples"]:
+            samples.append((key, label, height, width, tar, relpath, stored, why, sha))
         rejected += record["rejected"]
         non_images += record["non_images"]
         shard_files.update(record["files"])
     if not samples:
-        raise FastRSBError(f"{split_dir}: no decodable image among {len(files)} files; see the rejected list")
+        _list(split, "rejected", rejected, log)
+        _list(split, "non_images", non_images, log)
+        raise FastRSBError(f"{split_dir}: no decodable image among {len(files)} files (listed above: "
+                           f"{len(rejected)} rejected, {len(non_images)} non-image files)")
 
     out_files = {}
     if "beton" in formats:
         from .loaders.beton import ShardSamples, write_beton
 
-        beton = split_out / f"{split}.beton"
+        beton = layout.beton_path(out, split)
         if not beton.exists():
             Path(str(beton) + ".tmp").unlink(missing_ok=True)
             log(f"{split}: writing {beton} ({options['write_mode']} mode, {len(samples)} samples)")
             index = {}
             for record in records:
                 if record["files"]:
-                    tar = split_out / "wds" / f"{record['shard']}.tar"
+                    tar = wds_dir / f"{record['shard']}.tar"
                     for members in wds.read_index(tar.with_suffix(".idx")):
                         index[members["jpg"].key] = (str(tar), members["jpg"].offset, members["jpg"].size)
-            entries = [(*index[key], label, height, width) for key, label, height, width, _, _ in samples]
+            entries = [(*index[s[0]], s[1], s[2], s[3]) for s in samples]
             write_beton(
                 beton,
                 ShardSamples(entries),
@@ -374,35 +608,45 @@ def convert_split(
                 quality=options["quality"],
                 compress_probability=options["compress_probability"],
             )
+            state = {**state, "formats": sorted(set(state["formats"]) | {"beton"})}
+            write_atomic(state_path, json.dumps(state, indent=1))
         out_files[beton.name] = {"sha256": file_sha256(beton), "bytes": beton.stat().st_size}
     if "dali" in formats:
         out_files.update(shard_files)
 
-    lines = ["index\tkey\tlabel\theight\twidth\tshard\tsource"]
-    lines += [
-        f"{i}\t{key}\t{label}\t{h}\t{w}\t{tar if 'dali' in formats else ''}\t{rel}"
-        for i, (key, label, h, w, tar, rel) in enumerate(samples)
-    ]
-    write_atomic(split_out / "samples.tsv", "\n".join(lines) + "\n")
-    out_files["samples.tsv"] = {"sha256": file_sha256(split_out / "samples.tsv"), "bytes": (split_out / "samples.tsv").stat().st_size}
-    out_files["../classes.json"] = {"sha256": file_sha256(out / "classes.json"), "bytes": (out / "classes.json").stat().st_size}
+    table = layout.samples_path(out, split)
+    layout.write_samples(table, [
+        (i, key, label, h, w, tar if "dali" in formats else "", rel, stored, why, sha)
+        for i, (key, label, h, w, tar, rel, stored, why, sha) in enumerate(samples)
+    ])
+    out_files[table.name] = {"sha256": file_sha256(table), "bytes": table.stat().st_size}
+    classes_file = layout.classes_path(out)
+    out_files["../classes.json"] = {"sha256": file_sha256(classes_file), "bytes": classes_file.stat().st_size}
 
     counts = [0] * len(classes)
     for _, label, *_ in samples:
         counts[label] += 1
+    kept = sum(1 for s in samples if s[6] == layout.KEPT)
     manifest = {
         "format_version": FORMAT_VERSION,
         "split": split,
+        "splits": sorted(set(splits) | {split}),
         "source": str(split_dir.resolve()),
-        "formats": sorted(formats),
+        "formats": formats,
         "num_samples": len(samples),
         "num_files_scanned": len(files),
         "num_classes": len(classes),
         "counts_per_class": dict(zip(classes, counts)),
+        "num_kept": kept,
+        "num_reencoded": len(samples) - kept,
+        "reencoded_why": dict(sorted(Counter(_why_kind(s[7]) for s in samples if s[6] != layout.KEPT).items())),
+        "per_file": "samples.jsonl: per sample, stored (kept or re-encoded), why, source_sha256",
         "num_rejected": len(rejected),
         "rejected": rejected,
         "num_non_images": len(non_images),
         "non_images": non_images,
+        "num_skipped": len(scan.skipped),
+        "skipped": scan.skipped,
         "shards": [
             {"file": f"wds/{r['shard']}.tar", "num_samples": len(r["samples"])} for r in records if r["files"]
         ] if "dali" in formats else [],
@@ -410,24 +654,75 @@ def convert_split(
         "versions": versions("beton" in formats),
         "files": dict(sorted(out_files.items())),
     }
-    write_atomic(manifest_path, json.dumps(manifest, indent=1) + "\n")
+    write_atomic(manifest_path, layout.manifest_text(manifest))
+    write_atomic(state_path, json.dumps({**state, "formats": formats}, indent=1))
     if "dali" not in formats:
         shutil.rmtree(wds_dir)  # the shards only staged the beton
     _report(split, manifest, log)
     return manifest
 
 
+def _why_kind(why: str) -> str:
+    """The reason without its per-file sizes, for the manifest's summary."""
+    return why[why.index("larger than"):] if "larger than" in why else why
+
+
+def _list(split: str, kind: str, items: list, log) -> None:
+    for item in items[:20]:
+        log(f"  {kind.replace('_', '-')}: {shown(item['path'])}: {item['reason']}")
+    if len(items) > 20:
+        log(f"  ... {len(items) - 20} more {kind.replace('_', '-')} files listed in {split}/manifest.json")
+
+
 def _report(split: str, manifest: dict, log) -> None:
     log(
-        f"{split}: {manifest['num_samples']} images written, {manifest['num_rejected']} rejected, "
-        f"{manifest['num_non_images']} non-image files (of {manifest['num_files_scanned']} files)"
+        f"{split}: {manifest['num_samples']} images written ({manifest['num_kept']} with their original bytes, "
+        f"{manifest['num_reencoded']} re-encoded), {manifest['num_rejected']} rejected, "
+        f"{manifest['num_non_images']} non-image files (of {manifest['num_files_scanned']} files), "
+        f"{manifest['num_skipped']} entries skipped"
     )
-    for kind in ("rejected", "non_images"):
-        items = manifest[kind]
-        for item in items[:20]:
-            log(f"  {kind.replace('_', '-')}: {item['path']}: {item['reason']}")
-        if len(items) > 20:
-            log(f"  ... {len(items) - 20} more {kind.replace('_', '-')} files listed in {split}/manifest.json")
+    for kind in ("rejected", "non_images", "skipped"):
+        _list(split, kind, manifest[kind], log)
+
+
+def _disk_error(e: OSError, out: Path, scans: list[SplitScan]) -> FastRSBError:
+    where = shown(e.filename) if e.filename else str(out)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        need = sum((s.folder / f.relpath).stat().st_size for s in scans for f in s.files
+                   if (s.folder / f.relpath).is_file())
+        return FastRSBError(
+            f"{out}: no space left on the device (writing {where}); free space (the source holds "
+            f"{need / 1e6:,.0f} MB, OUT needs about that per format) or choose another OUT, then run the same "
+            "fastrsb convert again: finished shards are kept and it resumes")
+    return FastRSBError(f"{out}: {e.strerror or e} (writing {where}); fix it and run the same fastrsb convert "
+                        "again: finished shards are kept and it resumes")
+
+
+class _Interrupts:
+    """Ctrl-C raises KeyboardInterrupt as usual, and is also remembered: one that lands where Python
+    swallows exceptions (a __del__, an at-fork hook) still stops the conversion at the next split."""
+
+    def __init__(self):
+        self.hit = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        self.hit = True
+        raise KeyboardInterrupt
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+    def check(self) -> None:
+        if self.hit:
+            raise KeyboardInterrupt
 
 
 def convert(
@@ -442,10 +737,15 @@ def convert(
     shard_size: int = 1000,
     workers: int | None = None,
     shuffle_seed: int = 0,
+    keep_jpeg: bool = True,
     progress: bool = True,
     log=print,
 ) -> dict[str, dict]:
-    """Convert SRC (train/ and val/ class folders, or one split with `split=`) into OUT; returns the manifests."""
+    """Convert SRC (train/ and val/ class folders, or one split with `split=`) into OUT; returns the manifests.
+
+    keep_jpeg: store a JPEG's original bytes where every backend decodes them as they are (default);
+    False re-encodes every image (the layout of fastrsb < 0.2). `max_side` bounds train images only.
+    """
     formats = list(dict.fromkeys(formats))
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
@@ -468,8 +768,11 @@ def convert(
     workers = workers or os.cpu_count() or 1
     src, out = Path(src), Path(out)
     splits = resolve_splits(src, split)
-    _check_writable(out)
-    classes = _load_or_write_classes(out, splits)
+    _check_no_overlap(out, splits)
+    classes = _check_classes(out, splits)
+    src_root = Path(os.path.realpath(src))
+    scans = [scan_split(name, folder, classes, src_root) for name, folder in splits.items()]
+    _check_writable(out)  # everything is checked: from here on, OUT is written
     options = {
         "max_side": max_side,
         "quality": quality,
@@ -477,10 +780,24 @@ def convert(
         "compress_probability": compress_probability,
         "shard_size": shard_size,
         "shuffle_seed": shuffle_seed,
+        "keep_jpeg": bool(keep_jpeg),
     }
     manifests = {}
     start = time.perf_counter()
-    for name, folder in splits.items():
-        manifests[name] = convert_split(name, folder, out, classes, formats, options, workers, progress, log)
+    interrupts = _Interrupts()
+    try:
+        with interrupts:
+            if not layout.classes_path(out).exists():
+                write_atomic(layout.classes_path(out), json.dumps(classes, indent=0) + "\n")
+            for scan in scans:
+                manifests[scan.name] = convert_split(scan, out, classes, formats, options, workers, progress, log,
+                                                     splits=tuple(s.name for s in scans))
+                interrupts.check()
+    except OSError as e:
+        raise _disk_error(e, out, scans) from None
+    except KeyboardInterrupt:
+        print(f"fastrsb convert: interrupted: {out} keeps every finished shard; run the same fastrsb convert again "
+              "to resume", file=sys.stderr, flush=True)
+        raise
     log(f"converted {', '.join(manifests)} into {out} in {time.perf_counter() - start:.1f} s")
     return manifests

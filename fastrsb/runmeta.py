@@ -48,13 +48,24 @@ def device_name(device: str | None = None) -> str:
     return f"CPU: {cpu_name()} ({os.cpu_count()} cores)"
 
 
-def versions() -> dict:
-    """Installed versions of what results depend on; with torch loaded, also CUDA, cuDNN and the GPUs."""
+def versions(only: tuple[str, ...] | None = None) -> dict:
+    """Installed versions of what results depend on; with torch loaded, also CUDA, cuDNN and the GPUs.
+
+    only: just fastrsb, python and these distributions (missing ones are left out): what a file's bytes
+    depend on, the same whatever else the process has imported."""
     from importlib import metadata
 
     from . import __version__
 
-    out = {"fastrsb": __version__, "python": platform.python_version(), "platform": platform.platform()}
+    out = {"fastrsb": __version__, "python": platform.python_version()}
+    if only is not None:
+        for dist in only:
+            try:
+                out[dist] = metadata.version(dist)  # ffcv's own __version__ attribute is stale
+            except metadata.PackageNotFoundError:
+                continue
+        return out
+    out["platform"] = platform.platform()
     for dist in _DISTRIBUTIONS:
         module = sys.modules.get(dist)
         if dist in ("torch", "torchvision") and module is not None:

@@ -1,36 +1,38 @@
-"""`fastrsb verify OUT`: re-read a converted dataset through FFCV and DALI (CPU) and check it.
+"""`fastrsb verify OUT`: re-read a converted dataset and check every promise its manifests make.
 
-Per split: every file the manifest lists exists and has its sha256; each shard's index parses and
-fits its tar; the beton, read in order by FFCV's Loader, and the shards, read in order by DALI's
-`fn.readers.webdataset`, hold the sample count, the label sequence of samples.tsv and the counts per
-class of the manifest; unless `decode=False`, every image is decoded by both. A damaged file is named
-with the fix.
+Per split that any manifest names (so a missing or half-written val fails):
+
+1. the manifest's own checksum (an edited manifest is detected), then every file it lists exists
+   with its size and sha256, and no stray shard or temporary file lies beside them (the loaders
+   glob `wds/*.tar`, so a stray shard would change what they read);
+2. the per-sample table (samples.jsonl): row count and counts per class as the manifest says;
+3. the stored bytes, read directly from the shards and the beton: both formats hold the same
+   bytes, and a JPEG kept from the source hashes to the source's sha256;
+4. unless `decode=False`, every stored image is decoded by PIL and must have the size the table
+   records (a damaged sample is named with its source file);
+5. the beton through FFCV's Loader and the shards through DALI's `fn.readers.webdataset`, in a
+   child process, so a decoder that crashes (DALI segfaults on some damaged JPEGs) is reported with
+   the file instead of killing verify: labels in the table's order, and (decode) every image
+   decoded, DALI's at the recorded size.
 """
 from __future__ import annotations
 
-import json
+import hashlib
+import io
+import multiprocessing as mp
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
 
 from .convert import file_sha256
 from .errors import FastRSBError, missing_extra
-from .loaders import wds
+from .loaders import layout, wds
 
 
 class Damaged(Exception):
     pass
-
-
-def read_samples_tsv(path: Path) -> list[dict]:
-    rows = []
-    with open(path) as f:
-        header = f.readline().rstrip("\n").split("\t")
-        for line in f:
-            values = line.rstrip("\n").split("\t")
-            rows.append(dict(zip(header, values)))
-    return rows
 
 
 def _fix(path: Path) -> str:
@@ -51,8 +53,95 @@ def check_checksums(split_dir: Path, manifest: dict, log) -> None:
     log(f"  checksums: {len(manifest['files'])} files match")
 
 
+def check_strays(split_dir: Path, manifest: dict) -> None:
+    listed = set(manifest["files"])
+    wds_dir = split_dir / "wds"
+    strays = [p for p in split_dir.rglob("*.tmp")]
+    if wds_dir.is_dir():
+        if "dali" not in manifest["formats"]:
+            strays += sorted(wds_dir.iterdir())
+        else:
+            strays += [p for p in sorted(wds_dir.iterdir())
+                       if p.suffix in (".tar", ".idx") and f"wds/{p.name}" not in listed]
+    if strays:
+        raise Damaged(f"{strays[0]}: not part of the conversion the manifest describes"
+                      f"{f' (and {len(strays) - 1} more)' if len(strays) > 1 else ''}; the loaders would read it: "
+                      "delete it (or run the same fastrsb convert again if it should belong)")
+
+
+def _stored_bytes(split_dir: Path, manifest: dict, rows: list[dict]):
+    """Per sample: (shard bytes or None, beton image or None), in table order."""
+    shard_iter = iter(())
+    if "dali" in manifest["formats"]:
+        def from_shards():
+            for shard in manifest["shards"]:
+                tar = split_dir / shard["file"]
+                index = wds.read_index(tar.with_suffix(".idx"))
+                if len(index) != shard["num_samples"]:
+                    raise Damaged(f"{tar}: its index lists {len(index)} samples, manifest says {shard['num_samples']}; "
+                                  f"{_fix(tar)}")
+                with open(tar, "rb") as f:
+                    for members in index:
+                        m = members["jpg"]
+                        f.seek(m.offset)
+                        data = f.read(m.size)
+                        if len(data) != m.size:
+                            raise Damaged(f"{tar}: shorter than its index says; {_fix(tar)}")
+                        yield data
+        shard_iter = from_shards()
+    beton_iter = iter(())
+    if "beton" in manifest["formats"]:
+        from .loaders.beton import read_beton
+
+        beton_iter = read_beton(layout.beton_path(split_dir.parent, split_dir.name))
+    for _ in rows:
+        yield next(shard_iter, None), next(beton_iter, None)
+
+
+def check_stored(split_dir: Path, manifest: dict, rows: list[dict], decode: bool, log) -> None:
+    """Both formats hold the same bytes, kept JPEGs are the source's bytes, and (decode) each decodes by PIL."""
+    from PIL import Image
+
+    beton = layout.beton_path(split_dir.parent, split_dir.name)
+    kept = decoded = 0
+    for row, (shard_data, beton_image) in zip(rows, _stored_bytes(split_dir, manifest, rows)):
+        where = split_dir / row["shard"] if row["shard"] else beton
+        what = f"sample {row['index']} (key {row['key']}, source {layout.shown(row['source'])})"
+        if beton_image is not None:
+            if beton_image.label != row["label"]:
+                raise Damaged(f"{beton}: label of {what} is {beton_image.label}, samples.jsonl says {row['label']}; "
+                              f"{_fix(beton)}")
+            if (beton_image.height, beton_image.width) != (row["height"], row["width"]):
+                raise Damaged(f"{beton}: {what} is {beton_image.width}x{beton_image.height}, samples.jsonl says "
+                              f"{row['width']}x{row['height']}; {_fix(beton)}")
+        jpeg = shard_data if shard_data is not None else (beton_image.data if beton_image and beton_image.jpeg else None)
+        if shard_data is not None and beton_image is not None and beton_image.jpeg and beton_image.data != shard_data:
+            raise Damaged(f"{beton}: {what} holds other bytes than {where}; {_fix(beton)}")
+        if row["stored"] == layout.KEPT and jpeg is not None:
+            if hashlib.sha256(jpeg).hexdigest() != row["source_sha256"]:
+                raise Damaged(f"{where}: {what} was kept from the source, but its bytes do not hash to the source's "
+                              f"sha256; {_fix(where)}")
+            kept += 1
+        if decode and jpeg is not None:
+            try:
+                with Image.open(io.BytesIO(jpeg)) as img:
+                    img.load()
+                    size = img.size
+            except Exception as e:  # PIL raises many types on damaged data
+                raise Damaged(f"{where}: {what} does not decode ({type(e).__name__}: {e}); {_fix(where)}") from None
+            if size != (row["width"], row["height"]):
+                raise Damaged(f"{where}: {what} decodes to {size[0]}x{size[1]}, samples.jsonl says "
+                              f"{row['width']}x{row['height']}; {_fix(where)}")
+            decoded += 1
+    log(f"  stored bytes: {kept} kept JPEGs match their source's sha256"
+        + (", formats hold the same bytes" if len(manifest["formats"]) == 2 else "")
+        + (f", {decoded} images decoded by PIL" if decode else ""))
+
+
+# ------------------------------------------------------------------- backend reads (child process)
+
 def read_beton_labels(beton: Path, decode: bool, batch_size: int = 256) -> tuple[np.ndarray, int]:
-    """Labels in file order, and how many images decoded, through FFCV's Loader on the CPU."""
+    """Labels in file order, and how many images FFCV's Loader delivered decoded, on the CPU."""
     try:
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
         from ffcv.loader import Loader, OrderOption
@@ -69,15 +158,16 @@ def read_beton_labels(beton: Path, decode: bool, batch_size: int = 256) -> tuple
     for batch in loader:
         if decode:
             images, batch_labels = batch
-            decoded += len(images)
+            decoded += int(images.shape[0])
         else:
             (batch_labels,) = batch if isinstance(batch, (tuple, list)) else (batch,)
         labels.append(np.array(batch_labels, copy=True).reshape(-1))  # FFCV reuses its buffers
     return np.concatenate(labels) if labels else np.zeros(0, np.int64), decoded
 
 
-def read_shard_labels(tars: list[Path], decode: bool, batch_size: int = 64) -> tuple[np.ndarray, int]:
-    """Labels in shard order, and how many images decoded, through DALI's webdataset reader (CPU)."""
+def read_shard_labels(tars: list[Path], decode: bool, sizes: np.ndarray | None = None,
+                      batch_size: int = 32) -> tuple[np.ndarray, int]:
+    """Labels in shard order, and how many images DALI decoded to their recorded (height, width)."""
     try:
         from nvidia.dali import fn, pipeline_def
     except ImportError:
@@ -89,11 +179,10 @@ def read_shard_labels(tars: list[Path], decode: bool, batch_size: int = 64) -> t
         jpegs, cls = fn.readers.webdataset(
             paths=[str(t) for t in tars], index_paths=[str(t.with_suffix(".idx")) for t in tars],
             ext=["jpg", "cls"], missing_component_behavior="error", random_shuffle=False,
-            pad_last_batch=True, name="reader",
+            pad_last_batch=False, name="reader",
         )
         if decode:
-            images = fn.resize(fn.decoders.image(jpegs, device="cpu"), resize_x=32, resize_y=32)
-            return images, cls
+            return fn.decoders.image(jpegs, device="cpu").shape(), cls
         return cls
 
     p = pipe()
@@ -103,42 +192,59 @@ def read_shard_labels(tars: list[Path], decode: bool, batch_size: int = 64) -> t
     for _ in range(-(-total // batch_size)):
         outputs = p.run()
         cls = outputs[-1]
+        start = len(labels)
         labels += [int(bytes(np.asarray(cls[i])).decode("ascii")) for i in range(len(cls))]
         if decode:
-            decoded += len(outputs[0])
-    return np.array(labels[:total], dtype=np.int64), min(decoded, total)
+            for j in range(len(outputs[0])):
+                shape = tuple(int(v) for v in np.asarray(outputs[0][j]))
+                i = start + j
+                if sizes is not None and i < len(sizes) and shape == (int(sizes[i][0]), int(sizes[i][1]), 3):
+                    decoded += 1
+    return np.array(labels[:total], dtype=np.int64), decoded
 
 
-def verify_split(split_dir: Path, decode: bool, log) -> None:
-    manifest_path = split_dir / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    split = manifest["split"]
-    log(f"{split}: {manifest['num_samples']} samples, formats {', '.join(manifest['formats'])}")
-    check_checksums(split_dir, manifest, log)
-    rows = read_samples_tsv(split_dir / "samples.tsv")
-    expected = np.array([int(r["label"]) for r in rows], dtype=np.int64)
-    if len(expected) != manifest["num_samples"]:
-        raise Damaged(f"{split_dir / 'samples.tsv'}: {len(expected)} rows, manifest says {manifest['num_samples']}")
-    counts = np.bincount(expected, minlength=manifest["num_classes"])
-    if list(counts) != list(manifest["counts_per_class"].values()):
-        raise Damaged(f"{split_dir / 'samples.tsv'}: counts per class differ from the manifest")
+def _child(kind: str, paths: list[str], decode: bool, sizes, conn) -> None:
+    try:
+        if kind == "beton":
+            result = read_beton_labels(Path(paths[0]), decode)
+        else:
+            result = read_shard_labels([Path(p) for p in paths], decode, sizes)
+        conn.send(("ok", result[0].tolist(), result[1]))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which names the file
+        conn.send(("error", f"{type(e).__name__}: {e}", 0))
+    finally:
+        conn.close()
 
-    if "beton" in manifest["formats"]:
-        beton = split_dir / f"{split}.beton"
-        labels, decoded = read_beton_labels(beton, decode)
-        _compare(beton, labels, expected, decoded if decode else None)
-        log(f"  FFCV: {len(labels)} samples, labels match" + (f", {decoded} images decoded" if decode else ""))
-    if "dali" in manifest["formats"]:
-        tars = [split_dir / s["file"] for s in manifest["shards"]]
-        for tar in tars:
-            index = wds.read_index(tar.with_suffix(".idx"))
-            end = max(m.offset + m.size for sample in index for m in sample.values())
-            if end > tar.stat().st_size:
-                raise Damaged(f"{tar}: shorter than its index says; {_fix(tar)}")
-        labels, decoded = read_shard_labels(tars, decode)
-        _compare(split_dir / "wds", labels, expected, decoded if decode else None)
-        log(f"  DALI: {len(labels)} samples in {len(tars)} shards, labels match"
-            + (f", {decoded} images decoded" if decode else ""))
+
+def _guarded_read(kind: str, paths: list[Path], decode: bool, sizes, reader=_child) -> tuple[np.ndarray, int]:
+    """Run a backend read (`reader`, in a spawned child); a crash becomes Damaged naming the file (a
+    shard: each is then read alone, and the one that crashes is named)."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=reader, args=(kind, [str(p) for p in paths], decode, sizes, child), daemon=True)
+    proc.start()
+    child.close()
+    try:
+        message = parent.recv()
+    except EOFError:
+        message = None
+    proc.join()
+    if message is None or proc.exitcode != 0:
+        code = proc.exitcode
+        how = f"signal {signal.Signals(-code).name}" if code and code < 0 else f"exit status {code}"
+        if kind == "dali" and len(paths) > 1:
+            offset = 0
+            for tar in paths:  # one shard at a time: the one that crashes the decoder raises Damaged
+                n = len(wds.read_index(tar.with_suffix(".idx")))
+                _guarded_read(kind, [tar], decode, None if sizes is None else sizes[offset:offset + n], reader)
+                offset += n
+        raise Damaged(f"{paths[0]}: the {'FFCV' if kind == 'beton' else 'DALI'} decoder crashed ({how}) reading it; "
+                      f"a stored image is damaged: {_fix(paths[0])}")
+    status, labels, decoded = message
+    if status != "ok":
+        raise Damaged(f"{paths[0]}: {'FFCV' if kind == 'beton' else 'DALI'} could not read it ({labels}); "
+                      f"{_fix(paths[0])}")
+    return np.asarray(labels, np.int64), decoded
 
 
 def _compare(where: Path, labels: np.ndarray, expected: np.ndarray, decoded: int | None) -> None:
@@ -146,23 +252,71 @@ def _compare(where: Path, labels: np.ndarray, expected: np.ndarray, decoded: int
         raise Damaged(f"{where}: read {len(labels)} samples, expected {len(expected)}; {_fix(where)}")
     if not np.array_equal(labels, expected):
         first = int(np.flatnonzero(labels != expected)[0])
-        raise Damaged(f"{where}: label of sample {first} is {labels[first]}, samples.tsv says {expected[first]}; {_fix(where)}")
+        raise Damaged(f"{where}: label of sample {first} is {labels[first]}, samples.jsonl says {expected[first]}; "
+                      f"{_fix(where)}")
     if decoded is not None and decoded != len(expected):
-        raise Damaged(f"{where}: decoded {decoded} of {len(expected)} images; {_fix(where)}")
+        raise Damaged(f"{where}: decoded {decoded} of {len(expected)} images at their recorded size; {_fix(where)}")
+
+
+def verify_split(out: Path, split: str, decode: bool, log) -> None:
+    split_dir = layout.split_dir(out, split)
+    try:
+        manifest = layout.read_manifest(out, split)
+    except FastRSBError as e:
+        raise Damaged(str(e)) from None
+    log(f"{split}: {manifest['num_samples']} samples, formats {', '.join(manifest['formats'])}")
+    check_checksums(split_dir, manifest, log)
+    check_strays(split_dir, manifest)
+    try:
+        rows = layout.read_samples(layout.samples_path(out, split))
+    except FastRSBError as e:
+        raise Damaged(str(e)) from None
+    expected = np.array([r["label"] for r in rows], dtype=np.int64)
+    table = layout.samples_path(out, split)
+    if len(expected) != manifest["num_samples"]:
+        raise Damaged(f"{table}: {len(expected)} rows, manifest says {manifest['num_samples']}")
+    counts = np.bincount(expected, minlength=manifest["num_classes"])
+    if list(counts) != list(manifest["counts_per_class"].values()):
+        raise Damaged(f"{table}: counts per class differ from the manifest")
+    check_stored(split_dir, manifest, rows, decode, log)
+
+    if "beton" in manifest["formats"]:
+        beton = layout.beton_path(out, split)
+        labels, decoded = _guarded_read("beton", [beton], decode, None)
+        _compare(beton, labels, expected, decoded if decode else None)
+        log(f"  FFCV: {len(labels)} samples, labels match" + (f", {decoded} images decoded" if decode else ""))
+    if "dali" in manifest["formats"]:
+        tars = [split_dir / s["file"] for s in manifest["shards"]]
+        sizes = np.array([(r["height"], r["width"]) for r in rows], np.int64) if decode else None
+        labels, decoded = _guarded_read("dali", tars, decode, sizes)
+        _compare(split_dir / "wds", labels, expected, decoded if decode else None)
+        log(f"  DALI: {len(labels)} samples in {len(tars)} shards, labels match"
+            + (f", {decoded} images decoded at their recorded size" if decode else ""))
+
+
+def promised_splits(out: Path) -> list[str]:
+    """Every split a manifest names, or a conversion started (a state file) but did not finish."""
+    names = set(layout.split_names(out))
+    names |= {p.parent.name for p in out.glob("*/.convert-state.json")}
+    for split in list(names):
+        try:
+            names |= set(layout.read_manifest(out, split, check=False).get("splits", []))
+        except FastRSBError:
+            pass
+    return sorted(names)
 
 
 def verify(out: str | os.PathLike, decode: bool = True, log=print) -> bool:
     """True when every split of OUT checks out; prints what it checked and names any damaged file."""
     out = Path(out)
-    if not (out / "classes.json").exists():
-        raise FastRSBError(f"{out}: no classes.json; this is not a folder `fastrsb convert` wrote")
-    splits = sorted(p.parent for p in out.glob("*/manifest.json"))
+    layout.read_classes(out)  # a FastRSBError with the fix when OUT is no conversion
+    splits = promised_splits(out)
     if not splits:
         raise FastRSBError(f"{out}: no <split>/manifest.json; the conversion did not finish: run `fastrsb convert` again")
     ok = True
-    for split_dir in splits:
+    for split in splits:
         try:
-            verify_split(split_dir, decode, log)
+            verify_split(out, split, decode, log)
         except Damaged as e:
             log(f"DAMAGED: {e}")
             ok = False

@@ -1,15 +1,22 @@
 """Data backends of fastrsb, one per file, writer beside reader (installed as `fastrsb.loaders`).
 
-What `fastrsb convert SRC OUT` writes (format_version 1)::
+What `fastrsb convert SRC OUT` writes (layout format 2; `layout.py` is the one module that knows
+these paths and reads and writes the per-sample table)::
 
     OUT/classes.json                 JSON list of class-folder names; label = position in the list
-    OUT/<split>/manifest.json        counts, rejected and non-image files, options, versions, checksums
-    OUT/<split>/samples.tsv          one line per written sample, in beton / shard order:
-                                     index, key, label, shard file, source path relative to SRC/<split>
+    OUT/<split>/manifest.json        counts, kept / re-encoded / rejected / skipped files, options,
+                                     versions, sha256 of every file, and a checksum over itself
+    OUT/<split>/samples.jsonl        one JSON line per written sample, in beton / shard order: index,
+                                     key, label, height, width, shard file, source path (any bytes,
+                                     lossless), stored (kept or re-encoded), why, source sha256
     OUT/<split>/<split>.beton        FFCV: fields 'image' (RGBImageField) and 'label' (IntField)
     OUT/<split>/wds/<split>-NNNNNN.tar   webdataset shards for DALI's fn.readers.webdataset:
                                      per sample `<key>.jpg` (JPEG) and `<key>.cls` (ASCII decimal label)
     OUT/<split>/wds/<split>-NNNNNN.idx   DALI's index for that shard (wds2idx format, v1.2)
+    OUT/<split>/.convert-state.json  resume state: fingerprint of sources and options, formats made
+
+A JPEG that every backend decodes as it is keeps the source's bytes (val always, train within
+--max-side); others are re-encoded, and samples.jsonl says why.
 
 Sample order: the train split is shuffled once with a fixed seed (shards then mix classes, which a
 streaming reader needs), the val split keeps sorted (class, file name) order. Beton index i is the
@@ -17,7 +24,7 @@ i-th sample of the concatenated shards, so both formats hold the same samples in
 and in the default `jpg` write mode the very same JPEG bytes. Keys are 9-digit sample numbers.
 
 Modules: `loader` (the contract: `make_loader`, `Loader`), `auto` (which backend, measured), `registry`
-(backends register themselves), `layout` (the on-disk layout), `sampling` (the IndexPlan and the seeded
+(backends register themselves), `layout` (the on-disk layout: paths, the sample table, manifests, ShardIndex), `sampling` (the IndexPlan and the seeded
 crops), `wds` / `beton` (formats: writers and readers), one module per backend: `ffcv_loader`,
 `dali_loader`, `imagefolder` (PIL, the reference).
 """

@@ -11,8 +11,11 @@ stores the prepared bytes instead of encoding the pixels a second time:
 - `proportion`: `jpg` for a share `compress_probability` of the samples, chosen by a hash of the
   sample index rather than `np.random`, so the file does not change from run to run.
 
-One writer process keeps the file byte-identical across runs (several workers interleave pages in
-arrival order); in `jpg` mode the work is a copy, bound by the disk, not the CPU.
+One writer keeps the file byte-identical across runs (several workers interleave pages in arrival
+order); in `jpg` mode the work is a copy, bound by the disk, not the CPU. It runs in the calling
+process (`InProcessWriter`): ffcv's writer starts worker processes and polls a counter they update,
+so a worker that dies (a full disk: ENOSPC) leaves it waiting forever; in-process, the OSError or
+Ctrl-C reaches the caller at once.
 """
 from __future__ import annotations
 
@@ -90,6 +93,37 @@ class ShardSamples:
         return {"entries": self.entries, "_files": {}}
 
 
+def _in_process_writer():
+    from ffcv.memory_allocator import MemoryAllocator
+    from ffcv.writer import DatasetWriter, handle_sample
+
+    class InProcessWriter(DatasetWriter):
+        """ffcv's DatasetWriter with its one worker's job run here: same pages, same bytes, no child."""
+
+        def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):
+            (dataset,) = extra_worker_args
+            self.num_samples = num_samples
+            self.prepare()
+            metadata = np.frombuffer(self.metadata_sm.buf, dtype=self.metadata_type)
+            try:
+                allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
+                with allocator:
+                    for chunk in queue_content:
+                        for dest_ix, source_ix in chunk:
+                            handle_sample(dataset[source_ix], dest_ix, self.metadata_type.names, metadata,
+                                          allocator, self.fields)
+                self.finalize(allocator.allocations)
+            finally:
+                metadata = None  # no view of the shared memory may outlive it
+                try:
+                    self.metadata_sm.close()
+                except BufferError:  # after an error, views in its traceback still hold it; freed with them
+                    pass
+                self.metadata_sm.unlink()
+
+    return InProcessWriter
+
+
 def write_beton(
     path: str | os.PathLike,
     samples: ShardSamples,
@@ -101,7 +135,6 @@ def write_beton(
     """Write `samples` to `path` via a temporary file renamed when complete."""
     try:
         from ffcv.fields import IntField, RGBImageField
-        from ffcv.writer import DatasetWriter
     except ImportError as e:
         from fastrsb.errors import missing_extra
 
@@ -118,9 +151,39 @@ def write_beton(
     )
     field.write_mode_requested = write_mode
     field.encode = functools.partial(_encode_prepared, field)
-    writer = DatasetWriter(str(tmp), {"image": field, "label": IntField()}, num_workers=1)
-    writer.from_indexed_dataset(samples, chunksize=256)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    writer = _in_process_writer()(str(tmp), {"image": field, "label": IntField()}, num_workers=1)
+    try:
+        writer.from_indexed_dataset(samples, chunksize=256)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    except BaseException:  # a full disk or Ctrl-C: a partial file only takes space
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     return path
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    jpeg: bool  # False: raw pixels
+    width: int
+    height: int
+    data: bytes
+    label: int
+
+
+def read_beton(path: str | os.PathLike):
+    """Each sample's stored image (JPEG bytes or raw pixels) and label, in file order, without decoding."""
+    import mmap
+
+    from ffcv.fields.rgb_image import IMAGE_MODES
+    from ffcv.reader import Reader
+
+    reader = Reader(str(path))
+    image, label = reader.metadata["f0"], reader.metadata["f1"]
+    sizes = {int(p): int(s) for p, s in zip(reader.alloc_table["ptr"], reader.alloc_table["size"])}
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        for i in range(reader.num_samples):
+            ptr = int(image["data_ptr"][i])
+            yield StoredImage(int(image["mode"][i]) == IMAGE_MODES["jpg"], int(image["width"][i]),
+                              int(image["height"][i]), bytes(mm[ptr:ptr + sizes[ptr]]), int(label[i]))

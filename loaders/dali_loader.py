@@ -68,7 +68,7 @@ registry.register(registry.Backend(
     has_data=lambda data, split: layout.is_converted(data) and bool(layout.wds_shards(data, split)),
     open=_open, prior_cuda=0, prior_cpu=1))
 
-from .imagefolder import ShardBytes, ShardIndex  # noqa: E402  (after registering: see registry)
+from .layout import ShardBytes, ShardIndex  # noqa: E402  (after registering: see registry)
 
 try:
     from nvidia.dali import fn, types

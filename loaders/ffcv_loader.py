@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import math
 import queue
-from pathlib import Path
 
 import numpy as np
 

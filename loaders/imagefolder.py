@@ -21,9 +21,7 @@ PIL decodes and resizes on the CPU, image by image: it is the reference, not the
 from __future__ import annotations
 
 import io
-import mmap
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +30,7 @@ from fastrsb.errors import FastRSBError
 from fastrsb.images import IMAGE_EXTENSIONS
 
 from . import layout, registry, sampling
-from .layout import is_converted, read_classes, wds_shards
-from .wds import read_index
+from .layout import ShardBytes, ShardIndex, is_converted, read_classes
 
 
 def _has_data(data, split) -> bool:
@@ -51,98 +48,6 @@ registry.register(registry.Backend(
     convert_format="dali", has_data=_has_data, open=_open, prior_cuda=2, prior_cpu=2, needs_converted=False))
 
 
-@dataclass
-class ShardIndex:
-    """Where each sample's JPEG lies in the webdataset shards of one split, its label and size.
-
-    Offsets come from DALI's .idx files, labels and sizes from samples.tsv (`fastrsb convert`)."""
-
-    shards: list[str]  # tar paths
-    shard_of: np.ndarray  # int32, per sample
-    offset: np.ndarray  # int64, JPEG byte offset
-    size: np.ndarray  # int64, JPEG byte count
-    labels: np.ndarray  # int64
-    heights: np.ndarray  # int64, stored image size
-    widths: np.ndarray
-
-    def __len__(self):
-        return int(self.labels.size)
-
-    @classmethod
-    def load(cls, data, split) -> "ShardIndex":
-        data = Path(data)
-        tars = wds_shards(data, split)
-        if not tars:
-            raise FastRSBError(f"no webdataset shards in {data / split / 'wds'}: run "
-                               f"fastrsb convert SRC {data} --format dali")
-        shard_of, offset, size = [], [], []
-        for s, tar in enumerate(tars):
-            try:
-                entries = read_index(tar.with_suffix(".idx"))
-            except (OSError, ValueError) as e:
-                raise FastRSBError(f"{tar}: unreadable DALI index ({e}); rerun fastrsb convert") from e
-            for e in entries:
-                shard_of.append(s)
-                offset.append(e["jpg"].offset)
-                size.append(e["jpg"].size)
-        tsv = data / split / "samples.tsv"
-        if not tsv.is_file():
-            raise FastRSBError(f"no {tsv}: rerun fastrsb convert SRC {data}")
-        rows = [line.split("\t") for line in tsv.read_text().splitlines()[1:] if line]
-        if len(rows) != len(offset):
-            raise FastRSBError(f"{tsv} lists {len(rows)} samples but the shards hold {len(offset)}; "
-                               "rerun fastrsb convert")
-        col = {name: i for i, name in enumerate(tsv.read_text().split("\n", 1)[0].split("\t"))}
-        labels = np.asarray([int(r[col["label"]]) for r in rows], np.int64)
-        heights = np.asarray([int(r[col["height"]]) for r in rows], np.int64)
-        widths = np.asarray([int(r[col["width"]]) for r in rows], np.int64)
-        return cls([str(t) for t in tars], np.asarray(shard_of, np.int32), np.asarray(offset, np.int64),
-                   np.asarray(size, np.int64), labels, heights, widths)
-
-
-class ShardBytes:
-    """Reads JPEG bytes by sample index from memory-mapped shards (opened lazily, per process)."""
-
-    def __init__(self, index: ShardIndex):
-        self.index = index
-        self._maps = {}
-        self._pid = None
-
-    def __getstate__(self):
-        return {"index": self.index}
-
-    def __setstate__(self, state):
-        self.index = state["index"]
-        self._maps, self._pid = {}, None
-
-    def _map(self, s: int):
-        if self._pid != os.getpid():
-            self._maps, self._pid = {}, os.getpid()
-        mm = self._maps.get(s)
-        if mm is None:
-            with open(self.index.shards[s], "rb") as f:
-                mm = self._maps[s] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return mm
-
-    def name(self, i: int) -> str:
-        return f"sample {i} of {self.index.shards[int(self.index.shard_of[i])]}"
-
-    def __call__(self, i: int) -> memoryview:
-        ix = self.index
-        o = int(ix.offset[i])
-        return memoryview(self._map(int(ix.shard_of[i])))[o:o + int(ix.size[i])]
-
-    def batch(self, ids: np.ndarray) -> list[np.ndarray]:
-        """uint8 views of the JPEGs of `ids` (a batch: one lookup per array, not per sample and field)."""
-        ix = self.index
-        arrays = {}
-        out = []
-        for s, o, n in zip(ix.shard_of[ids].tolist(), ix.offset[ids].tolist(), ix.size[ids].tolist()):
-            arr = arrays.get(s)
-            if arr is None:
-                arr = arrays[s] = np.frombuffer(self._map(s), dtype=np.uint8)
-            out.append(arr[o:o + n])
-        return out
 
 
 def scan_imagefolder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:

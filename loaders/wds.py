@@ -75,9 +75,14 @@ class ShardWriter:
         os.replace(self._tmp_tar, self.tar_path)
 
     def abort(self) -> None:
-        self._tar.close()
-        self._fileobj.close()
+        """Remove the partial shard, even when closing it fails (a full disk fails the closing write too)."""
+        for close in (self._tar.close, self._fileobj.close):
+            try:
+                close()
+            except OSError:
+                pass
         self._tmp_tar.unlink(missing_ok=True)
+        self.idx_path.with_name(self.idx_path.name + ".tmp").unlink(missing_ok=True)
 
 
 def format_index(samples: list[list[Member]]) -> str:

@@ -1,6 +1,7 @@
 """Conversion: oddities, round trips through the real FFCV Loader and DALI reader, determinism, resume, errors."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,12 +14,12 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, run_cli
-from fastrsb.convert import convert
+from fastrsb.convert import convert, file_sha256
 from fastrsb.demo_data import KEPT_ODDITIES, make_demo_data
 from fastrsb.errors import FastRSBError
 from fastrsb.images import decode_jpeg, load_rgb
-from fastrsb.loaders import wds
-from fastrsb.verify import read_samples_tsv
+from fastrsb.loaders import layout, wds
+from fastrsb.verify import verify
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -46,7 +47,7 @@ def source_labels(root: Path, split: str) -> Counter:
 
 
 def tsv(out: Path, split: str) -> list[dict]:
-    return read_samples_tsv(out / split / "samples.tsv")
+    return layout.read_samples(layout.samples_path(out, split))
 
 
 def test_oddities_are_kept_rejected_or_named(converted, odd_dataset):
@@ -304,3 +305,319 @@ def test_cli_error_exit_code_and_message(tmp_path):
     proc = run_cli("convert", tmp_path / "nope", tmp_path / "out", check=False)
     assert proc.returncode == 2
     assert "no such folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------ hostile inputs (issue 12)
+
+def quiet(*_):
+    pass
+
+
+def small_source(root: Path, train=3, val=2) -> Path:
+    make_demo_data(root, num_classes=2, train_per_class=train, val_per_class=val, max_size=48, min_size=32, seed=3)
+    return root
+
+
+def first_class(src: Path, split="train") -> Path:
+    return sorted(p for p in (src / split).iterdir() if p.is_dir())[0]
+
+
+def some_jpeg(src: Path) -> bytes:
+    return next(first_class(src).glob("*.JPEG")).read_bytes()
+
+
+ODD_NAMES = [b"new\nline.JPEG", b"tab\there.JPEG", b"latin1-\xe9\xff.JPEG", b"-leading-dash.JPEG",
+             b"x" * 245 + b".JPEG"]
+
+
+def test_any_file_name_survives(tmp_path):
+    src = small_source(tmp_path / "src")
+    folder, jpeg = os.fsencode(first_class(src)), some_jpeg(src)
+    for name in ODD_NAMES:
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(jpeg)
+    out = tmp_path / "out"
+    convert(src, out, formats=["dali"], workers=1, progress=False, log=quiet)
+    rows = layout.read_samples(layout.samples_path(out, "train"))
+    stored = {os.path.basename(os.fsencode(r["source"])) for r in rows}
+    for name in ODD_NAMES:
+        assert name in stored, name
+    index = layout.ShardIndex.load(out, "train")  # the loaders' reader of the same table
+    assert len(index) == len(rows)
+    assert verify(out, decode=False, log=quiet)
+    # a second run finds everything done instead of seeing other files
+    logs = []
+    convert(src, out, formats=["dali"], workers=1, progress=False, log=logs.append)
+    assert any("nothing to do" in m for m in logs)
+
+
+def test_old_layout_is_refused_with_the_fix(converted, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(converted, old)
+    layout.samples_path(old, "train").rename(old / "train" / "samples.tsv")
+    with pytest.raises(FastRSBError, match="older fastrsb.*re-run fastrsb convert"):
+        layout.ShardIndex.load(old, "train")
+    with pytest.raises(FastRSBError, match="re-run fastrsb convert"):
+        layout.read_classes(old)
+
+
+def test_split_flag_on_a_root_with_splits_is_an_error(tmp_path):
+    src = small_source(tmp_path / "src")
+    with pytest.raises(FastRSBError, match="--split train: .* holds train/ and val/"):
+        convert(src, tmp_path / "out", split="train", workers=1, progress=False, log=quiet)
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_inside_a_split_is_refused(tmp_path):
+    src = small_source(tmp_path / "src")
+    with pytest.raises(FastRSBError, match="lies inside the train split"):
+        convert(src / "train", src / "train" / "out", split="train", workers=1, progress=False, log=quiet)
+    with pytest.raises(FastRSBError, match="lies inside OUT"):
+        convert(src, src, workers=1, progress=False, log=quiet)
+    assert not (src / "train" / "out").exists() and not (src / "classes.json").exists()
+
+
+def test_val_class_missing_from_train_is_reported_before_writing(tmp_path):
+    src = small_source(tmp_path / "src")
+    (src / "val" / "n99999999").mkdir()
+    (src / "val" / "n99999999" / "a.JPEG").write_bytes(some_jpeg(src))
+    with pytest.raises(FastRSBError, match="n99999999"):
+        convert(src, tmp_path / "out", workers=1, progress=False, log=quiet)
+    assert not (tmp_path / "out").exists()
+
+
+def test_deleted_class_folder_is_not_kept_silently(tmp_path):
+    import shutil
+
+    src = small_source(tmp_path / "src")
+    out = tmp_path / "out"
+    convert(src, out, formats=["dali"], workers=1, progress=False, log=quiet)
+    gone = first_class(src)
+    shutil.rmtree(gone)
+    shutil.rmtree(src / "val" / gone.name)
+    with pytest.raises(FastRSBError, match=f"lists class {gone.name}.*Restore the folder, or convert into a new OUT"):
+        convert(src, out, formats=["dali"], workers=1, progress=False, log=quiet)
+
+
+def test_hidden_entries_and_symlinks_are_listed_with_reasons(tmp_path):
+    src = small_source(tmp_path / "src")
+    cls = first_class(src)
+    jpeg = some_jpeg(src)
+    (cls / ".hidden.JPEG").write_bytes(jpeg)
+    (cls / ".cache").mkdir()
+    (cls / ".cache" / "x.JPEG").write_bytes(jpeg)
+    (src / "train" / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "outside.JPEG").write_bytes(jpeg)
+    (cls / "to_outside.JPEG").symlink_to(tmp_path / "elsewhere" / "outside.JPEG")
+    (cls / "broken.JPEG").symlink_to(tmp_path / "nowhere.JPEG")
+    (src / "extra").mkdir()
+    (src / "extra" / "inside.JPEG").write_bytes(jpeg)
+    (cls / "linked_dir").symlink_to(src / "extra", target_is_directory=True)
+    (cls / "loop").symlink_to(cls, target_is_directory=True)
+    os.mkfifo(cls / "pipe.JPEG")
+    out = tmp_path / "out"
+    manifests = convert(src, out, formats=["dali"], workers=1, progress=False, log=quiet)
+    skipped = {Path(s["path"]).name: s["reason"] for s in manifests["train"]["skipped"]}
+    assert "hidden" in skipped[".hidden.JPEG"] and "hidden" in skipped[".cache"]
+    assert "hidden" in skipped[".ipynb_checkpoints"]
+    assert "outside SRC" in skipped["to_outside.JPEG"]
+    assert "broken symlink" in skipped["broken.JPEG"]
+    assert "already scanned" in skipped["loop"]
+    assert "not a regular file" in skipped["pipe.JPEG"]
+    sources = {r["source"] for r in layout.read_samples(layout.samples_path(out, "train"))}
+    assert f"{cls.name}/linked_dir/inside.JPEG" in sources  # a symlink inside SRC is followed
+
+
+def test_float_tiff_is_scaled_not_black(tmp_path):
+    from fastrsb.images import BadImage
+
+    ramp = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (48, 1))
+    Image.fromarray(ramp, mode="F").save(tmp_path / "unit.tif")
+    rgb = load_rgb(tmp_path / "unit.tif")
+    assert rgb.shape == (48, 64, 3) and abs(rgb.mean() - 127.5) < 2 and rgb.max() == 255
+    Image.fromarray(ramp * 1000 - 5, mode="F").save(tmp_path / "wild.tif")
+    with pytest.raises(BadImage, match="float image with values in"):
+        load_rgb(tmp_path / "wild.tif")
+
+
+def test_decompression_bomb_is_rejected_with_its_size(tmp_path):
+    from fastrsb.images import BadImage
+
+    Image.new("1", (12000, 12000)).save(tmp_path / "bomb.png")
+    assert (tmp_path / "bomb.png").stat().st_size < 200_000
+    with pytest.raises(BadImage, match="12000x12000"):
+        load_rgb(tmp_path / "bomb.png", 500)
+    assert Image.MAX_IMAGE_PIXELS is not None  # PIL's own guard stays on
+
+
+def test_adding_a_format_keeps_the_other(tmp_path):
+    src = small_source(tmp_path / "src")
+    out = tmp_path / "out"
+    convert(src, out, formats=["dali"], workers=1, progress=False, log=quiet)
+    shards = tree_bytes(layout.wds_dir(out, "train"))
+    manifests = convert(src, out, formats=["beton"], workers=1, progress=False, log=quiet)
+    assert manifests["train"]["formats"] == ["beton", "dali"]
+    assert tree_bytes(layout.wds_dir(out, "train")) == shards
+    assert layout.beton_path(out, "train").exists()
+    state = json.loads(layout.state_path(out, "train").read_text())
+    assert state["formats"] == ["beton", "dali"]
+    both = tmp_path / "both"
+    convert(src, both, workers=1, progress=False, log=quiet)
+    assert tree_bytes(both) == tree_bytes(out)
+
+
+def test_all_rejected_prints_the_list(tmp_path):
+    src = tmp_path / "src"
+    (src / "cat").mkdir(parents=True)
+    (src / "cat" / "a.JPEG").write_bytes(b"\xff\xd8 not really")
+    (src / "cat" / "b.JPEG").write_bytes(b"")
+    logs = []
+    with pytest.raises(FastRSBError, match="no decodable image"):
+        convert(src, tmp_path / "out", split="train", formats=["dali"], workers=1, progress=False, log=logs.append)
+    text = "\n".join(logs)
+    assert "a.JPEG" in text and "b.JPEG" in text and "0 bytes" in text
+
+
+def test_fine_jpegs_keep_their_bytes(converted, odd_dataset):
+    from fastrsb.loaders.beton import read_beton
+
+    for split in ("train", "val"):
+        rows = layout.read_samples(layout.samples_path(converted, split))
+        index = layout.ShardIndex.load(converted, split)
+        read = layout.ShardBytes(index)
+        beton = list(read_beton(layout.beton_path(converted, split)))
+        for i, row in enumerate(rows):
+            stored = bytes(read(i))
+            assert beton[i].data == stored  # both formats hold the same bytes
+            source = (odd_dataset / split / row["source"]).read_bytes()
+            if row["stored"] == layout.KEPT:
+                assert stored == source and row["why"] == ""
+            else:
+                assert row["stored"] == layout.REENCODED and row["why"]
+        if split == "val":  # plain JPEGs: every one kept, at its own size
+            assert all(r["stored"] == layout.KEPT for r in rows)
+    why = {Path(r["source"]).name: r["why"] for r in layout.read_samples(layout.samples_path(converted, "train"))
+           if r["stored"] != layout.KEPT}
+    assert set(why) == {"odd_cmyk.JPEG", "odd_png_named.JPEG", "odd_palette.png", "odd_exif_rotated.JPEG",
+                        "odd_large.JPEG"}
+    assert "CMYK" in why["odd_cmyk.JPEG"] and "PNG" in why["odd_png_named.JPEG"]
+    assert "EXIF orientation 6" in why["odd_exif_rotated.JPEG"] and "--max-side 500" in why["odd_large.JPEG"]
+    manifest = layout.read_manifest(converted, "train")
+    assert manifest["num_kept"] + manifest["num_reencoded"] == manifest["num_samples"]
+
+
+# ------------------------------------------------------------------ verify tells the truth
+
+def _resign(out: Path, split: str, edit) -> None:
+    """Apply `edit` to the manifest and write it back with a valid checksum (a damage the checksum cannot see)."""
+    manifest = json.loads(layout.manifest_path(out, split).read_text())
+    edit(manifest)
+    layout.manifest_path(out, split).write_text(layout.manifest_text(manifest))
+
+
+@pytest.fixture(scope="module")
+def dali_only(tmp_path_factory) -> Path:
+    src = small_source(tmp_path_factory.mktemp("v") / "src", train=6, val=3)
+    out = src.parent / "out"
+    convert(src, out, formats=["dali"], shard_size=4, workers=1, progress=False, log=quiet)
+    return out
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("val_missing", "no .*val/manifest.json"),
+    ("val_half_written", "no .*val/manifest.json"),
+    ("stray_shard", "not part of the conversion"),
+    ("manifest_edited", "checksum does not match"),
+    ("kept_bytes_differ", "do not hash to the source's sha256"),
+])
+def test_verify_fails_on(damage, match, dali_only, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(dali_only, out)
+    if damage == "val_missing":
+        shutil.rmtree(out / "val")
+    elif damage == "val_half_written":
+        layout.manifest_path(out, "val").unlink()
+    elif damage == "stray_shard":
+        shutil.copy(layout.wds_shards(out, "train")[0], layout.wds_dir(out, "train") / "train-000099.tar")
+    elif damage == "manifest_edited":
+        manifest = json.loads(layout.manifest_path(out, "train").read_text())
+        manifest["counts_per_class"] = {k: v + 1 for k, v in manifest["counts_per_class"].items()}
+        layout.manifest_path(out, "train").write_text(json.dumps(manifest, indent=1))
+    elif damage == "kept_bytes_differ":
+        tar = layout.wds_shards(out, "train")[0]
+        member = wds.read_index(tar.with_suffix(".idx"))[0]["jpg"]
+        data = bytearray(tar.read_bytes())
+        data[member.offset + member.size - 3] ^= 0x01  # inside the entropy-coded data: still decodes
+        tar.write_bytes(bytes(data))
+        _resign(out, "train", lambda m: m["files"].update(
+            {f"wds/{tar.name}": {"sha256": file_sha256(tar), "bytes": tar.stat().st_size}}))
+    logs = []
+    assert not verify(out, decode=False, log=logs.append)
+    assert any(re.search(match, m) for m in logs if m.startswith("DAMAGED")), logs
+
+
+def test_unreadable_manifest_is_one_line(dali_only, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(dali_only, out)
+    layout.manifest_path(out, "train").write_text("{not json")
+    proc = run_cli("verify", out, "--quick", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr
+    line = next(m for m in proc.stdout.splitlines() if m.startswith("DAMAGED"))
+    assert "manifest.json: unreadable" in line and "fastrsb convert again" in line
+
+
+def test_decode_counts_can_fire_and_a_damaged_image_is_named(dali_only, tmp_path):
+    import shutil
+
+    from fastrsb.verify import Damaged, _compare, read_shard_labels
+
+    rows = layout.read_samples(layout.samples_path(dali_only, "val"))
+    sizes = np.array([(r["height"], r["width"]) for r in rows])
+    tars = layout.wds_shards(dali_only, "val")
+    sizes[1] += 1  # one sample decodes to another size than recorded
+    labels, decoded = read_shard_labels(tars, True, sizes)
+    assert decoded == len(rows) - 1
+    with pytest.raises(Damaged, match=f"decoded {len(rows) - 1} of {len(rows)}"):
+        _compare(tars[0].parent, labels, np.array([r["label"] for r in rows]), decoded)
+    # a re-encoded sample with a wiped header (no source hash to catch it): PIL's decode names it
+    out = tmp_path / "out"
+    shutil.copytree(dali_only, out)
+    tar = layout.wds_shards(out, "val")[0]
+    member = wds.read_index(tar.with_suffix(".idx"))[0]["jpg"]
+    data = bytearray(tar.read_bytes())
+    data[member.offset:member.offset + 64] = bytes(64)
+    tar.write_bytes(bytes(data))
+    table = layout.read_samples(layout.samples_path(out, "val"))
+    table[0].update(stored=layout.REENCODED, why="test", source_sha256="")
+    layout.write_samples(layout.samples_path(out, "val"), [[r[c] for c in layout.SAMPLE_COLUMNS] for r in table])
+    _resign(out, "val", lambda m: m["files"].update({
+        f"wds/{tar.name}": {"sha256": file_sha256(tar), "bytes": tar.stat().st_size},
+        "samples.jsonl": {"sha256": file_sha256(layout.samples_path(out, "val")),
+                          "bytes": layout.samples_path(out, "val").stat().st_size}}))
+    logs = []
+    assert not verify(out, decode=True, log=logs.append)
+    assert any("sample 0" in m and "does not decode" in m and str(tar) in m for m in logs), logs
+
+
+def crash_on_second_shard(kind, paths, decode, sizes, conn):
+    """A reader that dies by SIGSEGV as DALI does on some damaged JPEGs (run in the spawned child)."""
+    if any(p.endswith("-000001.tar") for p in paths):
+        os.kill(os.getpid(), signal.SIGSEGV)
+    conn.send(("ok", [], 0))
+    conn.close()
+
+
+def test_a_decoder_crash_names_the_shard(dali_only):
+    from fastrsb.verify import Damaged, _guarded_read
+
+    tars = layout.wds_shards(dali_only, "train")
+    assert len(tars) >= 2
+    with pytest.raises(Damaged, match=r"train-000001\.tar: the DALI decoder crashed \(signal SIGSEGV\)"):
+        _guarded_read("dali", tars, True, None, reader=crash_on_second_shard)

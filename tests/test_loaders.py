@@ -20,6 +20,7 @@ from fastrsb.loaders import make_loader
 from fastrsb.loaders.auto import choose_backend
 from fastrsb.errors import FastRSBError
 from fastrsb.loaders import sampling
+from fastrsb.loaders.layout import read_samples, samples_path
 from fastrsb.loaders.sampling import IndexPlan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -250,9 +251,7 @@ def data(tmp_path_factory) -> Path:
 
 
 def tsv_labels(out: Path, split: str) -> list[int]:
-    lines = (out / split / "samples.tsv").read_text().splitlines()
-    col = lines[0].split("\t").index("label")
-    return [int(line.split("\t")[col]) for line in lines[1:]]
+    return [row["label"] for row in read_samples(samples_path(out, split))]
 
 
 def run_epoch(loader):

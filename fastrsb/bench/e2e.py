@@ -15,7 +15,6 @@ whose `bound_by` and `advice` say which stage limits the end-to-end rate and wha
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 
 from fastrsb.bench.loader import batches_forever
 from fastrsb.benchlog import Timer, emit, record
+from fastrsb.loaders.layout import read_classes, read_manifest
 
 
 def add_arguments(parser) -> None:
@@ -177,7 +177,7 @@ def run(args) -> list[dict]:
     args.model = args.model or ("resnet50" if cuda else "resnet18")
     args.compile_mode = args.compile_mode or ("default" if cuda else "none")
     data = _ensure_data(args)
-    num_classes = len(json.loads((data / "classes.json").read_text()))
+    num_classes = len(read_classes(data))
     config = {"recipe": recipe.name, "model": args.model, "res": args.res, "batch": args.batch, "steps": args.steps,
               "backend": args.backend, "compile_mode": args.compile_mode, "workers": args.workers or os.cpu_count()}
 
@@ -186,7 +186,7 @@ def run(args) -> list[dict]:
     config["backend"] = loader.backend
     del loader, prepare, augment, step
     base = None
-    source = Path(json.loads((data / "train" / "manifest.json").read_text())["source"])
+    source = Path(read_manifest(data, "train")["source"])
     if not args.no_baseline and source.is_dir():
         it, augment, step = _timm_pipeline(args, source, recipe, device, num_classes)
         base = _measure(it, augment, step, args.steps, args.batch, device)

@@ -20,7 +20,6 @@ Goal (issue 3): on one H100 with 16 cores, the train pipeline at 160 delivers >=
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import tempfile
@@ -157,6 +156,7 @@ def run(args) -> list[dict]:
     if unknown or any(s < 8 for s in sizes):
         raise FastRSBError(f"--backends: unknown {', '.join(unknown)}; choose from {', '.join(registry.names())}"
                            if unknown else f"--sizes {args.sizes!r}: give resolutions of at least 8 px")
+    from fastrsb.loaders.layout import manifest_path, read_manifest
 
     tmp = None
     if args.demo:
@@ -164,8 +164,8 @@ def run(args) -> list[dict]:
         args.src, args.data = make_demo(Path(tmp.name), args.demo_per_class)
     if args.data is None and args.src is None:
         raise FastRSBError("pass --data OUT (and --src SRC for the baseline) or --demo")
-    if args.src is None and args.data is not None and (args.data / "train" / "manifest.json").exists():
-        source = Path(json.loads((args.data / "train" / "manifest.json").read_text())["source"]).parent
+    if args.src is None and args.data is not None and manifest_path(args.data, "train").exists():
+        source = Path(read_manifest(args.data, "train")["source"]).parent
         args.src = source if source.is_dir() else None
 
     config = {"workers": workers, "batch_size": args.batch_size, "warmup_batches": args.warmup,
