@@ -323,8 +323,23 @@ def _progress_bar(total: int, desc: str, enabled: bool):
 CHUNK = 8  # images per task handed to a worker
 
 
-def _worker_loop(conn) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Linux: the kernel kills this worker when the converting process ends, however it ends, so no worker
+    can outlive it holding its pipes (a Ctrl-C that lands while workers start once left one behind)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:  # the parent ended before the request took effect
+            os._exit(1)
+
+
+def _worker_loop(conn, parent: int) -> None:
     """A conversion worker: (chunk id, jobs) in, (chunk id, prepared images) out, until None."""
+    _die_with_parent(parent)
     _init_worker()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked at the fork; ignored now
     while (message := conn.recv()) is not None:
@@ -350,7 +365,7 @@ class _Pool:
         try:
             for _ in range(workers):
                 mine, theirs = ctx.Pipe()
-                proc = ctx.Process(target=_worker_loop, args=(theirs,), daemon=True)
+                proc = ctx.Process(target=_worker_loop, args=(theirs, os.getpid()), daemon=True)
                 proc.start()
                 theirs.close()  # only the worker holds its end now: its death is EOF here
                 self.procs.append(proc)

@@ -201,3 +201,50 @@ def test_augmented_batches_are_the_augment_of_each_loader_batch():
     out = list(AugmentedBatches(iter(batches), augment, None, "cpu", count=3))
     assert len(out) == 3 and calls == [0, 1, 2]  # never draws past `count`
     assert all(torch.equal(x, batches[i][0].float() + 0.5) for i, (x, _) in enumerate(out))
+
+
+def test_corrupted_checkpoint_is_named_not_loaded(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny_recipe(epochs=2), "unused", "memory", out_dir=run, batch_per_gpu=8, progress=False, device="cpu",
+          stop_after_epochs=1, **MEMORY)
+    good = (run / "checkpoint.pt").read_bytes()
+    (run / "checkpoint.pt").write_bytes(good[: len(good) // 2])  # a torn file (fastrsb itself writes atomically)
+    with pytest.raises(FastRSBError, match="checkpoint.pt"):
+        train(tiny_recipe(epochs=2), "unused", "memory", out_dir=run, batch_per_gpu=8, progress=False,
+              device="cpu", resume=True, **MEMORY)
+    assert (run / "log.jsonl").exists() and (run / "run.json").exists()  # nothing else was touched
+
+
+def test_kill_during_training_then_resume_equals_uninterrupted(folders, tmp_path):
+    """kill -9 of `fastrsb train` after its first checkpoint; --resume ends with the weights of a run never killed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    def argv(out):
+        return [sys.executable, "-m", "fastrsb", "train", "--data", str(folders / "src3"), "--loader", "pil",
+                "--model", "test_resnet", "--out", str(out), "--batch-per-gpu", "8", "--workers", "0",
+                "--no-progress", "--device", "cpu", "--eval-every", "5", "epochs=4", "train_res=32", "test_res=32",
+                "global_batch=8", "warmup_epochs=1", "rand_augment=rand-m6-mstd0.5-inc1"]
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(argv(tmp_path / "full"), check=True, cwd=REPO, env=env, capture_output=True, timeout=600)
+    proc = subprocess.Popen(argv(tmp_path / "killed"), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert ckpt.exists(), "no checkpoint before the deadline"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "model.pt").exists()
+    subprocess.run(argv(tmp_path / "killed") + ["--resume"], check=True, cwd=REPO, env=env, capture_output=True,
+                   timeout=600)
+    a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
