@@ -1,6 +1,7 @@
 """fastrsb: ResNet Strikes Back recipes, trained fast on one node.
 
-`loaders/` ships inside the package as `fastrsb.loaders` (no top-level `loaders` module is installed).
+`loaders/` ships inside the package as `fastrsb.loaders` (no top-level `loaders` module is installed); a
+plain checkout imports it under the same name (fastrsb/__init__.py).
 """
 from setuptools import setup
 
@@ -9,7 +10,7 @@ setup(
     version="0.1.0",
     description="ResNet Strikes Back (A1/A2/A3) ImageNet training, fast on one node: FFCV/DALI loaders, "
     "GPU augmentation, multi-tensor LAMB",
-    packages=["fastrsb", "fastrsb.loaders"],
+    packages=["fastrsb", "fastrsb.augment", "fastrsb.bench", "fastrsb.loaders"],
     package_dir={"fastrsb": "fastrsb", "fastrsb.loaders": "loaders"},
     python_requires=">=3.10",
     # opencv-python: the converter encodes JPEGs exactly as FFCV does (ffcv itself requires it too)
