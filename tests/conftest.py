@@ -38,6 +38,31 @@ def converted(odd_dataset, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture
+def one_thread():
+    """On this shared 2-core machine, 2 OpenMP threads run a tiny model 20x slower than 1 (spin-waits)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def wait_for(predicate, proc, timeout=120.0) -> bool:
+    """Poll `predicate` until it holds (True), or `proc` ends or the time runs out (False)."""
+    import time
+
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.002)
+    return False
+
+
 os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
 
 

@@ -5,7 +5,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, wait_for
 from fastrsb.convert import convert, file_sha256
 from fastrsb.demo_data import KEPT_ODDITIES, make_demo_data
 from fastrsb.errors import FastRSBError
@@ -177,15 +176,6 @@ def test_deterministic_across_worker_counts(converted, odd_dataset, tmp_path):
     assert tree_bytes(out) == tree_bytes(converted)
 
 
-def _wait_for(predicate, proc, timeout=120.0) -> bool:
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.005)
-    return False
 
 
 def test_kill_and_resume_gives_the_same_bytes(odd_dataset, converted, tmp_path):
@@ -199,7 +189,7 @@ def test_kill_and_resume_gives_the_same_bytes(odd_dataset, converted, tmp_path):
     for stage in stages:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
-        if _wait_for(stage, proc):
+        if wait_for(stage, proc):
             os.killpg(proc.pid, signal.SIGKILL)
             killed += 1
         proc.wait()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, wait_for
 from fastrsb.demo_data import make_demo_data
 from fastrsb.loaders import layout
 
@@ -55,15 +55,6 @@ def finish(proc: subprocess.Popen, what: str, timeout=60) -> str:
         pytest.fail(f"{what}: still running after {timeout} s:\n{proc.communicate()[1][:5000]}")
 
 
-def wait_for(predicate, proc, timeout=120.0) -> bool:
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.002)
-    return False
 
 
 def finished_files(out: Path) -> dict:

@@ -27,13 +27,7 @@ from fastrsb.train import train
 
 timm = pytest.importorskip("timm")
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """On this shared 2-core machine, 2 OpenMP threads run a tiny model 20x slower than 1 (spin-waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255

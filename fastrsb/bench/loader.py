@@ -44,8 +44,6 @@ def measure(loader, *, res, device, warmup: int, batches: int, runs: int):
     """Median img/s over `runs` timed windows of `batches` batches after `warmup` batches (the one Timer).
 
     Every image is consumed on the loader's device (a reduction per batch), so lazy work is paid for."""
-    import torch
-
     rates = []
     for run in range(runs):
         it = batches_forever(loader, res, 1000 * run)
