@@ -24,9 +24,9 @@ Reads: an `external_source` fed from the shared `sampling.IndexPlan` (JPEG bytes
 memory-mapped shards at the offsets of the .idx files), rather than `fn.readers.webdataset` with
 `shard_id`/`num_shards`: the reader's own shuffling is a buffer-based approximation and its sharding
 splits samples, so it cannot give exact repeated augmentation or the seeded order the FFCV and PIL
-backends follow. Labels come from samples.tsv, travel through the pipeline with their images, and
-sizes come from samples.tsv too (the windows need them before decoding). The output size is an
-argument input fed per batch, so `set_epoch(res=...)` changes it without rebuilding the pipeline.
+backends follow. Labels come from the sample table (samples.jsonl) and travel through the pipeline
+with their images; sizes come from it too (the windows need them before decoding). The output size is
+an argument input fed per batch, so `set_epoch(res=...)` changes it without rebuilding the pipeline.
 
 Overlap (issue 9): the source is `no_copy`: it hands DALI tensors that wrap the JPEG bytes in the
 shard maps where they lie, so the training thread copies no image bytes (the pages are first touched
