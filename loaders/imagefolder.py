@@ -45,7 +45,7 @@ def _open(data, split, **kw):
 
 registry.register(registry.Backend(
     name="pil", reads="{split}/wds/{split}-*.tar webdataset shards or {split}/<class>/ folders",
-    convert_format="dali", has_data=_has_data, open=_open, prior_cuda=2, prior_cpu=2, needs_converted=False))
+    convert_format="dali", has_data=_has_data, open=_open, prior_cuda=2, prior_cpu=2))
 
 
 

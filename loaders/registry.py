@@ -28,7 +28,6 @@ class Backend:
     #                               plan and iter_epoch(epoch, res)
     prior_cuda: int  # rank in `auto`'s prior order without a measurement (lower first)
     prior_cpu: int
-    needs_converted: bool = True  # False: also reads a source ImageFolder
 
 
 _REGISTRY: dict[str, Backend] = {}
