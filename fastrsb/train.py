@@ -166,7 +166,7 @@ def _build(recipe, data, loader_backend, model_name, out, dist_info, *, batch_pe
         batch_per_gpu = json.loads((out / "run.json").read_text())["layout"]["batch_per_gpu"]
         why = "the resumed run's"
     elif batch_per_gpu == "auto" and device.type == "cuda":
-        per_rank = recipe.global_batch // world_size if recipe.global_batch % world_size == 0 else recipe.global_batch
+        per_rank = recipe.global_batch // world_size  # plan_batches below refuses a global batch that does not divide
         batch_per_gpu = _probe_batch(recipe, model_name, device, precision, per_rank, say)
         why = "the largest micro-batch that fits (probed)"
     elif batch_per_gpu == "auto":
@@ -425,9 +425,9 @@ def _truncate_log(path: Path, step: int) -> None:
     """Drop the records a killed run wrote after its last checkpoint, so a resumed log has no repeats."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step and json.loads(line).get("kind") != "summary"]
-    runmeta.write_atomic(path, "".join(line + "\n" for line in keep))
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    keep = [r for r in records if r.get("step", 0) <= step and r.get("kind") != "summary"]
+    runmeta.write_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def _all_mean(t: torch.Tensor, dist_info: DistInfo) -> torch.Tensor:

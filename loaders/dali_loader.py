@@ -231,7 +231,7 @@ class DALILoader:
         self.device = torch.device(device)
         index = ShardIndex.load(data, split)
         self.num_samples = len(index)
-        self.num_classes = len(layout.read_classes(data))
+        self.classes = layout.read_classes(data)
         self.plan = sampling.IndexPlan(self.num_samples, batch_size, **plan_kwargs)
         self.prefetch_depth = prefetch_depth
         self.source = PlanSource(index, crop, keep=prefetch_depth + 2)

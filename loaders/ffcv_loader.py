@@ -169,7 +169,7 @@ class FFCVLoader:
             raise FastRSBError(f"{data} is not a converted dataset (no classes.json): run "
                                f"fastrsb convert SRC {data} --format beton")
         self.device = torch.device(device)
-        self.num_classes = len(layout.read_classes(data))
+        self.classes = layout.read_classes(data)
         # Fresh operation objects for every Loader: FFCV keeps per-Loader state in them.
         self.decoder = SeededResizedCropDecoder((res, res), crop)
         cuda = self.device.type == "cuda"

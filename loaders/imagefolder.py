@@ -158,13 +158,12 @@ class PILLoader:
 
         data = Path(data)
         if is_converted(data):
-            self.num_classes = len(read_classes(data))
+            self.classes = read_classes(data)
             index = ShardIndex.load(data, split)
             read, labels = ShardBytes(index), index.labels
             self.source = "webdataset shards"
         elif (data / split).is_dir():
-            classes, items = scan_imagefolder(data / split)
-            self.num_classes = len(classes)
+            self.classes, items = scan_imagefolder(data / split)
             read, labels = _ReadPath([p for p, _ in items]), np.asarray([l for _, l in items], np.int64)
             self.source = "ImageFolder"
         else:

@@ -37,7 +37,8 @@ from .sampling import INTERPOLATIONS, CropSpec
 class Loader:
     """What make_loader returns: `for images, labels in loader`, `len(loader)`, `set_epoch`.
 
-    Attributes: backend (its registered name), num_samples (samples in the split), num_classes,
+    Attributes: backend (its registered name), num_samples (samples in the split), classes (the class
+    names, label = position), num_classes,
     samples_per_epoch (what this rank yields per epoch), device, res, reason (why `auto` chose it).
     """
 
@@ -45,7 +46,8 @@ class Loader:
         self._impl = impl
         self.backend = impl.backend
         self.num_samples = int(impl.num_samples)
-        self.num_classes = int(impl.num_classes)
+        self.classes = list(impl.classes)
+        self.num_classes = len(self.classes)
         self.samples_per_epoch = impl.plan.reads_per_epoch
         self.device = impl.device
         self.res = res

@@ -24,7 +24,7 @@ class Backend:
     convert_format: str  # `fastrsb convert --format X` writes what it reads
     has_data: Callable[[Path, str], bool]  # (data, split) -> whether this backend can read that split
     open: Callable[..., object]  # (data, split, *, batch_size, res, device, num_workers, plan_kwargs, crop,
-    #                               options) -> an object with backend, num_samples, num_classes, device,
+    #                               options) -> an object with backend, num_samples, classes, device,
     #                               plan and iter_epoch(epoch, res)
     prior_cuda: int  # rank in `auto`'s prior order without a measurement (lower first)
     prior_cpu: int

@@ -243,3 +243,17 @@ def test_kill_during_training_then_resume_equals_uninterrupted(folders, tmp_path
     a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "killed" / "model.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_compares_class_names_not_just_their_count(folders):
+    from types import SimpleNamespace
+
+    from fastrsb.evaluate import check_classes
+    from fastrsb.loaders import make_loader
+
+    loader = make_loader("pil", folders / "src3", "val", batch_size=4, res=32, device="cpu", num_workers=0)
+    assert loader.classes and loader.num_classes == len(loader.classes) == 3
+    check_classes(list(loader.classes), 3, loader, folders / "src3")  # the same classes: fine
+    renamed = list(loader.classes[:2]) + ["zebra"]
+    with pytest.raises(FastRSBError, match="zebra"):
+        check_classes(renamed, 3, SimpleNamespace(classes=loader.classes, num_classes=3), folders / "src3")
