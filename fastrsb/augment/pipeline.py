@@ -56,8 +56,9 @@ def normalize(images: Tensor, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     return _normalized(images, mean, std, dtype).contiguous(memory_format=memory_format(images))
 
 
-def _normalized(images: Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype) -> Tensor:
-    scale, shift = _normalize_constants(images.device, mean, std)
+def _normalized(images: Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype,
+                consts: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    scale, shift = consts if consts is not None else _normalize_constants(images.device, mean, std)
     return images.to(torch.float32, copy=True).mul_(scale).add_(shift).to(dtype)
 
 
@@ -109,16 +110,25 @@ class TrainAugment:
             parts.append(MixupCutmix.pack(params["mixup"]))
         return np.concatenate(parts, axis=1) if parts else np.zeros((0, 0))
 
-    def apply_packed(self, images: Tensor, labels: Tensor, packed: Tensor) -> tuple[Tensor, Tensor]:
-        """The device part: same kernels for every draw, no host synchronisation."""
+    def constants(self, device: torch.device, height: int, width: int) -> dict:
+        """Every device constant of a call at this size, made (once) outside the device part: a compiled
+        device part then only reads its arguments, so filling a cache never invalidates its graph."""
+        return {"rand_augment": self.rand_augment.constants(device, height, width) if self.rand_augment else None,
+                "normalize": _normalize_constants(device, self.mean, self.std)}
+
+    def apply_packed(self, images: Tensor, labels: Tensor, packed: Tensor,
+                     consts: dict | None = None) -> tuple[Tensor, Tensor]:
+        """The device part: same kernels for every draw, no host synchronisation. `consts`: `constants(...)`."""
+        if consts is None:
+            consts = self.constants(images.device, images.shape[2], images.shape[3])
         x = images
         if self.rand_augment is not None:
-            x = self.rand_augment.apply_packed(x, packed[:, :self.rand_augment.num_columns])
+            x = self.rand_augment.apply_packed(x, packed[:, :self.rand_augment.num_columns], consts["rand_augment"])
         if self.mixup is not None:
             x, targets = self.mixup.apply_packed(x, labels, packed[:, packed.shape[1] - MIX_COLUMNS:])
         else:
             targets = smooth_one_hot(labels, self.num_classes, self.label_smoothing)
-        out = _normalized(x, self.mean, self.std, self.dtype)
+        out = _normalized(x, self.mean, self.std, self.dtype, consts["normalize"])
         return out.contiguous(memory_format=torch.channels_last), targets
 
     def apply_params(self, images: Tensor, labels: Tensor, params: dict) -> tuple[Tensor, Tensor]:
@@ -126,7 +136,7 @@ class TrainAugment:
         _, _, h, w = images.shape
         packed = self.pack(params, h, w)
         packed_d = to_device(packed, images.device) if packed.size else packed_placeholder(images.device)
-        return self._device_part(images, labels, packed_d)
+        return self._device_part(images, labels, packed_d, self.constants(images.device, h, w))
 
     def __call__(self, images: Tensor, labels: Tensor, generator: torch.Generator | None = None):
         check_images(images, "train augment", uint8=True)

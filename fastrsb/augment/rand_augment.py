@@ -163,11 +163,16 @@ class RandAugment:
                   for i in range(self.num_ops)]
         return np.concatenate(layers, axis=1) if layers else np.zeros((op_index.shape[0], 0))
 
-    def apply_packed(self, images: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    def constants(self, device: torch.device, height: int, width: int) -> dict:
+        """The device tensors a call at this size needs (made once per device and size, then reused)."""
+        return device_constants(device, height, width, self.fill)
+
+    def apply_packed(self, images: torch.Tensor, packed: torch.Tensor, consts: dict | None = None) -> torch.Tensor:
         """The device part: uint8 images and `pack`'s array on their device -> uint8 images.
-        The same kernels run whatever the draws; no host synchronisation."""
+        The same kernels run whatever the draws; no host synchronisation. `consts`: `constants(...)`,
+        passed in by a compiled caller so that the compiled code never fills the cache itself."""
         _, _, h, w = images.shape
-        consts = device_constants(images.device, h, w, self.fill)
+        consts = consts if consts is not None else self.constants(images.device, h, w)
         out = images.clone() if self.num_ops == 0 else images
         for layer in range(self.num_ops):
             cols = packed[:, layer * NUM_COLUMNS:(layer + 1) * NUM_COLUMNS]
