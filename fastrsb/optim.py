@@ -54,7 +54,15 @@ class ModelEma:
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         torch._foreach_lerp_(list(self.module.parameters()), list(model.parameters()), 1.0 - self.decay)
-        torch._foreach_copy_(list(self.module.buffers()), list(model.buffers()))
+        # one foreach call per (device, dtype): BatchNorm's float running stats and int64 batch counts
+        # mixed in one list would send every buffer down the per-tensor path
+        groups: dict = {}
+        for mine, theirs in zip(self.module.buffers(), model.buffers()):
+            dst, src = groups.setdefault((mine.device, mine.dtype), ([], []))
+            dst.append(mine)
+            src.append(theirs)
+        for dst, src in groups.values():
+            torch._foreach_copy_(dst, src)
 
 
 def make_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

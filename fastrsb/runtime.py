@@ -14,6 +14,7 @@ DDP: launched by torchrun (RANK, WORLD_SIZE, LOCAL_RANK); nccl on CUDA, gloo on 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -153,10 +154,17 @@ def create_model(model_name: str, num_classes: int, drop_path_rate: float = 0.0,
 PROBE_CACHE = Path(os.environ.get("FASTRSB_CACHE", Path.home() / ".cache" / "fastrsb")) / "batch-probe.json"
 
 
-def probe_batch_per_gpu(try_batch, per_rank: int, key: str, *, cache: Path | None = PROBE_CACHE, log=print) -> int:
+PROBE_MAX_MEMORY = 0.85  # of the GPU's memory: the rest is for prefetched batches, augmentation, DALI, EMA
+
+
+def probe_batch_per_gpu(try_batch, per_rank: int, key: str, *, cache: Path | None = PROBE_CACHE, log=print,
+                        max_memory: float = PROBE_MAX_MEMORY) -> int:
     """The largest divisor of `per_rank`, halving from per_rank, for which `try_batch(b)` runs without
-    running out of memory. `try_batch(b)` runs one real forward/backward at micro-batch b. The answer is
-    cached under `key` (GPU, model, res, precision) so later runs skip the probe."""
+    running out of memory and leaves headroom. `try_batch(b)` runs one real forward/backward at
+    micro-batch b and returns the fraction of the GPU's memory it peaked at (None: not known); above
+    `max_memory` the batch counts as not fitting, since a training step also holds the next batch,
+    the augmentation's temporaries, the loader's buffers, the optimizer state and the EMA. The answer
+    is cached under `key` (GPU, model, res, precision) so later runs skip the probe."""
     store = {}
     if cache is not None and cache.is_file():
         try:
@@ -168,20 +176,25 @@ def probe_batch_per_gpu(try_batch, per_rank: int, key: str, *, cache: Path | Non
         return int(store[key])
     b = per_rank
     while True:
+        why = None
         try:
-            try_batch(b)
-            break
+            used = try_batch(b)
+            if used is not None and used > max_memory:
+                why = f"peaks at {used:.0%} of GPU memory (at most {max_memory:.0%} is kept for the step itself)"
         except torch.OutOfMemoryError:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            smaller = b // 2
-            while smaller > 1 and per_rank % smaller:
-                smaller -= 1
-            if smaller < 1 or smaller == b:
-                raise FastRSBError(f"even a micro-batch of {b} runs out of memory for {key}; use a smaller model "
-                                   "or resolution") from None
-            log(f"  batch per GPU {b} runs out of memory; trying {smaller}")
-            b = smaller
+            why = "runs out of memory"
+        if why is None:
+            break
+        gc.collect()  # outside the except block: its traceback no longer holds the activations
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        smaller = b // 2
+        while smaller > 1 and per_rank % smaller:
+            smaller -= 1
+        if smaller < 1 or smaller == b:
+            raise FastRSBError(f"even a micro-batch of {b} {why} for {key}; use a smaller model or resolution")
+        log(f"  batch per GPU {b} {why}; trying {smaller}")
+        b = smaller
     if cache is not None:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from .errors import FastRSBError
 from .runtime import autocast
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # inductor replays the model in CUDA graphs
 
 
 def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
@@ -36,6 +37,15 @@ def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     # one graph per resolution of a progressive-resizing ramp (and train/eval), never a dynamic one
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     return torch.compile(model, mode=mode, dynamic=False)
+
+
+def compile_augment(augment, device: torch.device, compile_mode: str):
+    """The trainer's policy for the GPU augmentation (also `bench e2e`'s): compiled on CUDA whenever the
+    model is (a fixed kernel sequence per shape, so one graph for the whole augmentation), eager elsewhere
+    (on the CPU, compiling it costs more than it saves on a short run)."""
+    if torch.device(device).type == "cuda" and compile_mode != "none" and hasattr(augment, "compile"):
+        augment.compile()
+    return augment
 
 
 class TrainStep:
@@ -59,6 +69,12 @@ class TrainStep:
         self.grad_clip = float(grad_clip)
         self.ema = ema
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        if compile_mode in CUDA_GRAPH_MODES and self.accum_steps > 1 and self.device.type == "cuda":
+            # a CUDA graph's backward writes the gradients into its own static buffers, and the next
+            # micro-batch's replay overwrites them before they are accumulated (pytorch#169545)
+            raise FastRSBError(f"--compile-mode {compile_mode} replays CUDA graphs, which cannot accumulate gradients "
+                               f"over {self.accum_steps} micro-batches; use --compile-mode default or "
+                               "max-autotune-no-cudagraphs, or a larger --batch-per-gpu (one micro-batch per step)")
         forward = compile_model(model, compile_mode)
         self.ddp = None
         if ddp:

@@ -43,7 +43,7 @@ from .recipes import Recipe
 from .runtime import (BatchLayout, DistInfo, autocast_dtype, create_model, plan_batches, probe_batch_per_gpu,
                       resolve_precision, seed_everything, setup_distributed)
 from .schedule import lr_at, res_at
-from .step import COMPILE_MODES, TrainStep
+from .step import COMPILE_MODES, TrainStep, compile_augment
 
 REFERENCE_GLOBAL_BATCH = 2048  # the recipes' lr is the lr at this global batch
 
@@ -216,8 +216,7 @@ def _build(recipe, data, loader_backend, model_name, out, dist_info, *, batch_pe
                                dtype=autocast_dtype(precision), interpolation=recipe.interpolation)
     except ValueError as e:
         raise FastRSBError(f"recipe {recipe.name}: rand_augment={recipe.rand_augment!r}: {e}") from None
-    if device.type == "cuda" and compile_mode != "none" and hasattr(augment, "compile"):
-        augment.compile()  # a fixed kernel sequence per shape: one graph for the whole augmentation
+    compile_augment(augment, device, compile_mode)
     # A CPU generator: the augmentation takes its random decisions on the host, so drawing them needs no sync.
     augment_generator = torch.Generator()
     augment_generator.manual_seed(seed * 1_000_003 + rank + 1)  # each rank draws its own augmentations
@@ -398,23 +397,28 @@ def _save_checkpoint(run: _Run, epochs_done: int, step: int) -> None:
 
 
 def _probe_batch(recipe: Recipe, model_name: str, device: torch.device, precision: str, per_rank: int, say) -> int:
-    """The largest micro-batch for which one real forward/backward of the model fits on this GPU."""
+    """The largest micro-batch for which one real forward/backward of the model fits on this GPU with
+    headroom, at the largest resolution the run will train at (progressive resizing may climb above
+    train_res)."""
     model = create_model(model_name, 1000, recipe.drop_path_rate).to(device, memory_format=torch.channels_last)
     loss_fn = make_loss(recipe)
+    res = max([recipe.train_res, *(recipe.progressive_res or ())])
+    total = torch.cuda.get_device_properties(device).total_memory
 
-    def try_batch(b: int) -> None:
-        x = torch.randn(b, 3, recipe.train_res, recipe.train_res, device=device).contiguous(
-            memory_format=torch.channels_last)
+    def try_batch(b: int) -> float:
+        torch.cuda.reset_peak_memory_stats(device)
+        x = torch.randn(b, 3, res, res, device=device).contiguous(memory_format=torch.channels_last)
         target = torch.rand(b, 1000, device=device)
         try:
             with torch.autocast(device.type, dtype=autocast_dtype(precision), enabled=precision != "fp32"):
                 loss = loss_fn(model(x), target)
             loss.backward()
             torch.cuda.synchronize(device)  # sync: start-up probe only
+            return torch.cuda.max_memory_allocated(device) / total
         finally:
             model.zero_grad(set_to_none=True)
 
-    key = f"{torch.cuda.get_device_name(device)}|{model_name}|{recipe.train_res}px|{precision}"
+    key = f"{torch.cuda.get_device_name(device)}|{model_name}|{res}px|{precision}"
     b = probe_batch_per_gpu(try_batch, per_rank, key, log=say)
     del model
     torch.cuda.empty_cache()

@@ -150,6 +150,14 @@ def test_batch_probe_halves_on_out_of_memory_and_caches(tmp_path):
     with pytest.raises(FastRSBError, match="runs out of memory"):
         probe_batch_per_gpu(never, 8, "tiny", cache=None, log=lambda m: None)
 
+    # a batch that fits but leaves no headroom for the step's other buffers does not count as fitting
+    said = []
+    peaks = {2048: None, 1024: 0.97, 512: 0.86, 256: 0.5}
+    assert probe_batch_per_gpu(lambda b: peaks[b] if b < 2048 else never(b), 2048, "headroom", cache=None,
+                               log=said.append) == 256
+    assert "2048 runs out of memory" in said[0] and "1024 peaks at 97% of GPU memory" in said[1]
+    assert "512 peaks at 86%" in said[2] and len(said) == 3
+
 
 def test_progressive_resizing_ramp():
     from fastrsb.recipes import A3, override
@@ -257,3 +265,16 @@ def test_eval_compares_class_names_not_just_their_count(folders):
     renamed = list(loader.classes[:2]) + ["zebra"]
     with pytest.raises(FastRSBError, match="zebra"):
         check_classes(renamed, 3, SimpleNamespace(classes=loader.classes, num_classes=3), folders / "src3")
+
+
+def test_cuda_graph_compile_modes_refuse_gradient_accumulation():
+    """A CUDA graph's backward writes gradients into its own buffers, which the next micro-batch's replay
+    overwrites (pytorch#169545): refused up front, with the modes that do work."""
+    from fastrsb.optim import Lamb
+    from fastrsb.step import TrainStep
+
+    model = torch.nn.Linear(4, 2)
+    for mode in ("reduce-overhead", "max-autotune"):
+        with pytest.raises(FastRSBError, match="cannot accumulate gradients over 2 micro-batches.*default"):
+            TrainStep(model, Lamb(model.parameters()), torch.nn.functional.mse_loss, device=torch.device("cuda"),
+                      accum_steps=2, compile_mode=mode)

@@ -153,3 +153,24 @@ def test_step_has_no_host_sync_cuda():
         opt.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_model_ema_averages_parameters_and_copies_every_buffer():
+    """ModelEma: parameters move by (1 - decay) towards the model's; buffers of every dtype (BatchNorm's
+    float running stats and int64 batch counts) are copied."""
+    from fastrsb.optim import ModelEma
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    ema = ModelEma(model, decay=0.9)
+    before = [p.detach().clone() for p in ema.module.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    model.train()(torch.randn(2, 3, 8, 8))  # BatchNorm updates its running stats and count
+    ema.update(model)
+    for old, new, target in zip(before, ema.module.parameters(), model.parameters()):
+        assert torch.allclose(new, old + 0.1 * (target - old), atol=1e-6)
+    for mine, theirs in zip(ema.module.buffers(), model.buffers()):
+        assert torch.equal(mine, theirs) and mine.dtype == theirs.dtype
+    assert int(ema.module[1].num_batches_tracked) == 1
