@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import os
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -135,8 +136,19 @@ def collate(batch):
 
 
 class _PlanBatchSampler:
+    """The plan's batches of the owner's current epoch and resolution, as (tag, res) pairs.
+
+    It holds its owner weakly: a strong reference would make a cycle (owner -> DataLoader -> sampler ->
+    owner), freed only by the garbage collector, which finalises the worker queues before the
+    DataLoader iterator that must use them to stop its workers, so each collected loader stalled for
+    5 s per worker. Without the cycle the loader is freed as soon as its last reference goes."""
+
     def __init__(self, owner):
-        self.owner = owner
+        self._owner = weakref.ref(owner)
+
+    @property
+    def owner(self):
+        return self._owner()
 
     def __iter__(self):
         res = self.owner.res

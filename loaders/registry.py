@@ -8,6 +8,7 @@ to install. `BACKEND_MODULES` lists the modules to import to discover them.
 from __future__ import annotations
 
 import importlib
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -41,17 +42,41 @@ def register(backend: Backend) -> Backend:
 
 
 def _discover() -> None:
+    """Import the backend modules once, in a thread of their own.
+
+    Importing ffcv compiles numba functions, and numba keeps its typing failures, tracebacks included, for
+    the life of the process; every frame of such a traceback holds its caller (f_back), so an import
+    made under make_loader (under a test, under train()) would pin those callers' locals (the first
+    loader, its worker processes, a model) until exit. A thread's stack ends at the thread, so what
+    numba keeps holds nothing of the caller's."""
     global _discovered
     if _discovered:
         return
     _discovered = True
-    for module in BACKEND_MODULES:
-        before = set(_REGISTRY)
+    failure: list[BaseException] = []
+    try:  # numba's worker pool starts in this (main) thread, not in the import thread: forking stays safe
+        from numba.np.ufunc.parallel import _launch_threads
+        _launch_threads()
+    except Exception:  # no numba, or another numba: the imports below start the pool as before
+        pass
+
+    def import_all() -> None:
         try:
-            importlib.import_module(module)
-        except (ImportError, FastRSBError, OSError) as e:  # e.g. ffcv built against a missing libturbojpeg
-            for name in set(_REGISTRY) - before:
-                _BROKEN[name] = str(e)
+            for module in BACKEND_MODULES:
+                before = set(_REGISTRY)
+                try:
+                    importlib.import_module(module)
+                except (ImportError, FastRSBError, OSError) as e:  # e.g. ffcv built against a missing libturbojpeg
+                    for name in set(_REGISTRY) - before:
+                        _BROKEN[name] = str(e)
+        except BaseException as e:  # anything else: raised again in the caller's thread
+            failure.append(e)
+
+    thread = threading.Thread(target=import_all, name="fastrsb-backend-import")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
 
 
 def names() -> list[str]:
