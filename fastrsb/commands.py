@@ -40,6 +40,9 @@ def _demo_data_args(p):
                         "non-image and very large files to train/")
     p.add_argument("--large-side", type=_positive_int, default=10000, help="long side of the very large oddity, px")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-copies", type=_positive_int, default=1,
+                   help="store each train image N times under different names (hard links): a larger train split "
+                        "for throughput benchmarks without rendering every image")
 
 
 def _demo_data(args) -> int:
@@ -47,7 +50,8 @@ def _demo_data(args) -> int:
 
     out = make_demo_data(args.out, num_classes=args.classes, train_per_class=args.train_per_class,
                          val_per_class=args.val_per_class, min_size=args.min_size, max_size=args.max_size,
-                         oddities=args.oddities, large_side=args.large_side, seed=args.seed)
+                         oddities=args.oddities, large_side=args.large_side, seed=args.seed,
+                         train_copies=args.train_copies)
     print(f"wrote demo ImageFolder dataset to {out} (train/, val/; {args.classes} classes)")
     return 0
 

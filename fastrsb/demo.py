@@ -24,10 +24,10 @@ from .benchlog import emit, record
 
 
 def _loader_bench(data: Path, src: Path, backends: list[str], res: int, batch: int, device: str, log) -> list[dict]:
-    """Like for like: each fastrsb loader followed by the GPU augmentation's RandAugment (on `device`), against
+    """Like for like: each fastrsb loader followed by the trainer's augmentation (on `device`), against
     timm's create_loader, whose workers do the same RandAugment; both at steady state after 4 warm-up batches
     (timm's first batches include starting its worker processes)."""
-    from .bench.loader import TimmBaseline, measure, with_rand_augment
+    from .bench.loader import TimmBaseline, measure, train_augment, with_train_augment
     from .loaders import make_loader
 
     results = []
@@ -35,16 +35,17 @@ def _loader_bench(data: Path, src: Path, backends: list[str], res: int, batch: i
     base_rate, _ = measure(base, res=res, device=device, warmup=4, batches=6, runs=1)
     del base
     baseline = ("timm create_loader: PIL decode, RRC, flip, RandAugment m6 in its workers", base_rate)
+    augment = None
     for backend in backends:
         loader = make_loader(backend, data, "train", batch_size=batch, res=res, device=device, verbose=False)
-        rate, _ = measure(with_rand_augment(loader, "rand-m6-mstd0.5-inc1"), res=res, device=device, warmup=4,
-                          batches=6, runs=1)
+        augment = augment or train_augment(loader.num_classes, device)
+        rate, _ = measure(with_train_augment(loader, augment), res=res, device=device, warmup=4, batches=6, runs=1)
         del loader
-        results.append(record("loader", f"{backend} train {res} + RandAugment", rate, baseline=baseline, device=device,
+        results.append(record("loader", f"{backend} train {res} + GPU augmentation", rate, baseline=baseline, device=device,
                               config={"backend": backend, "split": "train", "res": res, "batch_size": batch,
-                                      "fastrsb_side": f"{backend} decode+RRC+flip, then batched RandAugment m6 on {device}",
+                                      "fastrsb_side": f"{backend} decode+RRC+flip, then the trainer's augmentation on {device}",
                                       "timm_side": baseline[0]}))
-        log(f"  {backend:5} + RandAugment on {device}, train {res}px: {rate:8,.0f} img/s  "
+        log(f"  {backend:5} + augmentation on {device}, train {res}px: {rate:8,.0f} img/s  "
             f"(timm's loader with RandAugment: {base_rate:,.0f}, x{rate / base_rate:.2f})")
     return results
 
@@ -96,7 +97,7 @@ def demo(out: str | Path = "demo", quick: bool = False, device: str | None = Non
     from .loaders import registry
 
     backends = [b for b in registry.names() if backend_usable(b)]
-    log(f"[4/5] loader + RandAugment throughput on {device}: {', '.join(backends)} against timm's loader with "
+    log(f"[4/5] loader + GPU augmentation throughput on {device}: {', '.join(backends)} against timm's loader with "
         "RandAugment")
     for rec in _loader_bench(out / "data", src, backends, res, 32, device, log):
         emit(rec, results_file, echo=False)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +76,13 @@ def _random_size(rng: np.random.Generator, min_size: int, max_size: int) -> tupl
     return (long, short) if rng.random() < 0.75 else (short, long)  # mostly landscape, like ImageNet
 
 
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 def _jpeg_bytes(img: Image.Image, quality: int = 90, **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality, **kw)
@@ -116,8 +125,13 @@ def make_demo_data(
     oddities: bool = False,
     large_side: int = 10000,
     seed: int = 0,
+    train_copies: int = 1,
 ) -> Path:
     """Write OUT/train/<class>/*.JPEG and OUT/val/<class>/*.JPEG; returns OUT.
+
+    `train_copies` > 1 stores each train image that many times under different names (hard links where
+    the filesystem allows, else copies): a train split large enough for throughput benchmarks at batch
+    2048 without rendering every image. Every copy is decoded and cropped on its own when read.
 
     `large_side` is the long side of the very large oddity (10000 x 7500 = 75 Mpx by default: more
     than any real ImageNet image, below PIL's decompression-bomb error threshold of 179 Mpx).
@@ -126,6 +140,8 @@ def make_demo_data(
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
     if min_size < 8 or max_size < min_size:
         raise ValueError(f"need 8 <= min_size <= max_size, got {min_size}, {max_size}")
+    if train_copies < 1:
+        raise ValueError(f"train_copies must be at least 1, got {train_copies}")
     out = Path(out)
     rng = np.random.default_rng(seed)
     names = class_names(num_classes)
@@ -137,7 +153,10 @@ def make_demo_data(
                 w, h = _random_size(rng, min_size, max_size)
                 img = Image.fromarray(render(label, num_classes, w, h, rng))
                 quality = int(rng.integers(75, 96))
-                (folder / f"{name}_{i:05d}.JPEG").write_bytes(_jpeg_bytes(img, quality=quality))
+                path = folder / f"{name}_{i:05d}.JPEG"
+                path.write_bytes(_jpeg_bytes(img, quality=quality))
+                for copy in range(1, train_copies if split == "train" else 1):
+                    _link_or_copy(path, folder / f"{name}_{i:05d}_copy{copy}.JPEG")
     if oddities:
         _write_oddities(out / "train" / names[0], 0, num_classes, rng, large_side)
     return out

@@ -15,6 +15,7 @@ whose `bound_by` and `advice` say which stage limits the end-to-end rate and wha
 """
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 from pathlib import Path
@@ -39,6 +40,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile-mode", default=None, help="the trainer's --compile-mode (default: 'default' on "
                         "CUDA, 'none' on the CPU)")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="the model's classes (default: the dataset's; 1000 gives ImageNet's head on demo data)")
+    parser.add_argument("--baseline-steps", type=int, default=None,
+                        help="timed steps per measurement of timm's slower pipeline (default: --steps)")
     parser.add_argument("--no-baseline", action="store_true", help="skip timm's pipeline")
 
 
@@ -81,13 +86,16 @@ def _fastrsb_pipeline(args, data, recipe, device, num_classes):
     from fastrsb.optim import Lamb, make_param_groups
     from fastrsb.prefetch import AugmentedBatches
     from fastrsb.runtime import autocast_dtype
-    from fastrsb.step import TrainStep
+    from fastrsb.step import TrainStep, compile_augment
 
     precision = "bf16" if device.type == "cuda" else "fp32"
     loader = make_loader(args.backend, data, "train", batch_size=args.batch, res=args.res, device=device,
                          num_workers=args.workers, seed=0, hflip=recipe.hflip, verbose=False)
     augment = make_train_augment(recipe.rand_augment, recipe.mixup_alpha, recipe.cutmix_alpha,
-                                 recipe.label_smoothing, num_classes, dtype=autocast_dtype(precision))
+                                 recipe.label_smoothing, num_classes, mixup_prob=recipe.mixup_prob,
+                                 switch_prob=recipe.mixup_switch_prob, dtype=autocast_dtype(precision),
+                                 interpolation=recipe.interpolation)
+    compile_augment(augment, device, args.compile_mode)  # as the trainer does
     model = _model(args.model, num_classes, recipe, device)
     optimizer = Lamb(make_param_groups(model, recipe.weight_decay), lr=recipe.lr)
     step = TrainStep(model, optimizer, make_loss(recipe), device=device, precision=precision,
@@ -176,20 +184,33 @@ def run(args) -> list[dict]:
     args.steps = args.steps or (30 if cuda else 5)
     args.model = args.model or ("resnet50" if cuda else "resnet18")
     args.compile_mode = args.compile_mode or ("default" if cuda else "none")
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # as the trainer (fastrsb.runtime.setup_distributed)
     data = _ensure_data(args)
     num_classes = len(read_classes(data))
-    config = {"recipe": recipe.name, "model": args.model, "res": args.res, "batch": args.batch, "steps": args.steps,
+    if args.num_classes is not None:
+        if args.num_classes < num_classes:
+            from fastrsb.errors import FastRSBError
+
+            raise FastRSBError(f"--num-classes {args.num_classes}: {data} has {num_classes} classes; give at least that")
+        num_classes = args.num_classes
+    config = {"recipe": recipe.name, "model": args.model, "num_classes": num_classes, "res": args.res,
+              "batch": args.batch, "steps": args.steps, "baseline_steps": args.baseline_steps or args.steps,
               "backend": args.backend, "compile_mode": args.compile_mode, "workers": args.workers or os.cpu_count()}
 
     loader, prepare, augment, step = _fastrsb_pipeline(args, data, recipe, device, num_classes)
     ours = _measure(batches_forever(loader, args.res, 0), augment, step, args.steps, args.batch, device, prepare)
     config["backend"] = loader.backend
     del loader, prepare, augment, step
+    torch._dynamo.reset()  # compiled graphs keep our model's tensors alive: free them for timm's pipeline
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
     base = None
     source = Path(read_manifest(data, "train")["source"])
     if not args.no_baseline and source.is_dir():
         it, augment, step = _timm_pipeline(args, source, recipe, device, num_classes)
-        base = _measure(it, augment, step, args.steps, args.batch, device)
+        base = _measure(it, augment, step, args.baseline_steps or args.steps, args.batch, device)
         del it, augment, step
 
     names = {"loader": (f"fastrsb {config['backend']} loader alone", "timm create_loader (PIL, RandAugment on CPU workers)"),

@@ -4,8 +4,9 @@ Question: img/s of fastrsb's FFCV / DALI / PIL loaders (train: random-resized-cr
 + center crop), at 160 and 224, on this machine, compared with timm's `create_loader` over the source
 ImageFolder with the A3 settings (RandAugment rand-m6-mstd0.5-inc1, RRC, flip, its prefetcher),
 measured in the same run so the ratio holds on a noisy machine. Ratios compare equal work: a train
-line with a ratio is the fastrsb loader followed by fastrsb's batched RandAugment on the loader's device
-(timm's workers run RandAugment too); the loader-alone lines carry no ratio.
+line with a ratio is the fastrsb loader followed by the trainer's GPU augmentation on the loader's
+device (`with_train_augment`: RandAugment, mixup/cutmix, normalise; compiled on CUDA), while timm's
+workers run RandAugment and its prefetcher normalises; the loader-alone lines carry no ratio.
 
 Method: one loader per (backend, split), built once (FFCV compiles once); per run, `set_epoch(e, res)`,
 skip `--warmup` batches, time the next `--batches` batches (epochs chain if the dataset is small),
@@ -16,7 +17,8 @@ versions and git revision; `--out FILE` appends them there too.
     fastrsb bench loader --demo --quick                                   # anywhere, ~2 min on 2 cores
     python benchmarks/loader_throughput.py --data OUT --src SRC --device cuda --workers 16
 
-Goal (issue 3): on one H100 with 16 cores, the train pipeline at 160 delivers >= 15,000 img/s.
+Goal (issue 9): on one H100 with 16 cores, DALI mixed + the GPU augmentation at 160 delivers >= 20,000
+img/s. On the CPU the augmentation (eager there) dominates these lines.
 """
 from __future__ import annotations
 
@@ -25,11 +27,13 @@ import statistics
 import tempfile
 import time
 
-RAND_AUGMENT = "rand-m6-mstd0.5-inc1"  # A3's, on both sides of the train comparison
 from pathlib import Path
 
 from fastrsb.benchlog import Timer, emit, record
 from fastrsb.errors import FastRSBError
+from fastrsb.recipes import A3
+
+RAND_AUGMENT = A3.rand_augment  # rand-m6-mstd0.5-inc1, on both sides of the train comparison
 
 
 def batches_forever(loader, res, first_epoch: int):
@@ -60,17 +64,34 @@ def measure(loader, *, res, device, warmup: int, batches: int, runs: int):
     return statistics.median(rates), rates
 
 
-class with_rand_augment:
-    """A loader followed by fastrsb's batched RandAugment on the loader's device: the same work as timm's
-    create_loader, whose workers run RandAugment per image (a like-for-like comparison)."""
+def train_augment(num_classes: int, device, compile_mode: str = "default"):
+    """The trainer's augmentation for A3 (RandAugment m6, mixup 0.1 / cutmix 1.0, normalise;
+    `fastrsb.augment.make_train_augment`), compiled on CUDA as the trainer compiles it
+    (`fastrsb.step.compile_augment`). Make it once and share it: each compiled copy compiles again."""
+    import torch
 
-    def __init__(self, loader, rand_augment: str, seed: int = 0):
+    from fastrsb.augment import make_train_augment
+    from fastrsb.step import compile_augment
+
+    device = torch.device(device)
+    augment = make_train_augment(A3.rand_augment, A3.mixup_alpha, A3.cutmix_alpha, A3.label_smoothing, num_classes,
+                                 mixup_prob=A3.mixup_prob, switch_prob=A3.mixup_switch_prob,
+                                 dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                                 interpolation=A3.interpolation)
+    return compile_augment(augment, device, compile_mode)
+
+
+class with_train_augment:
+    """A loader followed by the trainer's augmentation (`train_augment`) on the loader's device: the same
+    work as timm's create_loader, whose workers run RandAugment per image and whose prefetcher
+    normalises (timm's mixup, on the GPU, is left out of it). A compiled augmentation compiles during
+    the first warm-up batch."""
+
+    def __init__(self, loader, augment, seed: int = 0):
         import torch
 
-        from fastrsb.augment import RandAugment
-
         self.loader = loader
-        self.rand_augment = RandAugment.from_timm(rand_augment)
+        self.augment = augment
         self.generator = torch.Generator().manual_seed(seed)
 
     def set_epoch(self, epoch, res=None):
@@ -78,7 +99,7 @@ class with_rand_augment:
 
     def __iter__(self):
         for images, labels in self.loader:
-            yield self.rand_augment(images, generator=self.generator), labels
+            yield self.augment(images, labels, self.generator)
 
 
 class TimmBaseline:
@@ -131,6 +152,8 @@ def add_arguments(p) -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--prefetch-depths", default="2",
+                   help="comma-separated DALI prefetch depths (batches run ahead) to measure; other backends use the first")
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--quick", action="store_true", help="batch 64, 2 warm-up + 6 timed batches, 2 runs")
 
@@ -147,6 +170,12 @@ def run(args) -> list[dict]:
         sizes = [int(s) for s in args.sizes.split(",")]
     except ValueError:
         raise FastRSBError(f"--sizes {args.sizes!r}: give comma-separated resolutions in pixels, e.g. 160,224") from None
+    try:
+        depths = [int(d) for d in str(args.prefetch_depths).split(",")]
+    except ValueError:
+        depths = []
+    if not depths or any(d < 1 for d in depths):
+        raise FastRSBError(f"--prefetch-depths {args.prefetch_depths!r}: give comma-separated positive integers, e.g. 2,4")
     from fastrsb.loaders import registry
 
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -174,6 +203,7 @@ def run(args) -> list[dict]:
         rec = record("loader", name, value, config={**config, **extra}, baseline=baseline, device=args.device)
         out.append(emit(rec, args.out))
 
+    augments = {}  # one (compiled) augmentation per class count, shared by the backends
     for split in args.splits.split(","):
         baselines = {}
         if args.src is not None and not args.no_baseline:
@@ -192,27 +222,39 @@ def run(args) -> list[dict]:
                 print(f"# {backend}: skipped, not installed or not usable here", flush=True)
                 continue
             data = args.data if args.data is not None else args.src
-            t0 = time.perf_counter()
-            loader = make_loader(backend, data, split, batch_size=args.batch_size, res=sizes[0], device=args.device,
-                                 num_workers=workers, crop_pct=0.95, drop_last=True, verbose=False)
-            build_s = time.perf_counter() - t0
-            for res in sizes:
-                # the loader alone (no timm figure does the same work, so no ratio) ...
-                med, rates = measure(loader, res=res, device=args.device, warmup=args.warmup, batches=args.batches,
-                                     runs=args.runs)
-                emit_line(f"{backend} {split} {res}", med, backend=backend, split=split, res=res,
-                          img_per_s_runs=[round(r, 1) for r in rates], build_s=round(build_s, 1))
-                # ... and the same work as timm's loader: train adds RandAugment on the loader's device
-                if split == "train":
-                    med, rates = measure(with_rand_augment(loader, RAND_AUGMENT), res=res, device=args.device,
-                                         warmup=args.warmup, batches=args.batches, runs=args.runs)
-                    name = f"{backend} {split} {res} + RandAugment"
-                else:
-                    name = f"{backend} {split} {res} (same work as timm's val)"
-                emit_line(name, med, baseline=baselines.get(res), backend=backend, split=split, res=res,
-                          img_per_s_runs=[round(r, 1) for r in rates], build_s=round(build_s, 1),
-                          rand_augment=RAND_AUGMENT if split == "train" else None)
-            del loader
+            for depth in depths if backend == "dali" else depths[:1]:
+                tag = f" depth {depth}" if backend == "dali" and len(depths) > 1 else ""
+                t0 = time.perf_counter()
+                loader = make_loader(backend, data, split, batch_size=args.batch_size, res=sizes[0], device=args.device,
+                                     num_workers=workers, crop_pct=0.95, drop_last=True, verbose=False,
+                                     prefetch_depth=depth)
+                build_s = time.perf_counter() - t0
+                common = {"backend": backend, "split": split, "build_s": round(build_s, 1)}
+                if backend == "dali":
+                    common["prefetch_depth"] = depth
+                for res in sizes:
+                    # the loader alone (no timm figure does the same work, so no ratio) ...
+                    med, rates = measure(loader, res=res, device=args.device, warmup=args.warmup,
+                                         batches=args.batches, runs=args.runs)
+                    emit_line(f"{backend} {split} {res}{tag}", med, res=res, img_per_s_runs=[round(r, 1) for r in rates],
+                              **common)
+                    # ... and the same work as timm's loader: train adds the trainer's augmentation on the
+                    # loader's device (compiled on CUDA: the compile happens in the warm-up batches)
+                    extra = {}
+                    if split == "train":
+                        if loader.num_classes not in augments:
+                            augments[loader.num_classes] = train_augment(loader.num_classes, args.device)
+                        augment = augments[loader.num_classes]
+                        med, rates = measure(with_train_augment(loader, augment), res=res, device=args.device,
+                                             warmup=args.warmup, batches=args.batches, runs=args.runs)
+                        name = f"{backend} {split} {res}{tag} + GPU augmentation"
+                        extra = {"augment": "A3: " + RAND_AUGMENT + ", mixup/cutmix, normalise",
+                                 "augment_compiled": augment.compiled}
+                    else:
+                        name = f"{backend} {split} {res}{tag} (same work as timm's val)"
+                    emit_line(name, med, baseline=baselines.get(res), res=res,
+                              img_per_s_runs=[round(r, 1) for r in rates], **common, **extra)
+                del loader
     print(f"# {'measurement':40} {'img/s':>9} {'vs timm':>8}", flush=True)
     for rec in out:
         ratio = rec.get("ratio")

@@ -1,7 +1,8 @@
 """Do the loader backends produce the same pixels, and are the crops timm's?
 
 Question 1 (pixels): for the same seed, each installed backend reads the first `--batches` train and
-val batches of epoch 0 (same samples, same boxes, flips and filters: `sampling.CropSpec`); per image,
+val batches of epoch 0 (same samples, same boxes, flips and filters: `sampling.CropSpec`), on
+`--device` (cuda: DALI decodes with nvJPEG, the others as on the CPU and copy); per image,
 the mean absolute difference to the PIL backend (the reference: torchvision/timm decode with PIL),
 in grey levels of 255. Reported: median and max over the images, per backend and split. What is
 left is the JPEG decoder (libffcv decodes with libjpeg-turbo's fast integer DCT; DALI's CPU decoder
@@ -120,6 +121,7 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--draws", type=int, default=10_000, help="crop boxes per image size for the KS statistics")
     p.add_argument("--workers", type=int, default=None, help="default: the cores this process may use")
+    p.add_argument("--device", default="cpu", help="where the loaders deliver (cuda: DALI decodes with nvJPEG)")
 
 
 def run(args) -> list[dict]:
@@ -139,7 +141,7 @@ def run(args) -> list[dict]:
     if unknown:
         raise FastRSBError(f"--backends: unknown {', '.join(unknown)}; choose from {', '.join(registry.names())}")
     config = {"data": str(data), "seed": args.seed, "batch_size": args.batch_size, "batches": args.batches,
-              "crop_pct": args.crop_pct, "workers": workers}
+              "crop_pct": args.crop_pct, "workers": workers, "device": args.device}
     out, table = [], []
 
     for split in args.splits.split(","):
@@ -155,10 +157,11 @@ def run(args) -> list[dict]:
             print(f"# {split}: the PIL reference cannot read {data}; skipped", flush=True)
             continue
         result = pixel_parity(data, split, here, batches=args.batches, batch_size=args.batch_size, res=res,
-                              device="cpu", seed=args.seed, crop_pct=args.crop_pct, num_workers=workers)
+                              device=args.device, seed=args.seed, crop_pct=args.crop_pct, num_workers=workers)
         for b, r in result.items():
             rec = record("parity", f"{b} {split} vs pil", r["median"], unit="grey levels (per-image mean |diff|, median)",
-                         config={**config, "backend": b, "split": split, "res": res}, max=round(r["max"], 3),
+                         config={**config, "backend": b, "split": split, "res": res}, device=args.device,
+                         max=round(r["max"], 3),
                          images=r["images"])
             out.append(emit(rec, args.out))
             table.append(f"# {b:6} {split:6} {res:5} {r['median']:>12.3f} {r['max']:>9.3f}")

@@ -8,7 +8,7 @@ against timm's eager `Lamb` step, measured in the same run.
     python benchmarks/step_throughput.py --res 160 --batch 2048 --batch-per-gpu 2048 --out results.jsonl
 
 The batch is synthetic and already on the device (normalised channels-last images, dense soft
-targets), so the figure is the step alone, with gradient accumulation when `batch` exceeds
+targets), and both models have A3's stochastic depth (none; `--drop-path`), so the figure is the step alone, with gradient accumulation when `batch` exceeds
 `--batch-per-gpu` (one optimizer step per `batch` images). Each repeat times one optimizer step; the
 median of `--repeats` follows `--warmup` untimed steps (which include compilation). One JSON line per
 (res, batch), in the format of fastrsb/benchlog.py; the baseline is timm's `Lamb` in eager mode with its
@@ -52,7 +52,8 @@ def measure(kind: str, args, res: int, batch: int, device: torch.device, compile
         raise FastRSBError(f"batch {batch} is not a multiple of --batch-per-gpu {micro}")
     accum_steps = batch // micro
     torch.manual_seed(0)
-    model = timm.create_model(args.model, num_classes=args.num_classes).to(device, memory_format=torch.channels_last)
+    model = timm.create_model(args.model, num_classes=args.num_classes, drop_path_rate=args.drop_path)
+    model = model.to(device, memory_format=torch.channels_last)
     model.train()
     groups = make_param_groups(model, 0.02)
     autocast_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
@@ -69,8 +70,12 @@ def measure(kind: str, args, res: int, batch: int, device: torch.device, compile
         def step():
             train_step((images, targets) for _ in range(accum_steps))
     else:
-        foreach = None if kind == "timm" else False
-        optimizer = timm.optim.Lamb(groups, lr=8e-3, foreach=foreach)
+        import inspect
+
+        # timm >= 1.0.30 has `foreach` (None: its own choice); older releases only have the per-parameter path
+        has_foreach = "foreach" in inspect.signature(timm.optim.Lamb).parameters
+        foreach = {"foreach": None if kind == "timm" else False} if has_foreach else {}
+        optimizer = timm.optim.Lamb(groups, lr=8e-3, **foreach)
         loss_fn = timm.loss.BinaryCrossEntropy(smoothing=0.0, target_threshold=0.2)
 
         def step():
@@ -108,6 +113,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-per-gpu", type=int, default=None,
                         help="largest micro-batch (default 1024; --quick 16): larger batches accumulate")
     parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--drop-path", type=float, default=None,
+                        help="stochastic depth of both models (default: A3's, none; A1/A2 use 0.05)")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="default bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps after the first (default 5; --quick 1)")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps (default 10; --quick 5)")
@@ -129,6 +136,10 @@ def run(args) -> None:
     resolutions = [int(r) for r in (args.res or ("32,48" if q else "160,224")).split(",")]
     batches = [int(b) for b in (args.batch or ("16,32" if q else "256,2048")).split(",")]
     args.batch_per_gpu = args.batch_per_gpu or (16 if q else 1024)
+    if args.drop_path is None:
+        from fastrsb.recipes import A3
+
+        args.drop_path = A3.drop_path_rate
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     args.warmup = args.warmup if args.warmup is not None else (1 if q else 5)
     args.repeats = args.repeats or (5 if q else 10)
@@ -156,7 +167,8 @@ def run(args) -> None:
                 ours = measure("fastrsb", args, res, batch, device, mode)
                 config = {"model": args.model, "res": res, "batch": batch, "micro_batch": ours["micro_batch"],
                           "accum_steps": ours["accum_steps"], "precision": args.precision, "channels_last": True,
-                          "compile_mode": mode, "num_classes": args.num_classes, "warmup": args.warmup,
+                          "compile_mode": mode, "num_classes": args.num_classes, "drop_path": args.drop_path,
+                          "warmup": args.warmup,
                           "repeats": args.repeats, "threads": torch.get_num_threads() if device.type == "cpu" else None}
                 emit(record("step", f"fastrsb step {args.model} {res}px batch {batch} compile {mode}",
                             ours["img_per_s"], config=config,
