@@ -11,14 +11,14 @@ tensor -> images, targets) runs the same kernels for every draw, with constants 
 and never synchronises with the host, so `TrainAugment.compile()` can wrap it in
 `torch.compile(fullgraph=True, dynamic=False)` (one compile per input shape).
 
-Measured (`fastrsb bench aug --quick`, benchmarks/results/cpu-2core-aug-2026-11-27.jsonl: 2-core AMD EPYC
-shared with other jobs, torch 2.14.1, timm 1.0.31; A3's rand-m6-mstd0.5-inc1 + mixup 0.1 / cutmix 1.0,
-160 px; median of 3 calls): batch 256 takes 24.5 s eager and 5.9 s compiled (35 s to compile), batch
-2048 takes 149 s eager and 25.3 s compiled (3.2 s per 256 images), against 0.28 s and 3.15 s for timm's
-PIL RandAugment on one core + Mixup + normalise. On a CPU, computing every stage for every image (the
-price of a fixed kernel sequence) loses to PIL's per-image C code by 8x (compiled, 2048) to 88x
-(eager, 256). The design targets the GPU, compiled: <= 0.6 ms per 256 images at batch 2048 and <= 5 ms
-at 256 on one H100 (issue 9); not yet measured on a GPU.
+Measured (`fastrsb bench aug --quick --batches 256`, benchmarks/results/cpu-2core-aug-idle-2026-11-27.jsonl:
+idle 2-core AMD EPYC, torch 2.14.1, timm 1.0.31; A3's rand-m6-mstd0.5-inc1 + mixup 0.1 / cutmix 1.0,
+160 px; median of 3 calls): batch 256 takes 7.9 s eager and 2.1 s compiled (25 s to compile), against
+0.15 s for timm's PIL RandAugment on one core + Mixup + normalise. On a CPU, computing every stage
+for every image (the price of a fixed kernel sequence) loses to PIL's per-image C code by 14x
+(compiled) to 53x (eager). The design targets the GPU, compiled: <= 0.6 ms per 256 images at batch
+2048 and <= 5 ms at 256 on one H100 (issue 9); not yet measured on a GPU. (An earlier file,
+cpu-2core-aug-2026-11-27.jsonl, was measured while the machine ran other jobs: 3x slower.)
 """
 from __future__ import annotations
 
