@@ -9,8 +9,10 @@
 # when importable (on this project's lent machine DALI comes from ../shared/tools/pack-gpu-wheels.sh:
 # four carried parts, then PYTHONPATH=/root/gpu-site); a missing one is a named skip, never a crash.
 #
-# Data: IMAGES distinct train images (default 1000, 10 classes, 300-500 px JPEGs) stored COPIES times each
-# (default 10, hard links), so a train epoch holds several batches of 2048; 20 val images per class.
+# Data: IMAGES distinct train images (default 1000, 300-500 px JPEGs) in CLASSES classes (default 1000,
+# ImageNet's head, so step, e2e and train build one and the same model graph and compile it once),
+# stored COPIES times each (default 10, hard links), so a train epoch holds several batches of 2048;
+# VAL_PER_CLASS val images per class (default 1).
 # Stages, most wanted first, each with its baseline in the same run: the CUDA-marked tests; step
 # (ResNet-50 at 160, batch 2048 on one GPU, A3's settings, the trainer's TrainStep eager and
 # compiled, against timm's eager Lamb); aug (RandAugment + mixup/cutmix + normalise at 256 and 2048, eager
@@ -26,7 +28,7 @@
 #
 # Sizes can be changed from the environment (defaults: the GPU suite); tests/test_gpu_suite.py runs the
 # whole script on the CPU with tiny ones, so every stage's command line is checked before a GPU sees it:
-#   COPIES=10 STEP_RES=160 STEP_BATCH=2048 STEP_MODES=none,default STEP_ARGS= AUG_BATCHES=256,2048 AUG_ARGS=
+#   CLASSES=1000 VAL_PER_CLASS=1 COPIES=10 STEP_RES=160 STEP_BATCH=2048 STEP_MODES=none,default STEP_ARGS= AUG_BATCHES=256,2048 AUG_ARGS=
 #   LOADER_BATCH=256 LOADER_BATCHES=12 LOADER_DEPTHS=2,4 E2E_BATCH=2048 E2E_STEPS=10 E2E_BASELINE_STEPS=3 E2E_ARGS=
 #   PARITY_ARGS= TRAIN_ARGS= TEST_TIMEOUT=50
 set -uo pipefail
@@ -68,9 +70,9 @@ stage tests-cuda 60 "$py" -m pytest tests -q -m cuda -p no:cacheprovider "${per_
   -W ignore::DeprecationWarning
 data="$out/data"
 if [ ! -f "$data/train/manifest.json" ]; then
-  classes=10
-  stage demo-data 45 "$py" -m fastrsb demo-data "$out/src" --classes $classes --train-per-class $((images / classes)) \
-    --train-copies "$copies" --val-per-class 20 --min-size 300 --max-size 500
+  classes=${CLASSES:-1000}
+  stage demo-data 45 "$py" -m fastrsb demo-data "$out/src" --classes "$classes" --train-per-class $((images / classes)) \
+    --train-copies "$copies" --val-per-class "${VAL_PER_CLASS:-1}" --min-size 300 --max-size 500
   formats=dali; [ "$(have ffcv.loader)" = yes ] && formats=dali,beton
   stage convert 45 "$py" -m fastrsb convert "$out/src" "$data" --format "$formats" --workers "$cores" --no-progress
 fi

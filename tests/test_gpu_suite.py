@@ -18,7 +18,7 @@ from fastrsb.recipes import A3
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
-    "BUDGET_S": "900", "COPIES": "3",
+    "BUDGET_S": "900", "CLASSES": "10", "VAL_PER_CLASS": "20", "COPIES": "3",
     "STEP_RES": "64", "STEP_BATCH": "8", "STEP_MODES": "none", "STEP_ARGS": "--model test_resnet",
     "AUG_BATCHES": "8", "AUG_ARGS": "--res 64 --no-compile --repeats 1 --per-image 4",
     "LOADER_BATCH": "16", "LOADER_BATCHES": "3", "LOADER_DEPTHS": "1,2",
