@@ -10,7 +10,7 @@
 # four carried parts, then PYTHONPATH=/root/gpu-site); a missing one is a named skip, never a crash.
 #
 # Data: IMAGES distinct train images (default 1000, 300-500 px JPEGs) in CLASSES classes (default 1000,
-# ImageNet's head, so step, e2e and train build one and the same model graph and compile it once),
+# ImageNet's head, so step, e2e and train build the same model graph and can reuse one compile from the cache),
 # stored COPIES times each (default 10, hard links), so a train epoch holds several batches of 2048;
 # VAL_PER_CLASS val images per class (default 1).
 # Stages, most wanted first, each with its baseline in the same run: the CUDA-marked tests; step
@@ -19,7 +19,7 @@
 # and compiled, against timm's PIL RandAugment); loader (every usable backend, train at 160: the loader
 # alone, and the loader + the trainer's compiled augmentation against timm's create_loader with
 # RandAugment); e2e (the A3 pipeline at batch 2048, 1000-class head: loader + augmentation + step against
-# timm's whole A3 pipeline, and which stage bounds it; its compiles hit the caches of step and aug);
+# timm's whole A3 pipeline, and which stage bounds it; its compiles can come from the caches step and aug filled);
 # parity (pixels of every backend against the PIL reference, on the GPU: nvJPEG for DALI); train (two
 # A3 epochs of `fastrsb train` on the same data, with eval and checkpoint, its log in the report). Each stage
 # gets at most its own limit and never more than what is left of the budget; a stage that fails is
