@@ -14,11 +14,19 @@ device then runs the same three stages over the whole batch whatever the draws:
      too), autocontrast and equalize (from a histogram of the batch);
   2. one blend with a degenerate image, for Color (grayscale) and Sharpness (PIL's SMOOTH filter);
   3. one affine warp (identity for images that drew no geometric op), bilinear or bicubic per image.
-Each image goes through at most one non-identity stage per layer; `torch.where` picks its result.
+Each image goes through at most one non-identity stage per layer. The cheap LUT runs on every image;
+the costly parts (the histogram of stage 1, stage 2, stage 3) run only on a fixed number of images,
+`cap`, gathered by index and written back: about a sixth of the images draw a geometric op in a layer
+of A3's RandAugment, so the warp (16 gathered taps per pixel) runs on a sixth of the batch instead of
+all of it. The host, which drew the ops, lists the images; `cap` is a function of the batch size and
+the op set that such a list exceeds with probability below 1e-9 (`stage_capacity`); when one does,
+that call uses the whole batch for that stage (exact either way, one more compile if compiled). Pad
+rows repeat the first listed image, so their identical writes collide harmlessly.
 Only the stages that the op set can need are issued (decided at construction, not per call).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -32,7 +40,9 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "random")
 
 # One row of per-image parameters per RandAugment layer (float64; integers are exact).
 COLUMNS = ("lut", "and_mask", "threshold", "add", "blend", "factor", "geometric", "bicubic",
-           "a00", "a01", "a02", "a10", "a11", "a12")
+           "a00", "a01", "a02", "a10", "a11", "a12",
+           # which images a costly stage works on (`stage_indices`): rows 0..cap-1 hold an image index each
+           "hist_idx", "hist_ok", "blend_idx", "blend_ok", "warp_idx", "warp_ok")
 _C = {name: i for i, name in enumerate(COLUMNS)}
 NUM_COLUMNS = len(COLUMNS)
 LUT_STATIC, LUT_AUTOCONTRAST, LUT_EQUALIZE, LUT_CONTRAST, LUT_BRIGHTNESS = range(5)
@@ -243,6 +253,49 @@ def layer_columns(ops: Sequence[str], op_index: np.ndarray, applied: np.ndarray,
     return rows
 
 
+STAGES = ("hist", "blend", "warp")  # the stages that run on listed images only
+
+
+def stage_members(rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Which images of a layer (rows of `layer_columns`) each costly stage must process."""
+    lut = rows[:, _C["lut"]]
+    return {"hist": (lut == LUT_AUTOCONTRAST) | (lut == LUT_EQUALIZE),
+            "blend": rows[:, _C["blend"]] != BLEND_NONE,
+            "warp": rows[:, _C["geometric"]] > 0.5}
+
+
+def stage_capacity(batch: int, p: float) -> int:
+    """Images a stage gathers when each image needs it with probability p: the mean plus 6 standard
+    deviations plus 4 (a binomial count exceeds it with probability below 1e-9), at most the batch."""
+    if p <= 0:
+        return min(batch, 1)
+    if p >= 1:
+        return batch
+    return min(batch, int(math.ceil(batch * p + 6.0 * math.sqrt(batch * p * (1.0 - p)) + 4.0)))
+
+
+def stage_indices(rows: np.ndarray, nominal: Sequence[int]) -> tuple[int, ...]:
+    """Write each costly stage's image list into `rows` (in place); returns the caps of this call.
+
+    nominal: the cap per stage of `STAGES` (`stage_capacity`); a stage with more members than its cap
+    takes the whole batch in this call. Rows 0..cap-1 of `<stage>_idx` list the members, padded with the
+    first member; `<stage>_ok` is 1 on them, or 0 everywhere when nothing is listed (row 0 is then a
+    placeholder whose result is thrown away)."""
+    batch = rows.shape[0]
+    caps = []
+    for stage, cap, members in zip(STAGES, nominal, stage_members(rows).values()):
+        listed = np.flatnonzero(members)
+        cap = cap if listed.size <= cap else batch
+        index = np.full(cap, listed[0] if listed.size else 0, dtype=np.float64)
+        index[:listed.size] = listed
+        rows[:, _C[f"{stage}_idx"]] = 0
+        rows[:cap, _C[f"{stage}_idx"]] = index
+        rows[:, _C[f"{stage}_ok"]] = 0
+        rows[:cap, _C[f"{stage}_ok"]] = 1.0 if listed.size else 0.0
+        caps.append(cap)
+    return tuple(caps)
+
+
 @dataclass(frozen=True)
 class Stages:
     """Which device stages an op set can need; fixed for a RandAugment, so every call issues the same kernels."""
@@ -322,7 +375,20 @@ def _apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
     return torch.take(lut.reshape(-1), x.long() + base)
 
 
-def _lut_stage(x, cols, stages: Stages, consts, gray_mean):
+def _listed(cols: torch.Tensor, stage: str, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images a stage works on (`stage_indices`): their indices (cap,) and whether to keep its result."""
+    rows = cols.narrow(0, 0, cap)  # not cols[:cap], which skips the op when cap is the batch
+    return rows[:, _C[f"{stage}_idx"]].long(), rows[:, _C[f"{stage}_ok"]] > 0.5
+
+
+def _put_back(out: torch.Tensor, index: torch.Tensor, ok: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """Rows `index` of `out` (a tensor this layer made) replaced in place by `result` where ok, else by
+    their own value: fixed shapes, and pad rows (repeats of one listed row) write identical values."""
+    keep = ok.view(-1, *([1] * (out.ndim - 1)))
+    return out.index_copy_(0, index, torch.where(keep, result, out.index_select(0, index)))
+
+
+def _lut_stage(x, cols, stages: Stages, consts, gray_mean, hist_cap: int):
     b = x.shape[0]
     levels = consts["levels"]
     kind = cols[:, _C["lut"]].view(b, 1, 1)
@@ -336,10 +402,14 @@ def _lut_stage(x, cols, stages: Stages, consts, gray_mean):
             degenerate = torch.where(kind == LUT_CONTRAST, torch.floor(gray_mean + 0.5).view(b, 1, 1), degenerate)
         blended = _blend(degenerate, levels.view(1, 1, 256), cols[:, _C["factor"]].float().view(b, 1, 1))
         lut = torch.where((kind == LUT_CONTRAST) | (kind == LUT_BRIGHTNESS), blended, lut)
-    if stages.histogram:
-        hist = _histogram(x)
-        lut = torch.where(kind == LUT_AUTOCONTRAST, _autocontrast_lut(hist, levels), lut)
-        lut = torch.where(kind == LUT_EQUALIZE, _equalize_lut(hist, levels, x.shape[2] * x.shape[3]), lut)
+    if stages.histogram:  # AutoContrast and Equalize: histograms of the listed images only
+        index, ok = _listed(cols, "hist", hist_cap)
+        picked = x.index_select(0, index)
+        hist = _histogram(picked)
+        picked_kind = kind.index_select(0, index)
+        own = torch.where(picked_kind == LUT_AUTOCONTRAST, _autocontrast_lut(hist, levels),
+                          _equalize_lut(hist, levels, x.shape[2] * x.shape[3]))
+        lut = _put_back(lut.contiguous(), index, ok, own)
     return _apply_lut(x, lut)
 
 
@@ -419,27 +489,33 @@ def warp(x: torch.Tensor, mats: torch.Tensor, consts: dict, interpolation: str,
     return out.clamp_(0, 255).to(torch.uint8).permute(0, 3, 1, 2)  # truncates, as PIL does
 
 
-def apply_layer(x: torch.Tensor, cols: torch.Tensor, stages: Stages, consts: dict, interpolation: str) -> torch.Tensor:
-    """One RandAugment layer on uint8 (b, 3, H, W): `cols` (b, NUM_COLUMNS) float64 on x's device.
+def apply_layer(x: torch.Tensor, cols: torch.Tensor, stages: Stages, consts: dict, interpolation: str,
+                caps: Sequence[int]) -> torch.Tensor:
+    """One RandAugment layer on uint8 (b, 3, H, W): `cols` (b, NUM_COLUMNS) float64 on x's device, with
+    the image lists of `stage_indices`, whose returned caps (one per `STAGES`) are `caps`.
 
-    The kernels issued depend only on x's shape, `stages` and `interpolation`, never on `cols`.
+    The kernels issued depend only on x's shape, `stages`, `interpolation` and `caps`, never on `cols`.
     """
-    b = x.shape[0]
+    hist_cap, blend_cap, warp_cap = caps
     gray = _grayscale_pil(x) if stages.gray else None
     gray_mean = gray.double().mean(dim=(1, 2, 3)) if stages.gray else None
-    out = _lut_stage(x, cols, stages, consts, gray_mean)
-    if stages.color or stages.sharpness:
-        kind = _col(cols[:, _C["blend"]])
-        degenerate = _smooth_pil(x, consts["smooth"]) if stages.sharpness else x
+    out = _lut_stage(x, cols, stages, consts, gray_mean, hist_cap)
+    if stages.color or stages.sharpness:  # Color, Sharpness: on the listed images only
+        index, ok = _listed(cols, "blend", blend_cap)
+        picked, picked_cols = x.index_select(0, index), cols.index_select(0, index)
+        kind = _col(picked_cols[:, _C["blend"]])
+        degenerate = _smooth_pil(picked, consts["smooth"]) if stages.sharpness else picked
         if stages.color:
-            degenerate = torch.where(kind == BLEND_COLOR, gray, degenerate)
-        blended = _blend(degenerate, x, _col(cols[:, _C["factor"]]).float())
-        out = torch.where(kind != BLEND_NONE, blended, out)
-    if stages.warp:
-        mats = cols[:, _C["a00"]:].reshape(b, 2, 3)
-        bicubic = cols[:, _C["bicubic"]] > 0.5 if interpolation == "random" else None
-        warped = warp(out, mats, consts, interpolation, bicubic)
-        out = torch.where(_col(cols[:, _C["geometric"]] > 0.5), warped, out)
+            degenerate = torch.where(kind == BLEND_COLOR, gray.index_select(0, index), degenerate)
+        blended = _blend(degenerate, picked, _col(picked_cols[:, _C["factor"]]).float())
+        out = _put_back(out, index, ok, blended)
+    if stages.warp:  # geometric ops: on the listed images only (an image with a geometric op has an identity LUT)
+        index, ok = _listed(cols, "warp", warp_cap)
+        picked_cols = cols.index_select(0, index)
+        mats = picked_cols[:, _C["a00"]:_C["a12"] + 1].reshape(-1, 2, 3)
+        bicubic = picked_cols[:, _C["bicubic"]] > 0.5 if interpolation == "random" else None
+        warped = warp(out.index_select(0, index), mats, consts, interpolation, bicubic)
+        out = _put_back(out, index, ok, warped)
     return out
 
 
@@ -467,6 +543,7 @@ def apply_op(name: str, images: torch.Tensor, magnitudes, *, fill: int | Sequenc
         return images.clone()
     cols = layer_columns((name,), np.zeros(batch, np.int64), np.ones(batch, bool), m,
                          np.full(batch, interpolation == "bicubic"), h, w, translate_pct)
+    caps = stage_indices(cols, (batch,) * len(STAGES))
     consts = device_constants(images.device, h, w, fill_values(fill))
-    out = apply_layer(images, to_device(cols, images.device), Stages.of((name,)), consts, interpolation)
+    out = apply_layer(images, to_device(cols, images.device), Stages.of((name,)), consts, interpolation, caps)
     return out.contiguous(memory_format=memory_format(images))

@@ -9,16 +9,16 @@ A call has a host part and a device part. The host part draws every random decis
 non-blocking copy takes it to the device. The device part (`TrainAugment.apply_packed`: params
 tensor -> images, targets) runs the same kernels for every draw, with constants cached per device,
 and never synchronises with the host, so `TrainAugment.compile()` can wrap it in
-`torch.compile(fullgraph=True, dynamic=False)` (one compile per input shape).
+`torch.compile(fullgraph=True, dynamic=False)` (one compile per input shape; RandAugment's stage caps
+are fixed per batch size, except in calls whose draws overflow them, p < 1e-9 per stage).
 
-Measured (`fastrsb bench aug --quick --batches 256`, benchmarks/results/cpu-2core-aug-idle-2026-11-27.jsonl:
-idle 2-core AMD EPYC, torch 2.14.1, timm 1.0.31; A3's rand-m6-mstd0.5-inc1 + mixup 0.1 / cutmix 1.0,
-160 px; median of 3 calls): batch 256 takes 7.9 s eager and 2.1 s compiled (25 s to compile), against
-0.15 s for timm's PIL RandAugment on one core + Mixup + normalise. On a CPU, computing every stage
-for every image (the price of a fixed kernel sequence) loses to PIL's per-image C code by 14x
-(compiled) to 53x (eager). The design targets the GPU, compiled: <= 0.6 ms per 256 images at batch
-2048 and <= 5 ms at 256 on one H100 (issue 9); not yet measured on a GPU. (An earlier file,
-cpu-2core-aug-2026-11-27.jsonl, was measured while the machine ran other jobs: 3x slower.)
+Measured (`fastrsb bench aug --quick --batches 256`: idle 2-core AMD EPYC, torch 2.14.1, timm 1.0.31;
+A3's rand-m6-mstd0.5-inc1 + mixup 0.1 / cutmix 1.0, 160 px; median of 3 calls): batch 256 takes
+1.5 s eager and 1.1 s compiled (21 s to compile), against 0.15 s for timm's PIL RandAugment on one
+core + Mixup + normalise (benchmarks/results/cpu-2core-aug-listed-2026-11-27.jsonl). Before the costly
+stages ran on listed images only, it took 7.9 s and 2.1 s (cpu-2core-aug-idle-2026-11-27.jsonl). The
+design targets the GPU, compiled: <= 0.6 ms per 256 images at batch 2048 and <= 5 ms at 256 on one
+H100 (issue 9); not yet measured on a GPU.
 """
 from __future__ import annotations
 
@@ -101,14 +101,16 @@ class TrainAugment:
         mix = self.mixup.sample_params(batch_size, height, width, rng=rng) if self.mixup is not None else None
         return {"rand_augment": ra, "mixup": mix}
 
-    def pack(self, params: dict, height: int, width: int) -> np.ndarray:
-        """The params of one call as one (batch, columns) float64 array: RandAugment's, then mixup's."""
-        parts = []
+    def pack(self, params: dict, height: int, width: int) -> tuple[np.ndarray, tuple]:
+        """The params of one call as one (batch, columns) float64 array (RandAugment's, then mixup's) and
+        RandAugment's stage caps (see `RandAugment.pack`)."""
+        parts, caps = [], ()
         if self.rand_augment is not None:
-            parts.append(self.rand_augment.pack(params["rand_augment"], height, width))
+            ra, caps = self.rand_augment.pack(params["rand_augment"], height, width)
+            parts.append(ra)
         if self.mixup is not None:
             parts.append(MixupCutmix.pack(params["mixup"]))
-        return np.concatenate(parts, axis=1) if parts else np.zeros((0, 0))
+        return (np.concatenate(parts, axis=1) if parts else np.zeros((0, 0))), caps
 
     def constants(self, device: torch.device, height: int, width: int) -> dict:
         """Every device constant of a call at this size, made (once) outside the device part: a compiled
@@ -116,14 +118,16 @@ class TrainAugment:
         return {"rand_augment": self.rand_augment.constants(device, height, width) if self.rand_augment else None,
                 "normalize": _normalize_constants(device, self.mean, self.std)}
 
-    def apply_packed(self, images: Tensor, labels: Tensor, packed: Tensor,
+    def apply_packed(self, images: Tensor, labels: Tensor, packed: Tensor, caps: tuple,
                      consts: dict | None = None) -> tuple[Tensor, Tensor]:
-        """The device part: same kernels for every draw, no host synchronisation. `consts`: `constants(...)`."""
+        """The device part: same kernels for every draw (given `pack`'s caps), no host synchronisation.
+        `consts`: `constants(...)`."""
         if consts is None:
             consts = self.constants(images.device, images.shape[2], images.shape[3])
         x = images
         if self.rand_augment is not None:
-            x = self.rand_augment.apply_packed(x, packed[:, :self.rand_augment.num_columns], consts["rand_augment"])
+            x = self.rand_augment.apply_packed(x, packed[:, :self.rand_augment.num_columns], caps,
+                                               consts["rand_augment"])
         if self.mixup is not None:
             x, targets = self.mixup.apply_packed(x, labels, packed[:, packed.shape[1] - MIX_COLUMNS:])
         else:
@@ -134,9 +138,9 @@ class TrainAugment:
     def apply_params(self, images: Tensor, labels: Tensor, params: dict) -> tuple[Tensor, Tensor]:
         """Apply the draws of `sample_params`: at most one host-to-device copy, then the device part."""
         _, _, h, w = images.shape
-        packed = self.pack(params, h, w)
+        packed, caps = self.pack(params, h, w)
         packed_d = to_device(packed, images.device) if packed.size else packed_placeholder(images.device)
-        return self._device_part(images, labels, packed_d, self.constants(images.device, h, w))
+        return self._device_part(images, labels, packed_d, caps, self.constants(images.device, h, w))
 
     def __call__(self, images: Tensor, labels: Tensor, generator: torch.Generator | None = None):
         check_images(images, "train augment", uint8=True)

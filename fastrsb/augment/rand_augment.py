@@ -9,8 +9,9 @@ With timm's default interpolation ('random'), every geometric op picks bilinear 
 timm runs this image by image with PIL on the CPU. Here every image still draws its own ops on the
 host (numpy, seeded from the optional `torch.Generator`), the draws become one (batch, layers x
 `ops.NUM_COLUMNS`) float64 array that reaches the device in one pinned, non-blocking copy, and each
-layer runs the same kernels over the whole batch whatever was drawn (see `ops.apply_layer`). So a
-call never synchronises with the host (given a CPU generator or none) and can be compiled.
+layer runs the same kernels whatever was drawn (see `ops.apply_layer`): the cheap ones over the whole
+batch, the costly ones over a fixed number of listed images. So a call never synchronises with the
+host (given a CPU generator or none) and can be compiled.
 """
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .ops import (LEVEL_DENOM, NUM_COLUMNS, OPS, TIMM_FILL, INTERPOLATIONS, Stages, apply_layer, check_images,
-                  device_constants, fill_values, host_rng, layer_columns, lookup_op, memory_format, to_device)
+from .ops import (LEVEL_DENOM, NUM_COLUMNS, OPS, STAGES, TIMM_FILL, INTERPOLATIONS, Stages, apply_layer,
+                  check_images, device_constants, fill_values, host_rng, layer_columns, lookup_op, memory_format,
+                  stage_capacity, stage_indices, stage_members, to_device)
 
 RAND_OPS = (  # timm's _RAND_TRANSFORMS (inc0)
     "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color",
@@ -77,6 +79,11 @@ class RandAugment:
         self.translate_pct = float(translate_pct)
         self.stages = Stages.of(self.ops)
         self._signed = np.array([OPS[name].signed for name in self.ops])
+        # per layer, the chance that an image needs each costly stage (`ops.STAGES`): the op draw is uniform
+        members = stage_members(np.stack([layer_columns((name,), np.zeros(1, np.int64), np.ones(1, bool),
+                                                        np.ones(1), np.zeros(1, bool), 8, 8, 0.0)[0]
+                                          for name in self.ops]))
+        self._stage_p = tuple(self.prob * float(members[stage].mean()) for stage in STAGES)
 
     @classmethod
     def from_timm(cls, config: str, **kwargs) -> "RandAugment":
@@ -153,30 +160,41 @@ class RandAugment:
         return dict(op_index=op_index, applied=applied, magnitude=magnitude, negated=negated & applied,
                     bicubic=bicubic)
 
-    def pack(self, params: dict[str, np.ndarray], height: int, width: int) -> np.ndarray:
-        """Drawn params -> (batch, num_columns) float64, layer after layer: what the device part reads."""
+    def capacities(self, batch: int) -> tuple[int, ...]:
+        """How many images each costly stage (`ops.STAGES`) works on in a layer, for this batch size."""
+        return tuple(stage_capacity(batch, p) for p in self._stage_p)
+
+    def pack(self, params: dict[str, np.ndarray], height: int, width: int) -> tuple[np.ndarray, tuple]:
+        """Drawn params -> ((batch, num_columns) float64, layer after layer, and the caps of each layer's
+        costly stages): what the device part reads. The caps are `capacities(batch)`, except for a stage
+        whose list is longer this call (probability below 1e-9), which then takes the whole batch."""
         op_index = params["op_index"]
         if op_index.ndim != 2 or op_index.shape[1] != self.num_ops:
             raise ValueError(f"params are for {op_index.shape[1:]} layers, this RandAugment has {self.num_ops}")
-        layers = [layer_columns(self.ops, op_index[:, i], params["applied"][:, i], params["magnitude"][:, i],
-                                params["bicubic"][:, i], height, width, self.translate_pct)
-                  for i in range(self.num_ops)]
-        return np.concatenate(layers, axis=1) if layers else np.zeros((op_index.shape[0], 0))
+        batch = op_index.shape[0]
+        layers, caps = [], []
+        for i in range(self.num_ops):
+            rows = layer_columns(self.ops, op_index[:, i], params["applied"][:, i], params["magnitude"][:, i],
+                                 params["bicubic"][:, i], height, width, self.translate_pct)
+            caps.append(stage_indices(rows, self.capacities(batch)))
+            layers.append(rows)
+        return (np.concatenate(layers, axis=1) if layers else np.zeros((batch, 0))), tuple(caps)
 
     def constants(self, device: torch.device, height: int, width: int) -> dict:
         """The device tensors a call at this size needs (made once per device and size, then reused)."""
         return device_constants(device, height, width, self.fill)
 
-    def apply_packed(self, images: torch.Tensor, packed: torch.Tensor, consts: dict | None = None) -> torch.Tensor:
-        """The device part: uint8 images and `pack`'s array on their device -> uint8 images.
-        The same kernels run whatever the draws; no host synchronisation. `consts`: `constants(...)`,
-        passed in by a compiled caller so that the compiled code never fills the cache itself."""
+    def apply_packed(self, images: torch.Tensor, packed: torch.Tensor, caps: tuple,
+                     consts: dict | None = None) -> torch.Tensor:
+        """The device part: uint8 images and `pack`'s array (on their device) and caps -> uint8 images.
+        The same kernels run whatever the draws (for given caps); no host synchronisation. `consts`:
+        `constants(...)`, passed in by a compiled caller so that the compiled code never fills the cache."""
         _, _, h, w = images.shape
         consts = consts if consts is not None else self.constants(images.device, h, w)
         out = images.clone() if self.num_ops == 0 else images
         for layer in range(self.num_ops):
             cols = packed[:, layer * NUM_COLUMNS:(layer + 1) * NUM_COLUMNS]
-            out = apply_layer(out, cols, self.stages, consts, self.interpolation)
+            out = apply_layer(out, cols, self.stages, consts, self.interpolation, caps[layer])
         return out.contiguous(memory_format=memory_format(images))
 
     def apply_params(self, images: torch.Tensor, params: dict[str, np.ndarray]) -> torch.Tensor:
@@ -185,7 +203,8 @@ class RandAugment:
         batch, _, h, w = images.shape
         if params["op_index"].shape[0] != batch:
             raise ValueError(f"params are for a batch of {params['op_index'].shape[0]}, images batch is {batch}")
-        return self.apply_packed(images, to_device(self.pack(params, h, w), images.device))
+        packed, caps = self.pack(params, h, w)
+        return self.apply_packed(images, to_device(packed, images.device), caps)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None,
                  rng: np.random.Generator | None = None) -> torch.Tensor:
