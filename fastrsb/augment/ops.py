@@ -7,13 +7,14 @@ tests/test_augment.py holds the per-op tolerances against timm.
 
 How a batch is augmented without data-dependent shapes (so that a call can be compiled or captured):
 every image's op for a layer is turned, on the host, into a row of numbers (`COLUMNS`): a LUT choice
-and its parameters, a blend choice and its factor, an affine matrix and an interpolation flag. The
-device then runs the same three stages over the whole batch whatever the draws:
+and its parameters, a blend choice and its factor, an affine matrix and an interpolation flag, and
+the lists of images each costly stage works on. The device then runs the same three stages whatever
+the draws:
   1. one per-(image, channel) 256-entry lookup table: identity, invert, posterize, solarize,
      solarize-add (all known on the host), brightness and contrast (blends with a constant, so LUTs
-     too), autocontrast and equalize (from a histogram of the batch);
+     too), autocontrast and equalize (from histograms of the images that drew them);
   2. one blend with a degenerate image, for Color (grayscale) and Sharpness (PIL's SMOOTH filter);
-  3. one affine warp (identity for images that drew no geometric op), bilinear or bicubic per image.
+  3. one affine warp, bilinear or bicubic per image.
 Each image goes through at most one non-identity stage per layer. The cheap LUT runs on every image;
 the costly parts (the histogram of stage 1, stage 2, stage 3) run only on a fixed number of images,
 `cap`, gathered by index and written back: about a sixth of the images draw a geometric op in a layer
