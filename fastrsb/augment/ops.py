@@ -327,8 +327,17 @@ def _col(v: torch.Tensor) -> torch.Tensor:
 
 
 def _blend(degenerate: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """PIL's Image.blend(degenerate, image, factor) for 8-bit images: clamp, then truncate. Float32."""
-    return torch.lerp(degenerate.float(), x.float(), factor).clamp_(0, 255).to(torch.uint8)
+    """PIL's Image.blend(degenerate, image, factor) for 8-bit images: in1 + alpha (in2 - in1) in float32
+    (a product, then a sum, each rounded to float32), clamped, truncated.
+
+    Each float32 rounding is written out: the float64 product of a float32 factor and an integer
+    difference is exact, and so is the float64 sum of that float32 product and an integer, so casting
+    each to float32 rounds exactly as PIL's float arithmetic does. A compiler cannot fuse the two into
+    one FMA (as inductor's C++ and Triton code would with a plain `deg + f * (x - deg)`, or with
+    torch.lerp), so eager, compiled, CPU and GPU all give PIL's bytes."""
+    deg = degenerate.double()
+    product = (factor.double() * (x.double() - deg)).float()
+    return (product.double() + deg).float().clamp_(0, 255).to(torch.uint8)
 
 
 def _grayscale_pil(x: torch.Tensor) -> torch.Tensor:
