@@ -30,7 +30,8 @@
 # whole script on the CPU with tiny ones, so every stage's command line is checked before a GPU sees it:
 #   CLASSES=1000 VAL_PER_CLASS=1 COPIES=10 STEP_RES=160 STEP_BATCH=2048 STEP_MODES=none,default STEP_ARGS= AUG_BATCHES=256,2048 AUG_ARGS=
 #   LOADER_BATCH=256 LOADER_BATCHES=12 LOADER_DEPTHS=2,4 E2E_BATCH=2048 E2E_STEPS=10 E2E_BASELINE_STEPS=3 E2E_ARGS=
-#   PARITY_ARGS= TRAIN_ARGS= TEST_TIMEOUT=50
+#   PARITY_ARGS= TRAIN_ARGS= TEST_TIMEOUT=50 WORK_DIR=RESULTS_DIR/work (images, shards, the run's checkpoint;
+#   on the lent machine put it outside $OUT, so that only results, logs and the report come back)
 set -uo pipefail
 out=${1:?usage: gpu_suite.sh RESULTS_DIR [IMAGES]}
 images=${2:-1000}
@@ -68,13 +69,15 @@ stage() {  # stage NAME LIMIT_S COMMAND...
 per_test_limit=(); "$py" -c "import pytest_timeout" 2>/dev/null && per_test_limit=(--timeout "${TEST_TIMEOUT:-50}")
 stage tests-cuda 60 "$py" -m pytest tests -q -m cuda -p no:cacheprovider "${per_test_limit[@]}" \
   -W ignore::DeprecationWarning
-data="$out/data"
+work=${WORK_DIR:-$out/work}  # the bulky part (source images, shards, checkpoints): keep it out of what comes back
+mkdir -p "$work"
+data="$work/data"
 if [ ! -f "$data/train/manifest.json" ]; then
   classes=${CLASSES:-1000}
-  stage demo-data 45 "$py" -m fastrsb demo-data "$out/src" --classes "$classes" --train-per-class $((images / classes)) \
+  stage demo-data 45 "$py" -m fastrsb demo-data "$work/src" --classes "$classes" --train-per-class $((images / classes)) \
     --train-copies "$copies" --val-per-class "${VAL_PER_CLASS:-1}" --min-size 300 --max-size 500
   formats=dali; [ "$(have ffcv.loader)" = yes ] && formats=dali,beton
-  stage convert 45 "$py" -m fastrsb convert "$out/src" "$data" --format "$formats" --workers "$cores" --no-progress
+  stage convert 45 "$py" -m fastrsb convert "$work/src" "$data" --format "$formats" --workers "$cores" --no-progress
 fi
 step_batch=${STEP_BATCH:-2048}
 stage bench-step 130 "$py" -m fastrsb bench step --device "$device" --res "${STEP_RES:-160}" --batch "$step_batch" \
@@ -82,7 +85,7 @@ stage bench-step 130 "$py" -m fastrsb bench step --device "$device" --res "${STE
   --out "$results"
 stage bench-aug 110 "$py" -m fastrsb bench aug --device "$device" --batches "${AUG_BATCHES:-256,2048}" ${AUG_ARGS:-} \
   --out "$results"
-stage bench-loader 90 "$py" -m fastrsb bench loader --data "$data" --src "$out/src" --device "$device" \
+stage bench-loader 90 "$py" -m fastrsb bench loader --data "$data" --src "$work/src" --device "$device" \
   --workers "$cores" --sizes 160 --splits train --batch-size "${LOADER_BATCH:-256}" --batches "${LOADER_BATCHES:-12}" \
   --prefetch-depths "${LOADER_DEPTHS:-2,4}" --runs 2 --out "$results"
 e2e_backend=pil; [ "$(have nvidia.dali)" = yes ] && e2e_backend=dali  # named: auto's probe costs time
@@ -91,9 +94,10 @@ stage bench-e2e 110 "$py" -m fastrsb bench e2e --data "$data" --backend "$e2e_ba
   --batch "${E2E_BATCH:-2048}" --steps "${E2E_STEPS:-10}" --baseline-steps "${E2E_BASELINE_STEPS:-3}" ${E2E_ARGS:-} \
   --out "$results"
 stage bench-parity 45 "$py" -m fastrsb bench parity --data "$data" --device "$device" ${PARITY_ARGS:-} --out "$results"
-rm -rf "$out/run"  # `fastrsb train` the product's own way: probe, compiled model and augmentation, eval, checkpoint
-stage train 120 "$py" -m fastrsb train --data "$data" --loader "$e2e_backend" --device "$device" --out "$out/run" \
+rm -rf "$work/run" "$out/run"  # `fastrsb train` the product's way: probe, compiled model and augmentation, eval
+stage train 120 "$py" -m fastrsb train --data "$data" --loader "$e2e_backend" --device "$device" --out "$work/run" \
   --no-progress --eval-every 2 epochs=2 warmup_epochs=1 ${TRAIN_ARGS:-}
+mkdir -p "$out/run" && cp "$work/run/log.jsonl" "$work/run/run.json" "$out/run/" 2>/dev/null  # not the checkpoint
 reports=("$results"); [ -f "$out/run/log.jsonl" ] && reports+=("$out/run")
 stage report 20 "$py" -m fastrsb report "${reports[@]}" --out "$out/report"
 echo "done in $(( $(date +%s) - start )) s: $results, $out/report/report.md"

@@ -30,7 +30,7 @@ TINY = {
 
 @pytest.mark.timeout(900)
 def test_gpu_suite_runs_every_stage(tmp_path):
-    env = {**os.environ, **TINY, "PYTHON": sys.executable}
+    env = {**os.environ, **TINY, "PYTHON": sys.executable, "WORK_DIR": str(tmp_path / "work")}
     env.pop("PYTHONPATH", None)  # the suite puts the checkout first by itself
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), str(tmp_path / "suite"), "40"],
                           env=env, capture_output=True, text=True, timeout=880)
@@ -63,8 +63,10 @@ def test_gpu_suite_runs_every_stage(tmp_path):
     assert all(r["config"].get("device", "cpu") in ("cpu", "cuda") for r in by_bench["parity"])
     # fastrsb train ran two epochs with eval, and its log reached the report
     log = [json.loads(line) for line in (tmp_path / "suite" / "run" / "log.jsonl").read_text().splitlines()]
-    assert [r for r in log if r.get("kind") == "summary"] and (tmp_path / "suite" / "run" / "model.pt").is_file()
+    assert [r for r in log if r.get("kind") == "summary"] and (tmp_path / "work" / "run" / "model.pt").is_file()
+    # what comes back from a lent machine is RESULTS_DIR: results, logs, the report, the run's log; no bulk
+    assert not list((tmp_path / "suite").rglob("*.JPEG")) and not list((tmp_path / "suite").rglob("*.pt"))
     assert "| run | a3 | resnet10t | 2 |" in (tmp_path / "suite" / "report" / "report.md").read_text()
     # the train split holds every copy: 4 distinct images per class, 3 copies each
-    manifest = json.loads((tmp_path / "suite" / "data" / "train" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "work" / "data" / "train" / "manifest.json").read_text())
     assert manifest["num_samples"] == 120 and manifest["num_rejected"] == 0
