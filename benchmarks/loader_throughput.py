@@ -1,6 +1,6 @@
 """Loader throughput per backend against timm's own A3 loader; see fastrsb/bench/loader.py.
 
-    python benchmarks/loader_throughput.py --demo --quick            # anywhere, ~2 min on 2 cores
+    python benchmarks/loader_throughput.py --demo --quick            # anywhere, no GPU needed
     python benchmarks/loader_throughput.py --data OUT --src SRC --device cuda --workers 16 [--out FILE]
 """
 import sys

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .errors import FastRSBError
+from .runtime import create_model
 
 CHECKPOINT = "checkpoint.pt"
 FINAL_WEIGHTS = "model.pt"
@@ -76,8 +77,6 @@ def load_for_eval(source: str | os.PathLike | torch.nn.Module, model_name: str |
                   num_classes: int | None = None) -> tuple[torch.nn.Module, dict]:
     """A model from a run folder (model.pt + run.json), a checkpoint.pt, or a bare state_dict file, and what
     is known about it (recipe, model_name, num_classes, classes)."""
-    from .runtime import create_model
-
     if isinstance(source, torch.nn.Module):
         return source, {}
     path = Path(source)

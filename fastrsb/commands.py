@@ -119,8 +119,6 @@ def _verify(args) -> int:
 # ---------------------------------------------------------------------------------------------- train
 
 def _train_args(p):
-    from .step import COMPILE_MODES
-
     p.add_argument("--recipe", default="a3", help="a1, a2 or a3 (default a3)")
     p.add_argument("--data", required=True, help="the folder `fastrsb convert` wrote")
     p.add_argument("--loader", default="auto", help="loader backend: auto, dali, ffcv or pil")
@@ -132,8 +130,10 @@ def _train_args(p):
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="auto: bf16 autocast on CUDA, fp32 on the CPU")
-    p.add_argument("--compile-mode", default=None, choices=list(COMPILE_MODES),
-                   help="torch.compile mode of the model (default: 'default' on CUDA, 'none' on the CPU)")
+    # no choices= here: fastrsb.step.COMPILE_MODES checks the mode, and importing it would load torch for --help
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode of the model: none, default, reduce-overhead, max-autotune or "
+                        "max-autotune-no-cudagraphs (default: 'default' on CUDA, 'none' on the CPU)")
     p.add_argument("--eval-every", type=_positive_int, default=10, help="evaluate every N epochs (and at the end)")
     p.add_argument("--log-every", type=_positive_int, default=50, help="log every N optimizer steps")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")

@@ -82,7 +82,6 @@ class SourceFile:
 class SplitScan:
     name: str
     folder: Path
-    classes: list[str]  # the class folders found
     files: list[SourceFile] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)  # {"path", "reason"}: entries not read
 
@@ -137,7 +136,7 @@ def scan_split(name: str, folder: Path, classes: list[str], src_root: Path) -> S
     """Every entry below a split folder: files sorted by (class, path), files outside class folders
     with label -1, and what is not read with the reason."""
     index = {c: i for i, c in enumerate(classes)}
-    scan = SplitScan(name, folder, find_classes(folder))
+    scan = SplitScan(name, folder)
     seen = {os.path.realpath(folder)}
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         if entry.name.startswith("."):

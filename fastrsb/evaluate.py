@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from .checkpoint import load_for_eval
 from .errors import FastRSBError
 from .runtime import DistInfo, autocast, resolve_precision, setup_distributed
 
@@ -62,8 +63,6 @@ def evaluate(model_or_checkpoint, data: str | os.PathLike, backend: str = "auto"
 
     Resolution and crop default to the run's recipe (test_res, test_crop_pct), else 224 and 0.95.
     """
-    from .checkpoint import load_for_eval
-
     if make_loader is None:
         from .loaders import make_loader
     if normalize is None:

@@ -50,18 +50,26 @@ class ModelEma:
         self.module = copy.deepcopy(model).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
+        self._lists: tuple[int, list, list, list] | None = None  # (id(model), params, theirs, buffer groups)
+
+    def _pairs(self, model: torch.nn.Module) -> tuple[list, list, list]:
+        """The tensor lists of an update, made once per model (loading a state dict copies in place)."""
+        if self._lists is None or self._lists[0] != id(model):
+            # one foreach call per (device, dtype): BatchNorm's float running stats and int64 batch counts
+            # mixed in one list would send every buffer down the per-tensor path
+            groups: dict = {}
+            for mine, theirs in zip(self.module.buffers(), model.buffers()):
+                dst, src = groups.setdefault((mine.device, mine.dtype), ([], []))
+                dst.append(mine)
+                src.append(theirs)
+            self._lists = (id(model), list(self.module.parameters()), list(model.parameters()), list(groups.values()))
+        return self._lists[1:]
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        torch._foreach_lerp_(list(self.module.parameters()), list(model.parameters()), 1.0 - self.decay)
-        # one foreach call per (device, dtype): BatchNorm's float running stats and int64 batch counts
-        # mixed in one list would send every buffer down the per-tensor path
-        groups: dict = {}
-        for mine, theirs in zip(self.module.buffers(), model.buffers()):
-            dst, src = groups.setdefault((mine.device, mine.dtype), ([], []))
-            dst.append(mine)
-            src.append(theirs)
-        for dst, src in groups.values():
+        mine, theirs, buffer_groups = self._pairs(model)
+        torch._foreach_lerp_(mine, theirs, 1.0 - self.decay)
+        for dst, src in buffer_groups:
             torch._foreach_copy_(dst, src)
 
 

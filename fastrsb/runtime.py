@@ -44,11 +44,6 @@ class BatchLayout:
         return (f"global batch {self.global_batch} = {self.world_size} {unit} x {self.batch_per_gpu} {per} "
                 f"x {self.accum_steps} accumulation step{'s' if self.accum_steps > 1 else ''}")
 
-    @property
-    def micro_batches_per_step(self) -> int:
-        """Micro-batches that make up one optimizer step over all processes (the BatchNorm batches)."""
-        return self.world_size * self.accum_steps
-
 
 def plan_batches(global_batch: int, world_size: int, max_batch_per_gpu: int, device_type: str = "cuda") -> BatchLayout:
     """The fewest accumulation steps such that world_size * batch_per_gpu * accum_steps == global_batch
@@ -69,7 +64,6 @@ def plan_batches(global_batch: int, world_size: int, max_batch_per_gpu: int, dev
 class DistInfo:
     rank: int
     world_size: int
-    local_rank: int
     device: torch.device
     initialized_here: bool
 
@@ -80,6 +74,11 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+    def say(self, msg: str) -> None:
+        """Print on rank 0 only."""
+        if self.is_main:
+            print(msg, flush=True)
 
     def close(self) -> None:
         if self.initialized_here and dist.is_initialized():
@@ -105,7 +104,7 @@ def setup_distributed(device: str | torch.device | None = None) -> DistInfo:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
         initialized_here = True
-    return DistInfo(rank, world_size, local_rank, device, initialized_here)
+    return DistInfo(rank, world_size, device, initialized_here)
 
 
 PRECISIONS = ("bf16", "fp16", "fp32")

@@ -27,14 +27,23 @@ COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-auto
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # inductor replays the model in CUDA graphs
 
 
-def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+def default_compile_mode(device) -> str:
+    """The trainer's default: compiled on CUDA, eager on the CPU (where compiling costs more than it saves)."""
+    return "default" if torch.device(device).type == "cuda" else "none"
+
+
+def check_compile_mode(mode: str) -> str:
     if mode not in COMPILE_MODES:
-        raise FastRSBError(f"compile mode {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
-    if mode == "none":
+        raise FastRSBError(f"--compile-mode {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    return mode
+
+
+def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    if check_compile_mode(mode) == "none":
         return model
     import torch._dynamo
 
-    # one graph per resolution of a progressive-resizing ramp (and train/eval), never a dynamic one
+    # one graph per resolution of a progressive-resizing ramp, never a dynamic one
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     return torch.compile(model, mode=mode, dynamic=False)
 

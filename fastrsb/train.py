@@ -40,10 +40,10 @@ from .loss import make_loss
 from .optim import Lamb, ModelEma, make_param_groups
 from .prefetch import AugmentedBatches
 from .recipes import Recipe
-from .runtime import (BatchLayout, DistInfo, autocast_dtype, create_model, plan_batches, probe_batch_per_gpu,
+from .runtime import (BatchLayout, DistInfo, autocast, autocast_dtype, create_model, plan_batches, probe_batch_per_gpu,
                       resolve_precision, seed_everything, setup_distributed)
 from .schedule import lr_at, res_at
-from .step import COMPILE_MODES, TrainStep, compile_augment
+from .step import TrainStep, check_compile_mode, compile_augment, default_compile_mode
 
 REFERENCE_GLOBAL_BATCH = 2048  # the recipes' lr is the lr at this global batch
 
@@ -141,9 +141,7 @@ def _build(recipe, data, loader_backend, model_name, out, dist_info, *, batch_pe
            normalize) -> _Run:
     device, rank, world_size = dist_info.device, dist_info.rank, dist_info.world_size
 
-    def say(msg: str) -> None:
-        if dist_info.is_main:
-            print(msg, flush=True)
+    say = dist_info.say
 
     # --- where we start from
     ckpt_path = Path(resume) if isinstance(resume, (str, os.PathLike)) else out / CHECKPOINT
@@ -158,9 +156,7 @@ def _build(recipe, data, loader_backend, model_name, out, dist_info, *, batch_pe
 
     # --- precision, compilation, batch layout
     precision = resolve_precision(precision, device, recipe.mixed_precision)
-    compile_mode = compile_mode or ("default" if device.type == "cuda" else "none")
-    if compile_mode not in COMPILE_MODES:
-        raise FastRSBError(f"--compile-mode {compile_mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    compile_mode = check_compile_mode(compile_mode or default_compile_mode(device))
     if batch_per_gpu == "auto" and resume and (out / "run.json").is_file():
         # the same micro-batches as before the interruption, or the plan (and the run) would change
         batch_per_gpu = json.loads((out / "run.json").read_text())["layout"]["batch_per_gpu"]
@@ -211,9 +207,9 @@ def _build(recipe, data, loader_backend, model_name, out, dist_info, *, batch_pe
     say(f"  {train_loader.num_samples} train images, {num_classes} classes, {steps_per_epoch} optimizer steps "
         f"per epoch, {total_steps} in all ({warmup_steps} warmup), base lr {base_lr:g}")
     try:
-        augment = make_augment(recipe.rand_augment, recipe.mixup_alpha, recipe.cutmix_alpha, recipe.label_smoothing,
-                               num_classes, mixup_prob=recipe.mixup_prob, switch_prob=recipe.mixup_switch_prob,
-                               dtype=autocast_dtype(precision), interpolation=recipe.interpolation)
+        from .augment import recipe_augment_kwargs
+
+        augment = make_augment(num_classes=num_classes, dtype=autocast_dtype(precision), **recipe_augment_kwargs(recipe))
     except ValueError as e:
         raise FastRSBError(f"recipe {recipe.name}: rand_augment={recipe.rand_augment!r}: {e}") from None
     compile_augment(augment, device, compile_mode)
@@ -282,9 +278,7 @@ def _loop(run: _Run, last_epoch: int, *, eval_every_epochs: int, log_every_steps
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
 
-    def say(msg: str) -> None:
-        if dist_info.is_main:
-            print(msg, flush=True)
+    say = dist_info.say
 
     def evaluate(model) -> dict:
         return evaluate_model(model, run.val_loader, device=device, precision=run.precision,
@@ -410,7 +404,7 @@ def _probe_batch(recipe: Recipe, model_name: str, device: torch.device, precisio
         x = torch.randn(b, 3, res, res, device=device).contiguous(memory_format=torch.channels_last)
         target = torch.rand(b, 1000, device=device)
         try:
-            with torch.autocast(device.type, dtype=autocast_dtype(precision), enabled=precision != "fp32"):
+            with autocast(device, precision):
                 loss = loss_fn(model(x), target)
             loss.backward()
             torch.cuda.synchronize(device)  # sync: start-up probe only

@@ -2,8 +2,9 @@
 
 Without a measurement the registry's prior order stands (each backend's `prior_cuda` / `prior_cpu`): on a
 GPU, DALI's mixed decoder (nvJPEG and the hardware JPEG decoder, not yet measured by fastrsb) before CPU
-decoding; on the CPU, FFCV > DALI CPU > PIL (benchmarks/results/cpu-2core-2026-11-26.jsonl, 1 run: FFCV
-and DALI tied at 160, FFCV ahead at 224). `probe_backends` replaces the prior with a measurement.
+decoding; on the CPU, FFCV > DALI CPU > PIL (benchmarks/results/cpu-2core-2026-11-26.jsonl: FFCV and DALI
+tied at 160, FFCV ahead at 224; measured before FFCV's Pillow-style resize and the shared crop plan, so
+a guess for today's pipelines). `probe_backends` replaces the prior with a measurement.
 """
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ an argument input fed per batch, so `set_epoch(res=...)` changes it without rebu
 Overlap (issue 9): the source is `no_copy`: it hands DALI tensors that wrap the JPEG bytes in the
 shard maps where they lie, so the training thread copies no image bytes (the pages are first touched
 by DALI's decoder threads); what stays in that thread per batch is the plan slice, the numba windows
-and wrapping the views (3.3 ms of Python per 2048 JPEGs on the 2-core CPU box). The loop uses DALI's
+and wrapping the views (host Python time, not yet in benchmarks/results). The loop uses DALI's
 scheduled API: batch k is taken with `outputs(cuda_stream=torch's current stream)` (no host
 synchronisation with the GPU work), copied on that stream, and batch k + prefetch_depth is scheduled
 before batch k is handed out. Labels go to the GPU inside the pipeline (`labels.gpu()`: DALI's executor
@@ -41,7 +41,7 @@ host-to-device copy. Not used: DALI's parallel external source
 (epoch_idx, iteration), while the epoch number and resolution here are set per epoch by the caller
 (`set_epoch`, resume, progressive resizing), so the workers would need a shared schedule; and DALI
 cannot fork workers once CUDA is initialised (the trainer's case), so they would be spawned, each
-importing numpy, numba and the plan. Worth it only if the 3.3 ms above shows up on a GPU profile.
+importing numpy, numba and the plan. Worth it only if that Python time shows up on a GPU profile.
 
 hw_decoder_load defaults to 1.0 (every JPEG to the hardware decoder), which public reports of DALI's
 ResNet-50 example on an H100 found fastest; fastrsb has not measured it. The ROI-decode path with plan windows, the no_copy source and the stream-bound
@@ -109,7 +109,7 @@ class PlanSource:
         """(slice start (x, y), slice shape (w, h), roi start (y, x), roi end (y, x), interp, flip) per read.
 
         The boxes, flips and filters of `CropSpec.box` / `CropSpec.bicubic`, computed by the same
-        sampling functions compiled with numba (2-3 ms per 256 reads in Python, a host cost per batch)."""
+        sampling functions compiled with numba (a host cost per batch; in Python it would be per read)."""
         ids = tagged & sampling.SAMPLE_MASK
         c = self.crop
         out = _windows_function()(self.index.heights[ids], self.index.widths[ids], tagged.astype(np.int64), c.seed,
@@ -127,8 +127,7 @@ class PlanSource:
         ids = tagged & sampling.SAMPLE_MASK
         size = np.full((ids.size, 2), self.res, dtype=np.float32)
         # DALI tensors wrapping the mmap views (no copy) made here: DALI's feed then skips its per-sample
-        # conversions (2048 JPEGs sliced and wrapped: 3.3 ms of Python instead of 5.8 ms, median of 30,
-        # on the 2-core CPU box, DALI 2.4)
+        # conversions
         jpegs = [TensorCPU(view, "") for view in self.read.batch(ids)]
         batch = (jpegs, self.index.labels[ids], size, *self.windows(tagged))
         self.fed.append(batch)

@@ -17,9 +17,7 @@ Differences from ffcv-imagenet's `RandomResizedCropRGBImageDecoder` + `RandomHor
   nearest-neighbour) but `resample.resize_box`, a numba port of Pillow's antialiased bilinear/bicubic
   resampling: train reads bilinear or bicubic per read ("random", timm's default) or as
   `interpolation` says, val bicubic. It reads the same pixels around the box as PIL's
-  `Image.resize(box=...)`. Measured once on one core of the 2-core AMD EPYC CI box (median of 7
-  runs of 256 seeded train crops of 200-500 px images to 160 px; not yet in benchmarks/results):
-  0.75 ms per crop, OpenCV INTER_AREA 0.52 ms, PIL 1.02 ms, an OpenCV JPEG decode of the image 0.83 ms.
+  `Image.resize(box=...)`. Its cost against INTER_AREA is not in benchmarks/results yet.
 - Pixels vs the PIL backend: libffcv decodes with libjpeg-turbo's fast integer DCT (TJFLAG_FASTDCT),
   PIL with the accurate one: per-image mean |diff| about 1 grey level (`fastrsb bench parity`).
 - Order: the Loader gets a `TraversalOrder` that returns `IndexPlan.tagged(epoch)` (DDP shard,
@@ -31,8 +29,7 @@ Differences from ffcv-imagenet's `RandomResizedCropRGBImageDecoder` + `RandomHor
   progressive resizing does the same).
 
 Measured here on the CPU only (benchmarks/results/cpu-2core-2026-11-26.jsonl: 1,116 img/s train at 160 on
-2 cores, with INTER_AREA); public: FFCV's ImageNet example trains ResNet-50 at res 160-192 on 8 A100s,
-88 epochs in 77 min.
+2 cores, with INTER_AREA).
 """
 from __future__ import annotations
 

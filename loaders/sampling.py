@@ -116,11 +116,6 @@ class IndexPlan:
         return math.ceil(n / v) if self.pad else n // v
 
     @property
-    def samples_per_rank(self) -> int:
-        """Samples this rank reads per epoch, before dropping the last partial batch."""
-        return self.samples_per_share * self.accum_steps
-
-    @property
     def batches_per_share(self) -> int:
         per = self.samples_per_share
         return per // self.batch_size if self.drop_last else math.ceil(per / self.batch_size)

@@ -49,6 +49,11 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def tree_bytes(root: Path) -> dict:
+    """Every file under root, by relative path: for byte-identical comparisons of conversions."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def wait_for(predicate, proc, timeout=120.0) -> bool:
     """Poll `predicate` until it holds (True), or `proc` ends or the time runs out (False)."""
     import time

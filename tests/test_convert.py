@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, run_cli, wait_for
+from conftest import REPO, run_cli, tree_bytes, wait_for
 from fastrsb.convert import convert, file_sha256
 from fastrsb.demo_data import KEPT_ODDITIES, make_demo_data
 from fastrsb.errors import FastRSBError
@@ -164,10 +164,6 @@ def test_train_shards_mix_classes(converted):
     assert len(set(first_shard)) > 1, "train split must be shuffled so shards mix classes"
     val = [int(r["label"]) for r in tsv(converted, "val")]
     assert val == sorted(val)
-
-
-def tree_bytes(root: Path) -> dict:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_deterministic_across_worker_counts(converted, odd_dataset, tmp_path):

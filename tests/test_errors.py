@@ -224,9 +224,8 @@ def test_kill_during_training_then_resume_equals_uninterrupted(folders, tmp_path
     import signal
     import subprocess
     import sys
-    import time
 
-    from conftest import REPO
+    from conftest import REPO, wait_for
 
     def argv(out):
         return [sys.executable, "-m", "fastrsb", "train", "--data", str(folders / "src3"), "--loader", "pil",
@@ -239,10 +238,7 @@ def test_kill_during_training_then_resume_equals_uninterrupted(folders, tmp_path
     proc = subprocess.Popen(argv(tmp_path / "killed"), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     ckpt = tmp_path / "killed" / "checkpoint.pt"
-    deadline = time.time() + 300
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert ckpt.exists(), "no checkpoint before the deadline"
+    assert wait_for(ckpt.exists, proc, timeout=300), "no checkpoint before the deadline"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "killed" / "model.pt").exists()

@@ -12,17 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli, wait_for
+from conftest import REPO, run_cli, tree_bytes, wait_for
 from fastrsb.demo_data import make_demo_data
 from fastrsb.loaders import layout
 
 pytestmark = pytest.mark.timeout(600)
 
 ARGS = ["--shard-size", "20", "--workers", "2", "--no-progress"]
-
-
-def tree_bytes(root: Path) -> dict:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")

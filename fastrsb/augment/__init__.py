@@ -8,11 +8,12 @@ kernels on the device (capturable; `make_train_augment(...).compile()`).
 """
 from .mixup import MixupCutmix, smooth_one_hot
 from .ops import OP_NAMES, SIGNED_OPS, TIMM_FILL, apply_op
-from .pipeline import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, TrainAugment, make_train_augment, normalize
+from .pipeline import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, TrainAugment, make_train_augment, normalize,
+                       recipe_augment_kwargs)
 from .rand_augment import RAND_AUGMENT_GRAMMAR, RAND_INCREASING_OPS, RAND_OPS, RandAugment
 
 __all__ = [
     "IMAGENET_DEFAULT_MEAN", "IMAGENET_DEFAULT_STD", "MixupCutmix", "OP_NAMES", "RAND_AUGMENT_GRAMMAR",
     "RAND_INCREASING_OPS", "RAND_OPS", "RandAugment", "SIGNED_OPS", "TIMM_FILL", "TrainAugment", "apply_op",
-    "make_train_augment", "normalize", "smooth_one_hot",
+    "make_train_augment", "normalize", "recipe_augment_kwargs", "smooth_one_hot",
 ]

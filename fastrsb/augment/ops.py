@@ -17,12 +17,13 @@ the draws:
   3. one affine warp, bilinear or bicubic per image.
 Each image goes through at most one non-identity stage per layer. The cheap LUT runs on every image;
 the costly parts (the histogram of stage 1, stage 2, stage 3) run only on a fixed number of images,
-`cap`, gathered by index and written back: about a sixth of the images draw a geometric op in a layer
-of A3's RandAugment, so the warp (16 gathered taps per pixel) runs on a sixth of the batch instead of
-all of it. The host, which drew the ops, lists the images; `cap` is a function of the batch size and
-the op set that such a list exceeds with probability below 1e-9 (`stage_capacity`); when one does,
-that call uses the whole batch for that stage (exact either way, one more compile if compiled). Pad
-rows repeat the first listed image, so their identical writes collide harmlessly.
+`cap`, gathered by index and written back. The host, which drew the ops, lists the images; `cap` is
+a function of the batch size and the op set that such a list exceeds with probability about 1e-9
+(`stage_capacity`); when one does, that call uses the whole batch for that stage (exact either way,
+one more compile if compiled). In A3's RandAugment a sixth of the images draw a geometric op in a
+layer, and the warp (16 gathered taps per pixel) runs on cap = 83 of 256 images, or 447 of 2048.
+Pad rows repeat the first listed image, so their identical writes collide harmlessly; when nobody is
+listed, row 0 is a placeholder whose result is thrown away (the stage's own column says who needs it).
 Only the stages that the op set can need are issued (decided at construction, not per call).
 """
 from __future__ import annotations
@@ -43,7 +44,7 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "random")
 COLUMNS = ("lut", "and_mask", "threshold", "add", "blend", "factor", "geometric", "bicubic",
            "a00", "a01", "a02", "a10", "a11", "a12",
            # which images a costly stage works on (`stage_indices`): rows 0..cap-1 hold an image index each
-           "hist_idx", "hist_ok", "blend_idx", "blend_ok", "warp_idx", "warp_ok")
+           "hist_idx", "blend_idx", "warp_idx")
 _C = {name: i for i, name in enumerate(COLUMNS)}
 NUM_COLUMNS = len(COLUMNS)
 LUT_STATIC, LUT_AUTOCONTRAST, LUT_EQUALIZE, LUT_CONTRAST, LUT_BRIGHTNESS = range(5)
@@ -115,7 +116,7 @@ def device_constants(device: torch.device, height: int, width: int, fill: Sequen
     key = (str(device), height, width, tuple(fill))
     if key not in _CONSTANTS:
         # ImageFilter.SMOOTH's integer weights (their sum, 13, divides afterwards): exact in float32 and in
-        # the TF32 that cuDNN may use for a float32 convolution, so the GPU rounds as PIL does
+        # the TF32 that cuDNN may use for a float32 convolution
         smooth = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]])
         _CONSTANTS[key] = {
             "levels": torch.arange(256, dtype=torch.int64).to(device),
@@ -257,6 +258,11 @@ def layer_columns(ops: Sequence[str], op_index: np.ndarray, applied: np.ndarray,
 STAGES = ("hist", "blend", "warp")  # the stages that run on listed images only
 
 
+def op_stages(op: "Op") -> tuple[bool, bool, bool]:
+    """Which costly stages of `STAGES` an op needs."""
+    return op.lut in (LUT_AUTOCONTRAST, LUT_EQUALIZE), op.blend != BLEND_NONE, op.geometric
+
+
 def stage_members(rows: np.ndarray) -> dict[str, np.ndarray]:
     """Which images of a layer (rows of `layer_columns`) each costly stage must process."""
     lut = rows[:, _C["lut"]]
@@ -267,7 +273,7 @@ def stage_members(rows: np.ndarray) -> dict[str, np.ndarray]:
 
 def stage_capacity(batch: int, p: float) -> int:
     """Images a stage gathers when each image needs it with probability p: the mean plus 6 standard
-    deviations plus 4 (a binomial count exceeds it with probability below 1e-9), at most the batch."""
+    deviations plus 4 (a binomial count exceeds it with probability about 1e-9), at most the batch."""
     if p <= 0:
         return min(batch, 1)
     if p >= 1:
@@ -280,8 +286,7 @@ def stage_indices(rows: np.ndarray, nominal: Sequence[int]) -> tuple[int, ...]:
 
     nominal: the cap per stage of `STAGES` (`stage_capacity`); a stage with more members than its cap
     takes the whole batch in this call. Rows 0..cap-1 of `<stage>_idx` list the members, padded with the
-    first member; `<stage>_ok` is 1 on them, or 0 everywhere when nothing is listed (row 0 is then a
-    placeholder whose result is thrown away)."""
+    first member (or with image 0, a placeholder, when nothing is listed)."""
     batch = rows.shape[0]
     caps = []
     for stage, cap, members in zip(STAGES, nominal, stage_members(rows).values()):
@@ -289,10 +294,7 @@ def stage_indices(rows: np.ndarray, nominal: Sequence[int]) -> tuple[int, ...]:
         cap = cap if listed.size <= cap else batch
         index = np.full(cap, listed[0] if listed.size else 0, dtype=np.float64)
         index[:listed.size] = listed
-        rows[:, _C[f"{stage}_idx"]] = 0
         rows[:cap, _C[f"{stage}_idx"]] = index
-        rows[:, _C[f"{stage}_ok"]] = 0
-        rows[:cap, _C[f"{stage}_ok"]] = 1.0 if listed.size else 0.0
         caps.append(cap)
     return tuple(caps)
 
@@ -350,8 +352,8 @@ def _histogram(x: torch.Tensor) -> torch.Tensor:
     """(b, 3, 256) int64 pixel counts per image and channel."""
     b, c, h, w = x.shape
     flat = x.reshape(b * c, h * w).long()
-    # scatter, not bincount (bincount syncs on CUDA); int32 counts and a broadcast one instead of a
-    # ones tensor the size of the batch: a quarter of the memory traffic, and exact (h * w < 2**31)
+    # scatter, not bincount (bincount syncs on CUDA); int32 counts (exact: h * w < 2**31) and a
+    # broadcast one instead of a ones tensor the size of the batch
     hist = torch.zeros(b * c, 256, dtype=torch.int32, device=x.device)
     hist.scatter_add_(1, flat, torch.ones((1, 1), dtype=torch.int32, device=x.device).expand_as(flat))
     return hist.view(b, c, 256).long()
@@ -386,16 +388,19 @@ def _apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
 
 
 def _listed(cols: torch.Tensor, stage: str, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The images a stage works on (`stage_indices`): their indices (cap,) and whether to keep its result."""
+    """The images a stage works on (`stage_indices`): their indices (cap,) and their columns."""
     rows = cols.narrow(0, 0, cap)  # not cols[:cap], which skips the op when cap is the batch
-    return rows[:, _C[f"{stage}_idx"]].long(), rows[:, _C[f"{stage}_ok"]] > 0.5
+    index = rows[:, _C[f"{stage}_idx"]].long()
+    return index, cols.index_select(0, index)
 
 
-def _put_back(out: torch.Tensor, index: torch.Tensor, ok: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-    """Rows `index` of `out` (a tensor this layer made) replaced in place by `result` where ok, else by
-    their own value: fixed shapes, and pad rows (repeats of one listed row) write identical values."""
-    keep = ok.view(-1, *([1] * (out.ndim - 1)))
-    return out.index_copy_(0, index, torch.where(keep, result, out.index_select(0, index)))
+def _put_back(out: torch.Tensor, index: torch.Tensor, keep: torch.Tensor, result: torch.Tensor,
+              before: torch.Tensor) -> torch.Tensor:
+    """Rows `index` of `out` (a tensor this layer made; `before` = those rows) replaced in place by
+    `result` where `keep` (the image needs the stage; not so for a placeholder row), else by their own
+    value: fixed shapes, and pad rows (repeats of one listed row) write identical values."""
+    keep = keep.view(-1, *([1] * (out.ndim - 1)))
+    return out.index_copy_(0, index, torch.where(keep, result, before))
 
 
 def _lut_stage(x, cols, stages: Stages, consts, gray_mean, hist_cap: int):
@@ -413,13 +418,14 @@ def _lut_stage(x, cols, stages: Stages, consts, gray_mean, hist_cap: int):
         blended = _blend(degenerate, levels.view(1, 1, 256), cols[:, _C["factor"]].float().view(b, 1, 1))
         lut = torch.where((kind == LUT_CONTRAST) | (kind == LUT_BRIGHTNESS), blended, lut)
     if stages.histogram:  # AutoContrast and Equalize: histograms of the listed images only
-        index, ok = _listed(cols, "hist", hist_cap)
-        picked = x.index_select(0, index)
-        hist = _histogram(picked)
-        picked_kind = kind.index_select(0, index)
+        index, picked_cols = _listed(cols, "hist", hist_cap)
+        hist = _histogram(x.index_select(0, index))
+        picked_kind = picked_cols[:, _C["lut"]].view(-1, 1, 1)
         own = torch.where(picked_kind == LUT_AUTOCONTRAST, _autocontrast_lut(hist, levels),
                           _equalize_lut(hist, levels, x.shape[2] * x.shape[3]))
-        lut = _put_back(lut.contiguous(), index, ok, own)
+        lut = lut.contiguous()
+        lut = _put_back(lut, index, (picked_kind == LUT_AUTOCONTRAST) | (picked_kind == LUT_EQUALIZE), own,
+                        lut.index_select(0, index))
     return _apply_lut(x, lut)
 
 
@@ -511,21 +517,21 @@ def apply_layer(x: torch.Tensor, cols: torch.Tensor, stages: Stages, consts: dic
     gray_mean = gray.double().mean(dim=(1, 2, 3)) if stages.gray else None
     out = _lut_stage(x, cols, stages, consts, gray_mean, hist_cap)
     if stages.color or stages.sharpness:  # Color, Sharpness: on the listed images only
-        index, ok = _listed(cols, "blend", blend_cap)
-        picked, picked_cols = x.index_select(0, index), cols.index_select(0, index)
+        index, picked_cols = _listed(cols, "blend", blend_cap)
+        picked = out.index_select(0, index)  # = x's rows: an image that draws a blend has an identity LUT
         kind = _col(picked_cols[:, _C["blend"]])
         degenerate = _smooth_pil(picked, consts["smooth"]) if stages.sharpness else picked
         if stages.color:
             degenerate = torch.where(kind == BLEND_COLOR, gray.index_select(0, index), degenerate)
         blended = _blend(degenerate, picked, _col(picked_cols[:, _C["factor"]]).float())
-        out = _put_back(out, index, ok, blended)
+        out = _put_back(out, index, kind != BLEND_NONE, blended, picked)
     if stages.warp:  # geometric ops: on the listed images only (an image with a geometric op has an identity LUT)
-        index, ok = _listed(cols, "warp", warp_cap)
-        picked_cols = cols.index_select(0, index)
+        index, picked_cols = _listed(cols, "warp", warp_cap)
+        picked = out.index_select(0, index)
         mats = picked_cols[:, _C["a00"]:_C["a12"] + 1].reshape(-1, 2, 3)
         bicubic = picked_cols[:, _C["bicubic"]] > 0.5 if interpolation == "random" else None
-        warped = warp(out.index_select(0, index), mats, consts, interpolation, bicubic)
-        out = _put_back(out, index, ok, warped)
+        warped = warp(picked, mats, consts, interpolation, bicubic)
+        out = _put_back(out, index, picked_cols[:, _C["geometric"]] > 0.5, warped, picked)
     return out
 
 

@@ -10,7 +10,7 @@ non-blocking copy takes it to the device. The device part (`TrainAugment.apply_p
 tensor -> images, targets) runs the same kernels for every draw, with constants cached per device,
 and never synchronises with the host, so `TrainAugment.compile()` can wrap it in
 `torch.compile(fullgraph=True, dynamic=False)` (one compile per input shape; RandAugment's stage caps
-are fixed per batch size, except in calls whose draws overflow them, p < 1e-9 per stage).
+are fixed per batch size, except in calls whose draws overflow them, p about 1e-9 per stage).
 
 Measured (`fastrsb bench aug --quick --batches 256`: idle 2-core AMD EPYC, torch 2.14.1, timm 1.0.31;
 A3's rand-m6-mstd0.5-inc1 + mixup 0.1 / cutmix 1.0, 160 px; median of 3 calls): batch 256 takes
@@ -161,6 +161,13 @@ def packed_placeholder(device: torch.device) -> Tensor:
     if key not in _PLACEHOLDERS:
         _PLACEHOLDERS[key] = torch.zeros((0, 0), dtype=torch.float64, device=device)
     return _PLACEHOLDERS[key]
+
+
+def recipe_augment_kwargs(recipe) -> dict:
+    """The recipe's settings of `make_train_augment` (all but num_classes and dtype), for one place to read them."""
+    return dict(rand_augment=recipe.rand_augment, mixup_alpha=recipe.mixup_alpha, cutmix_alpha=recipe.cutmix_alpha,
+                label_smoothing=recipe.label_smoothing, mixup_prob=recipe.mixup_prob,
+                switch_prob=recipe.mixup_switch_prob, interpolation=recipe.interpolation)
 
 
 def make_train_augment(rand_augment: str | None, mixup_alpha: float, cutmix_alpha: float, label_smoothing: float,

@@ -22,9 +22,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .ops import (LEVEL_DENOM, NUM_COLUMNS, OPS, STAGES, TIMM_FILL, INTERPOLATIONS, Stages, apply_layer,
-                  check_images, device_constants, fill_values, host_rng, layer_columns, lookup_op, memory_format,
-                  stage_capacity, stage_indices, stage_members, to_device)
+from .ops import (LEVEL_DENOM, NUM_COLUMNS, OPS, TIMM_FILL, INTERPOLATIONS, Stages, apply_layer, check_images,
+                  device_constants, fill_values, host_rng, layer_columns, lookup_op, memory_format, op_stages,
+                  stage_capacity, stage_indices, to_device)
 
 RAND_OPS = (  # timm's _RAND_TRANSFORMS (inc0)
     "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color",
@@ -80,10 +80,8 @@ class RandAugment:
         self.stages = Stages.of(self.ops)
         self._signed = np.array([OPS[name].signed for name in self.ops])
         # per layer, the chance that an image needs each costly stage (`ops.STAGES`): the op draw is uniform
-        members = stage_members(np.stack([layer_columns((name,), np.zeros(1, np.int64), np.ones(1, bool),
-                                                        np.ones(1), np.zeros(1, bool), 8, 8, 0.0)[0]
-                                          for name in self.ops]))
-        self._stage_p = tuple(self.prob * float(members[stage].mean()) for stage in STAGES)
+        needs = np.array([op_stages(OPS[name]) for name in self.ops], dtype=np.float64)
+        self._stage_p = tuple(self.prob * needs.mean(axis=0))
 
     @classmethod
     def from_timm(cls, config: str, **kwargs) -> "RandAugment":
@@ -167,16 +165,17 @@ class RandAugment:
     def pack(self, params: dict[str, np.ndarray], height: int, width: int) -> tuple[np.ndarray, tuple]:
         """Drawn params -> ((batch, num_columns) float64, layer after layer, and the caps of each layer's
         costly stages): what the device part reads. The caps are `capacities(batch)`, except for a stage
-        whose list is longer this call (probability below 1e-9), which then takes the whole batch."""
+        whose list is longer this call (probability about 1e-9), which then takes the whole batch."""
         op_index = params["op_index"]
         if op_index.ndim != 2 or op_index.shape[1] != self.num_ops:
             raise ValueError(f"params are for {op_index.shape[1:]} layers, this RandAugment has {self.num_ops}")
         batch = op_index.shape[0]
+        nominal = self.capacities(batch)
         layers, caps = [], []
         for i in range(self.num_ops):
             rows = layer_columns(self.ops, op_index[:, i], params["applied"][:, i], params["magnitude"][:, i],
                                  params["bicubic"][:, i], height, width, self.translate_pct)
-            caps.append(stage_indices(rows, self.capacities(batch)))
+            caps.append(stage_indices(rows, nominal))
             layers.append(rows)
         return (np.concatenate(layers, axis=1) if layers else np.zeros((batch, 0))), tuple(caps)
 

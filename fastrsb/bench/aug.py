@@ -9,21 +9,20 @@ cutmix 1.0, normalise to bf16 on CUDA, float32 on the CPU):
   * baseline: timm's RandAugment (PIL, image by image, one CPU core, as in one loader worker; timed on
     `--per-image` images and scaled to the batch) + timm's `Mixup` on the device batch + the
     normalisation of timm's prefetcher. Its figure is the sum of the two measured parts.
-Each line gives images/s, ms per batch and ms per 256 images. Warm-up, several repeats, median; CUDA
-timed with events. Goals on one H100 (issue 9): <= 0.6 ms per 256 images when called on 2048 images,
+Each line gives images/s, ms per batch and ms per 256 images. Warm-up, several repeats, median; timed
+with the one `benchlog.Timer` (the compile too). Goals on one H100 (issue 9): <= 0.6 ms per 256 images when called on 2048 images,
 <= 5 ms for a batch of 256, at 160 px.
 """
 from __future__ import annotations
 
 import random
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from fastrsb.augment import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, make_train_augment
-from fastrsb.benchlog import emit, record, time_call
+from fastrsb.benchlog import Timer, emit, record, time_call
 
 MIXUP_ALPHA, CUTMIX_ALPHA = 0.1, 1.0  # A1/A2/A3
 
@@ -106,11 +105,9 @@ def run(args) -> list[dict]:
             continue
         compiled = make_train_augment(args.rand_augment, MIXUP_ALPHA, CUTMIX_ALPHA, 0.1, 1000, dtype=dtype).compile()
         try:
-            t0 = time.perf_counter()
+            timer = Timer(device).start()
             compiled(x, labels, gen)  # compiles for this shape
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # sync: timing only
-            compile_s = time.perf_counter() - t0
+            compile_s = timer.stop()
         except Exception as e:  # e.g. no C++ compiler for inductor on this machine: say so, go on
             print(f"# compiled fastrsb augment skipped at batch {batch}: {type(e).__name__}: {str(e)[:200]}")
             continue

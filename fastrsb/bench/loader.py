@@ -6,7 +6,8 @@ ImageFolder with the A3 settings (RandAugment rand-m6-mstd0.5-inc1, RRC, flip, i
 measured in the same run so the ratio holds on a noisy machine. Ratios compare equal work: a train
 line with a ratio is the fastrsb loader followed by the trainer's GPU augmentation on the loader's
 device (`with_train_augment`: RandAugment, mixup/cutmix, normalise; compiled on CUDA), while timm's
-workers run RandAugment and its prefetcher normalises; the loader-alone lines carry no ratio.
+workers run RandAugment and its prefetcher normalises; the train loader-alone lines carry no ratio, the
+val lines (resize + center crop on both sides) do.
 
 Method: one loader per (backend, split), built once (FFCV compiles once); per run, `set_epoch(e, res)`,
 skip `--warmup` batches, time the next `--batches` batches (epochs chain if the dataset is small),
@@ -14,7 +15,7 @@ with a CUDA synchronisation at the end on a GPU; median of `--runs`. Images are 
 loader's device (a sum per batch), nothing else. Output: one JSON line per measurement, with device,
 versions and git revision; `--out FILE` appends them there too.
 
-    fastrsb bench loader --demo --quick                                   # anywhere, ~2 min on 2 cores
+    fastrsb bench loader --demo --quick                                   # anywhere, no GPU needed
     python benchmarks/loader_throughput.py --data OUT --src SRC --device cuda --workers 16
 
 Goal (issue 9): on one H100 with 16 cores, DALI mixed + the GPU augmentation at 160 delivers >= 20,000
@@ -64,28 +65,25 @@ def measure(loader, *, res, device, warmup: int, batches: int, runs: int):
     return statistics.median(rates), rates
 
 
-def train_augment(num_classes: int, device, compile_mode: str = "default"):
-    """The trainer's augmentation for A3 (RandAugment m6, mixup 0.1 / cutmix 1.0, normalise;
-    `fastrsb.augment.make_train_augment`), compiled on CUDA as the trainer compiles it
-    (`fastrsb.step.compile_augment`). Make it once and share it: each compiled copy compiles again."""
+def train_augment(num_classes: int, device):
+    """The trainer's augmentation for A3 (RandAugment m6, mixup 0.1 / cutmix 1.0, normalise), compiled on
+    CUDA as the trainer compiles it. Make it once and share it: each compiled copy compiles again."""
     import torch
 
-    from fastrsb.augment import make_train_augment
-    from fastrsb.step import compile_augment
+    from fastrsb.augment import make_train_augment, recipe_augment_kwargs
+    from fastrsb.step import compile_augment, default_compile_mode
 
-    device = torch.device(device)
-    augment = make_train_augment(A3.rand_augment, A3.mixup_alpha, A3.cutmix_alpha, A3.label_smoothing, num_classes,
-                                 mixup_prob=A3.mixup_prob, switch_prob=A3.mixup_switch_prob,
-                                 dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-                                 interpolation=A3.interpolation)
-    return compile_augment(augment, device, compile_mode)
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    augment = make_train_augment(num_classes=num_classes, dtype=dtype, **recipe_augment_kwargs(A3))
+    return compile_augment(augment, device, default_compile_mode(device))
 
 
 class with_train_augment:
     """A loader followed by the trainer's augmentation (`train_augment`) on the loader's device: the same
     work as timm's create_loader, whose workers run RandAugment per image and whose prefetcher
-    normalises (timm's mixup, on the GPU, is left out of it). A compiled augmentation compiles during
-    the first warm-up batch."""
+    normalises (timm's mixup, on the GPU, is left out of it). Through the trainer's own path
+    (`fastrsb.prefetch.AugmentedBatches`: on CUDA, the next batch augmented on a side stream). A compiled
+    augmentation compiles during the first warm-up batch."""
 
     def __init__(self, loader, augment, seed: int = 0):
         import torch
@@ -98,8 +96,10 @@ class with_train_augment:
         self.loader.set_epoch(epoch, res=res)
 
     def __iter__(self):
-        for images, labels in self.loader:
-            yield self.augment(images, labels, self.generator)
+        from fastrsb.prefetch import AugmentedBatches
+
+        return AugmentedBatches(iter(self.loader), self.augment, self.generator, self.loader.device,
+                                count=len(self.loader))
 
 
 class TimmBaseline:
@@ -233,27 +233,25 @@ def run(args) -> list[dict]:
                 if backend == "dali":
                     common["prefetch_depth"] = depth
                 for res in sizes:
-                    # the loader alone (no timm figure does the same work, so no ratio) ...
+                    # the loader alone: for val the same work as timm's val loader (so a ratio), for train
+                    # without RandAugment (no ratio) ...
                     med, rates = measure(loader, res=res, device=args.device, warmup=args.warmup,
                                          batches=args.batches, runs=args.runs)
                     emit_line(f"{backend} {split} {res}{tag}", med, res=res, img_per_s_runs=[round(r, 1) for r in rates],
-                              **common)
-                    # ... and the same work as timm's loader: train adds the trainer's augmentation on the
+                              baseline=baselines.get(res) if split == "val" else None, **common)
+                    if split != "train":
+                        continue
+                    # ... and for train, the same work as timm's loader: the trainer's augmentation on the
                     # loader's device (compiled on CUDA: the compile happens in the warm-up batches)
-                    extra = {}
-                    if split == "train":
-                        if loader.num_classes not in augments:
-                            augments[loader.num_classes] = train_augment(loader.num_classes, args.device)
-                        augment = augments[loader.num_classes]
-                        med, rates = measure(with_train_augment(loader, augment), res=res, device=args.device,
-                                             warmup=args.warmup, batches=args.batches, runs=args.runs)
-                        name = f"{backend} {split} {res}{tag} + GPU augmentation"
-                        extra = {"augment": "A3: " + RAND_AUGMENT + ", mixup/cutmix, normalise",
-                                 "augment_compiled": augment.compiled}
-                    else:
-                        name = f"{backend} {split} {res}{tag} (same work as timm's val)"
-                    emit_line(name, med, baseline=baselines.get(res), res=res,
-                              img_per_s_runs=[round(r, 1) for r in rates], **common, **extra)
+                    if loader.num_classes not in augments:
+                        augments[loader.num_classes] = train_augment(loader.num_classes, args.device)
+                    augment = augments[loader.num_classes]
+                    med, rates = measure(with_train_augment(loader, augment), res=res, device=args.device,
+                                         warmup=args.warmup, batches=args.batches, runs=args.runs)
+                    emit_line(f"{backend} {split} {res}{tag} + GPU augmentation", med, baseline=baselines.get(res),
+                              res=res, img_per_s_runs=[round(r, 1) for r in rates], **common,
+                              augment="A3: " + RAND_AUGMENT + ", mixup/cutmix, normalise",
+                              augment_compiled=augment.compiled)
                 del loader
     print(f"# {'measurement':40} {'img/s':>9} {'vs timm':>8}", flush=True)
     for rec in out:

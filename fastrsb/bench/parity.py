@@ -97,16 +97,6 @@ def pixel_parity(data, split: str, backends, *, reference: str = "pil", batches:
     return out
 
 
-def make_demo(root: Path) -> Path:
-    from fastrsb.convert import convert
-    from fastrsb.demo_data import make_demo_data
-
-    src, out = root / "src", root / "out"
-    make_demo_data(src, num_classes=10, train_per_class=20, val_per_class=8, min_size=200, max_size=400)
-    convert(src, out, progress=False, log=lambda *a: None)
-    return out
-
-
 def add_arguments(p) -> None:
     p.add_argument("data_pos", nargs="?", type=Path, metavar="DATA", help="folder written by fastrsb convert")
     p.add_argument("--data", type=Path, help="the same as DATA")
@@ -132,7 +122,9 @@ def run(args) -> list[dict]:
     tmp = None
     if args.demo:
         tmp = tempfile.TemporaryDirectory(prefix="fastrsb-parity-")
-        data = make_demo(Path(tmp.name))
+        from fastrsb.bench.loader import make_demo
+
+        data = make_demo(Path(tmp.name), per_class=20)[1]
     if data is None:
         raise FastRSBError("fastrsb bench parity: pass DATA (a folder written by fastrsb convert) or --demo")
     workers = args.workers or len(os.sched_getaffinity(0))

@@ -28,7 +28,8 @@ import torch
 
 from fastrsb.benchlog import Timer, emit, record, time_calls
 from fastrsb.optim import Lamb, make_param_groups
-from fastrsb.step import COMPILE_MODES, TrainStep
+from fastrsb.runtime import create_model
+from fastrsb.step import COMPILE_MODES, TrainStep, default_compile_mode
 
 
 def time_optimizer_only(optimizer, model, device, repeats: int) -> float:
@@ -41,7 +42,6 @@ def time_optimizer_only(optimizer, model, device, repeats: int) -> float:
 
 
 def measure(kind: str, args, res: int, batch: int, device: torch.device, compile_mode: str = "none") -> dict:
-    import timm
     import timm.loss
     import timm.optim
 
@@ -52,14 +52,13 @@ def measure(kind: str, args, res: int, batch: int, device: torch.device, compile
         raise FastRSBError(f"batch {batch} is not a multiple of --batch-per-gpu {micro}")
     accum_steps = batch // micro
     torch.manual_seed(0)
-    model = timm.create_model(args.model, num_classes=args.num_classes, drop_path_rate=args.drop_path)
-    model = model.to(device, memory_format=torch.channels_last)
+    model = create_model(args.model, args.num_classes, args.drop_path).to(device, memory_format=torch.channels_last)
     model.train()
     groups = make_param_groups(model, 0.02)
     autocast_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
     images = torch.randn(micro, 3, res, res, device=device).contiguous(memory_format=torch.channels_last)
     targets = torch.rand(micro, args.num_classes, device=device)
-    if kind.startswith("fastrsb"):
+    if kind == "fastrsb":
         from fastrsb.loss import make_loss
         from fastrsb.recipes import A3
 
@@ -94,10 +93,8 @@ def measure(kind: str, args, res: int, batch: int, device: torch.device, compile
     peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     opt_s = time_optimizer_only(optimizer, model, device, args.repeats)
     median_s = statistics.median(times)
-    result = {"img_per_s": batch / median_s, "step_s": median_s, "step_s_all": times, "optimizer_step_ms": 1e3 * opt_s,
-              "first_step_s": first_step_s, "compile_mode": compile_mode if kind.startswith("fastrsb") else "none",
-              "accum_steps": accum_steps, "micro_batch": micro,
-              "peak_mem_gib": peak_gib}
+    result = {"img_per_s": batch / median_s, "step_s_all": times, "optimizer_step_ms": 1e3 * opt_s,
+              "first_step_s": first_step_s, "accum_steps": accum_steps, "micro_batch": micro, "peak_mem_gib": peak_gib}
     del model, optimizer, step, images, targets
     torch._dynamo.reset()  # compiled graphs keep the model's tensors alive
     gc.collect()
@@ -143,7 +140,7 @@ def run(args) -> None:
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     args.warmup = args.warmup if args.warmup is not None else (1 if q else 5)
     args.repeats = args.repeats or (5 if q else 10)
-    modes = (args.compile_modes or ("default" if device.type == "cuda" else "none")).split(",")
+    modes = (args.compile_modes or default_compile_mode(device)).split(",")
     bad = [m for m in modes if m not in COMPILE_MODES]
     if bad:
         from fastrsb.errors import FastRSBError
