@@ -13,12 +13,12 @@ and never synchronises with the host, so `TrainAugment.compile()` can wrap it in
 are fixed per batch size, except in calls whose draws overflow them, p about 1e-9 per stage).
 
 Measured (`fastrsb bench aug --quick --batches 256`: idle 2-core AMD EPYC, torch 2.14.1, timm 1.0.31;
-A3's rand-m6-mstd0.5-inc1 + mixup 0.1 / cutmix 1.0, 160 px; median of 3 calls): batch 256 takes
-1.5 s eager and 1.1 s compiled (21 s to compile), against 0.15 s for timm's PIL RandAugment on one
-core + Mixup + normalise (benchmarks/results/cpu-2core-aug-listed-2026-11-27.jsonl). Before the costly
-stages ran on listed images only, it took 7.9 s and 2.1 s (cpu-2core-aug-idle-2026-11-27.jsonl). The
-design targets the GPU, compiled: <= 0.6 ms per 256 images at batch 2048 and <= 5 ms at 256 on one
-H100 (issue 9); not yet measured on a GPU.
+A3's rand-m6-mstd0.5-inc1 + mixup 0.1 / cutmix 1.0, 160 px; median of 3 calls; at commit 16f6338,
+benchmarks/results/cpu-2core-aug-16f6338-2026-11-27.jsonl): batch 256 takes 1.5 s eager and 1.1 s
+compiled, against 0.16 s for timm's PIL RandAugment on one core + Mixup + normalise in the same run.
+Before the costly stages ran on listed images only, it took 7.9 s and 2.1 s
+(cpu-2core-aug-idle-2026-11-27.jsonl). The design targets the GPU, compiled: <= 0.6 ms per 256 images
+at batch 2048 and <= 5 ms at 256 on one H100 (issue 9); not yet measured on a GPU.
 """
 from __future__ import annotations
 
