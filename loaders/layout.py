@@ -33,7 +33,7 @@ import numpy as np
 
 from fastrsb.errors import FastRSBError
 
-from .wds import read_index, shard_paths
+from .wds import read_offsets, shard_paths
 
 FORMAT_VERSION = 2
 SAMPLE_COLUMNS = ("index", "key", "label", "height", "width", "shard", "source", "stored", "why", "source_sha256")
@@ -135,8 +135,8 @@ def write_samples(path, rows) -> None:
     os.replace(tmp, path)
 
 
-def read_samples(path) -> list[dict]:
-    """The per-sample table as one dict per sample; FastRSBError names the file and the fix."""
+def _read_table(path, take):
+    """take(columns, lines) over the rows of a per-sample table; FastRSBError names the file and the fix."""
     path = Path(path)
     if not path.is_file():
         _refuse_old_format(path.parent.parent)
@@ -144,13 +144,31 @@ def read_samples(path) -> list[dict]:
     try:
         with open(path, encoding="ascii") as f:
             header = json.loads(f.readline())
-            columns = header["columns"]
             if header.get("format_version") != FORMAT_VERSION:
                 raise ValueError(f"format_version {header.get('format_version')}, expected {FORMAT_VERSION}")
-            rows = [dict(zip(columns, json.loads(line))) for line in f]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+            return take(list(header["columns"]), f)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
         raise FastRSBError(f"{path}: unreadable per-sample table ({e}); re-run fastrsb convert") from None
-    return rows
+
+
+def read_samples(path) -> list[dict]:
+    """The per-sample table as one dict per sample (about 1 GB for ImageNet's train split: readers that
+    need a few integer columns use `read_sample_columns`)."""
+    return _read_table(path, lambda columns, lines: [dict(zip(columns, json.loads(line))) for line in lines])
+
+
+def read_sample_columns(path, names) -> dict[str, np.ndarray]:
+    """Integer columns of the per-sample table as int64 arrays, parsed a row at a time."""
+    def take(columns, lines):
+        at = [columns.index(n) for n in names]
+        picked = [[] for _ in names]
+        for line in lines:
+            row = json.loads(line)
+            for out, k in zip(picked, at):
+                out.append(row[k])
+        return {n: np.asarray(v, np.int64) for n, v in zip(names, picked)}
+
+    return _read_table(path, take)
 
 
 # ---------------------------------------------------------------------------------------- manifest
@@ -220,21 +238,20 @@ class ShardIndex:
         shard_of, offset, size = [], [], []
         for s, tar in enumerate(tars):
             try:
-                entries = read_index(tar.with_suffix(".idx"))
+                o, n = read_offsets(tar.with_suffix(".idx"), "jpg")
             except (OSError, ValueError) as e:
                 raise FastRSBError(f"{tar}: unreadable DALI index ({e}); rerun fastrsb convert") from e
-            for e in entries:
-                shard_of.append(s)
-                offset.append(e["jpg"].offset)
-                size.append(e["jpg"].size)
+            shard_of.append(np.full(o.size, s, np.int32))
+            offset.append(o)
+            size.append(n)
+        offset, size = np.concatenate(offset), np.concatenate(size)
         table = samples_path(data, split)
-        rows = read_samples(table)
-        if len(rows) != len(offset):
-            raise FastRSBError(f"{table} lists {len(rows)} samples but the shards hold {len(offset)}; "
+        cols = read_sample_columns(table, ("label", "height", "width"))
+        if cols["label"].size != offset.size:
+            raise FastRSBError(f"{table} lists {cols['label'].size} samples but the shards hold {offset.size}; "
                                "rerun fastrsb convert")
-        column = lambda name: np.asarray([r[name] for r in rows], np.int64)  # noqa: E731
-        return cls([str(t) for t in tars], np.asarray(shard_of, np.int32), np.asarray(offset, np.int64),
-                   np.asarray(size, np.int64), column("label"), column("height"), column("width"))
+        return cls([str(t) for t in tars], np.concatenate(shard_of), offset, size, cols["label"], cols["height"],
+                   cols["width"])
 
 
 class ShardBytes:

@@ -116,6 +116,41 @@ def read_index(idx_path: str | os.PathLike) -> list[dict[str, Member]]:
     return samples
 
 
+def read_offsets(idx_path: str | os.PathLike, extension: str):
+    """(offsets, sizes), int64 arrays, of each sample's `extension` member, in shard order.
+
+    `read_index` without an object per member: a whole index is split at once, so the loaders' index
+    over ImageNet's 1,282 train shards is built in a fraction of the time. Checked as `read_index`
+    checks (version, count, one `extension` member per sample)."""
+    import numpy as np
+
+    idx_path = Path(idx_path)
+    with open(idx_path) as f:
+        header = f.readline().split()
+        if len(header) != 2 or header[0] != INDEX_VERSION:
+            raise ValueError(f"{idx_path}: not a DALI webdataset index {INDEX_VERSION} (first line {header})")
+        lines = [line for line in f.read().split("\n") if line.strip()]
+    tokens = " ".join(lines).split()
+    if len(lines) != int(header[1]):
+        raise ValueError(f"{idx_path}: header says {header[1]} samples, found {len(lines)}")
+    if not lines:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if len({line.count(" ") for line in lines}) > 1 or len(tokens) % (4 * len(lines)):  # members differ per sample
+        members = [m[extension] if extension in m else None for m in read_index(idx_path)]
+        if None in members:
+            raise ValueError(f"{idx_path}: sample {members.index(None)} has no .{extension} member")
+        return (np.asarray([m.offset for m in members], np.int64), np.asarray([m.size for m in members], np.int64))
+    table = np.asarray(tokens).reshape(len(lines), -1, 4)
+    hit = table[:, :, 0] == extension
+    if not (hit.sum(axis=1) == 1).all():
+        raise ValueError(f"{idx_path}: sample {int(np.argmin(hit.sum(axis=1) == 1))} has not exactly one "
+                         f".{extension} member")
+    try:
+        return table[:, :, 1][hit].astype(np.int64), table[:, :, 2][hit].astype(np.int64)
+    except ValueError as e:
+        raise ValueError(f"{idx_path}: malformed offset or size ({e})") from None
+
+
 def read_member(tar_path: str | os.PathLike, member: Member) -> bytes:
     with open(tar_path, "rb") as f:
         f.seek(member.offset)
