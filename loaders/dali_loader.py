@@ -50,7 +50,6 @@ outputs have not been measured on a GPU yet.
 from __future__ import annotations
 
 import collections
-import math
 
 import numpy as np
 
@@ -108,13 +107,11 @@ class PlanSource:
     def windows(self, tagged: np.ndarray):
         """(slice start (x, y), slice shape (w, h), roi start (y, x), roi end (y, x), interp, flip) per read.
 
-        The boxes, flips and filters of `CropSpec.box` / `CropSpec.bicubic`, computed by the same
-        sampling functions compiled with numba (a host cost per batch; in Python it would be per read)."""
+        The boxes, flips and filters of `CropSpec.read`: `sampling.read_box` compiled with numba (a host
+        cost per batch; in Python it would be per read)."""
         ids = tagged & sampling.SAMPLE_MASK
-        c = self.crop
-        out = _windows_function()(self.index.heights[ids], self.index.widths[ids], tagged.astype(np.int64), c.seed,
-                                  c.train, c.crop_pct, c.scale[0], c.scale[1], math.log(c.ratio[0]),
-                                  math.log(c.ratio[1]), c.hflip, c.mode, self.res)
+        out = _windows_function()(self.index.heights[ids], self.index.widths[ids], tagged.astype(np.int64), self.res,
+                                  *self.crop.box_args)
         start, shape, roi_start, roi_end, bicubic, flips = out
         interp = np.where(bicubic == 1, int(types.INTERP_CUBIC), int(types.INTERP_LINEAR)).astype(np.int32)
         return start, shape, roi_start, roi_end, interp, flips
@@ -143,24 +140,18 @@ def _windows_function():
     if _WINDOWS is None:
         import numba
 
-        read_key, _, rrc, use_bicubic = sampling.numba_functions()
+        read_box = sampling.numba_functions().read_box
         margin = resample.numba_functions()[2]
 
         @numba.njit(cache=False)
-        def windows(heights, widths, tagged, seed, train, crop_pct, s_lo, s_hi, lr_lo, lr_hi, flip_p, mode, res):
+        def windows(heights, widths, tagged, res, *box_args):
             n = tagged.size
             start, shape = np.zeros((n, 2), np.int32), np.zeros((n, 2), np.int32)
             roi_start, roi_end = np.zeros((n, 2), np.float32), np.zeros((n, 2), np.float32)
             bicubic, flips = np.zeros(n, np.int32), np.zeros(n, np.int32)
             for k in range(n):
                 height, width = np.int64(heights[k]), np.int64(widths[k])
-                key = read_key(seed, tagged[k])
-                if train:
-                    top, left, h, w, flip = rrc(height, width, key, s_lo, s_hi, lr_lo, lr_hi, flip_p)
-                else:  # sampling.center_crop_box
-                    c = np.int64(crop_pct * min(height, width))
-                    top, left, h, w, flip = (height - c) // 2, (width - c) // 2, c, c, 0
-                cubic = use_bicubic(key, mode)
+                top, left, h, w, flip, cubic = read_box(height, width, tagged[k], *box_args)
                 my, mx = margin(h, res, cubic), margin(w, res, cubic)
                 y0, x0 = max(0, top - my), max(0, left - mx)
                 y1, x1 = min(height, top + h + my), min(width, left + w + mx)

@@ -33,7 +33,6 @@ Measured here on the CPU only (benchmarks/results/cpu-2core-2026-11-26.jsonl: 1,
 """
 from __future__ import annotations
 
-import math
 import queue
 
 import numpy as np
@@ -85,13 +84,10 @@ class SeededResizedCropDecoder(ResizedCropRGBImageDecoder):
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
         imdecode_c = Compiler.compile(imdecode)
-        read_key, _, rrc, use_bicubic = sampling.numba_functions()
+        read_box = sampling.numba_functions().read_box
         resize_box = resample.numba_functions()[1]
         mask = sampling.SAMPLE_MASK
-        train, seed, crop_pct, flip_p = self.crop.train, self.crop.seed, self.crop.crop_pct, self.crop.hflip
-        mode = self.crop.mode
-        s_lo, s_hi = self.crop.scale
-        lr_lo, lr_hi = math.log(self.crop.ratio[0]), math.log(self.crop.ratio[1])
+        seed, train, crop_pct, s_lo, s_hi, lr_lo, lr_hi, flip_p, mode = self.crop.box_args
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
@@ -107,13 +103,9 @@ class SeededResizedCropDecoder(ResizedCropRGBImageDecoder):
                     temp_buffer = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
                 else:
                     temp_buffer = image_data.reshape(height, width, 3)
-                key = read_key(seed, np.int64(tagged))
-                if train:
-                    i, j, h, w, flip = rrc(np.int64(height), np.int64(width), key, s_lo, s_hi, lr_lo, lr_hi, flip_p)
-                else:
-                    c = np.int64(crop_pct * min(height, width))
-                    i, j, h, w, flip = (np.int64(height) - c) // 2, (np.int64(width) - c) // 2, c, c, 0
-                resize_box(temp_buffer, i, j, h, w, destination[dst_ix], use_bicubic(key, mode), flip)
+                i, j, h, w, flip, bicubic = read_box(np.int64(height), np.int64(width), np.int64(tagged), seed,
+                                                     train, crop_pct, s_lo, s_hi, lr_lo, lr_hi, flip_p, mode)
+                resize_box(temp_buffer, i, j, h, w, destination[dst_ix], bicubic, flip)
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True

@@ -29,15 +29,17 @@ Order of an epoch (`IndexPlan.epoch`):
 Each planned position is a *tagged index*: sample index (low 40 bits), copy number (8 bits: which
 repeat, or which wrap-around pad) and epoch (15 bits, modulo 2**15). Backends decode sample =
 tag & SAMPLE_MASK; the crop, flip and interpolation of that read are a pure function of (seed, tag),
-computed by `random_resized_crop` and `use_bicubic` from a counter-based hash (no RNG state), so they
-do not depend on which thread or worker process decodes the image, and the FFCV, DALI and PIL
-backends draw the same boxes (`CropSpec.box`). A fresh loader at epoch e therefore gives the very
-reads of one that has run epochs 0..e-1: `--resume` is exact on every backend.
+computed by `read_box` from a counter-based hash (no RNG state), so they do not depend on which
+thread or worker process decodes the image, and the FFCV, DALI and PIL backends draw the same boxes:
+PIL calls `CropSpec.read`, FFCV's decoder and DALI's windows call `read_box` compiled by numba. A
+fresh loader at epoch e therefore gives the very reads of one that has run epochs 0..e-1: `--resume`
+is exact on every backend.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -238,22 +240,44 @@ def _build(jit):
             return int(uniform(key, 98) < 0.5)
         return int(mode == 1)  # BICUBIC
 
-    return _mix32, read_key, uniform, random_resized_crop, use_bicubic
+    @jit
+    def read_box(height, width, tagged, seed, train, crop_pct, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi,
+                 flip_p, mode):
+        """(top, left, crop_height, crop_width, flip, bicubic) of one read: every backend's boxes come from here.
+
+        Train: `random_resized_crop` and `use_bicubic`. Eval: FFCV's CenterCropRGBImageDecoder geometry, the
+        central c x c square with c = int(crop_pct * short side) (at least 1); resizing it to res equals resizing the
+        short side to res / crop_pct (224 / 0.95 = 235.8) and cropping the central res x res. The arguments
+        after (height, width, tagged) are `CropSpec.box_args`."""
+        key = read_key(seed, tagged)
+        if train:
+            top, left, h, w, flip = random_resized_crop(height, width, key, scale_lo, scale_hi, log_ratio_lo,
+                                                        log_ratio_hi, flip_p)
+        else:
+            c = max(1, int(crop_pct * min(height, width)))  # a 1-pixel side still gives a 1-pixel window
+            top, left, h, w, flip = (height - c) // 2, (width - c) // 2, c, c, 0
+        return top, left, h, w, flip, use_bicubic(key, mode)
+
+    return SimpleNamespace(read_key=read_key, uniform=uniform, random_resized_crop=random_resized_crop,
+                           use_bicubic=use_bicubic, read_box=read_box)
 
 
 BILINEAR, BICUBIC, RANDOM = 0, 1, 2
 INTERPOLATIONS = {"bilinear": BILINEAR, "bicubic": BICUBIC, "random": RANDOM}
-_mix32, read_key, uniform, random_resized_crop, use_bicubic = _build(lambda f: f)
+_PLAIN = _build(lambda f: f)
+read_key, uniform, random_resized_crop, use_bicubic, read_box = (
+    _PLAIN.read_key, _PLAIN.uniform, _PLAIN.random_resized_crop, _PLAIN.use_bicubic, _PLAIN.read_box)
 _NUMBA = None
 
 
-def numba_functions():
-    """(read_key, uniform, random_resized_crop, use_bicubic) compiled by numba, for FFCV's JIT pipeline."""
+def numba_functions() -> SimpleNamespace:
+    """read_key, uniform, random_resized_crop, use_bicubic and read_box compiled by numba, for FFCV's
+    JIT pipeline and DALI's per-batch windows."""
     global _NUMBA
     if _NUMBA is None:
         import numba
 
-        _NUMBA = _build(numba.njit(cache=False))[1:]
+        _NUMBA = _build(numba.njit(cache=False))
     return _NUMBA
 
 
@@ -262,8 +286,7 @@ class CropSpec:
     """What a backend does to each read: train (seeded random-resized-crop + flip) or eval (centre window).
 
     The one description of crops, flips and resize filters all backends follow: boxes, flips and the
-    filter are a pure function of (seed, tagged read) through `random_resized_crop` and `use_bicubic`,
-    so every backend reads the same boxes and resizes each with the same filter. interpolation
+    filter are a pure function of (seed, tagged read) through `read_box`, so every backend reads the same boxes and resizes each with the same filter. interpolation
     (train only): "bilinear", "bicubic" or "random" (one of the two per read with p=1/2, timm's
     `random` interpolation of `transforms_imagenet_train`); eval always resizes bicubic (timm's eval).
     Every backend resizes antialiased (the filter support widens with the downscale factor, as PIL's).
@@ -289,23 +312,20 @@ class CropSpec:
         """The filter as an int for compiled code: BILINEAR, BICUBIC or RANDOM (eval: always BICUBIC)."""
         return INTERPOLATIONS[self.interpolation] if self.train else BICUBIC
 
-    def bicubic(self, tagged: int) -> bool:
-        """Whether this read is resized bicubic (else bilinear)."""
-        return bool(use_bicubic(read_key(self.seed, int(tagged)), self.mode))
+    @property
+    def box_args(self) -> tuple:
+        """The arguments of `read_box` after (height, width, tagged), for compiled callers."""
+        return (int(self.seed), bool(self.train), float(self.crop_pct), float(self.scale[0]), float(self.scale[1]),
+                math.log(self.ratio[0]), math.log(self.ratio[1]), float(self.hflip), self.mode)
+
+    def read(self, height: int, width: int, tagged: int) -> tuple[int, int, int, int, int, int]:
+        """(top, left, crop_height, crop_width, flip, bicubic) of one read of an image of this size."""
+        return read_box(int(height), int(width), int(tagged), *self.box_args)
 
     def box(self, height: int, width: int, tagged: int) -> tuple[int, int, int, int, int]:
         """(top, left, crop_height, crop_width, flip) of one read of an image of this size."""
-        if self.train:
-            key = read_key(self.seed, int(tagged))
-            return random_resized_crop(height, width, key, self.scale[0], self.scale[1], math.log(self.ratio[0]),
-                                       math.log(self.ratio[1]), self.hflip)
-        top, left, c = center_crop_box(height, width, self.crop_pct)
-        return top, left, c, c, 0
+        return self.read(height, width, tagged)[:5]
 
-
-def center_crop_box(height, width, crop_pct):
-    """Validation window, FFCV's CenterCropRGBImageDecoder geometry: the central c x c square,
-    c = int(crop_pct * short side). Resizing it to res equals resizing the short side to
-    res / crop_pct (224 / 0.95 = 235.8) and cropping the central res x res. Returns (top, left, c)."""
-    c = int(crop_pct * min(height, width))
-    return (height - c) // 2, (width - c) // 2, c
+    def bicubic(self, tagged: int) -> bool:
+        """Whether this read is resized bicubic (else bilinear)."""
+        return bool(use_bicubic(read_key(self.seed, int(tagged)), self.mode))

@@ -111,7 +111,8 @@ def test_tags_and_seeded_crops():
     s, c, e = sampling.untag(sampling.tag([5, 2**39], [2, 0], 70000))
     assert s.tolist() == [5, 2**39] and c.tolist() == [2, 0] and e.tolist() == [70000 % 2**15] * 2
     lr = (math.log(3 / 4), math.log(4 / 3))
-    key, _, rrc, bicubic = sampling.numba_functions()
+    compiled = sampling.numba_functions()
+    key, rrc, bicubic = compiled.read_key, compiled.random_resized_crop, compiled.use_bicubic
     tags = sampling.tag(np.arange(3000), 0, 1)
     sizes = [(120, 160), (333, 500), (500, 90)]
     flips, fracs = [], {hw: [] for hw in sizes}
@@ -138,6 +139,31 @@ def test_tags_and_seeded_crops():
         tv = [math.prod(RandomResizedCrop.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3))[2:]) / math.prod(hw)
               for _ in range(3000)]
         assert abs(np.mean(fracs[hw]) - np.mean(tv)) < 0.03 and min(fracs[hw]) >= 0.075
+
+
+def test_read_box_is_one_function_for_every_backend():
+    """CropSpec.read (PIL) and the numba read_box (FFCV's decoder, DALI's windows) give the same reads;
+    train reads are random_resized_crop + use_bicubic of the read's key, eval reads the central
+    int(crop_pct * short side) square (at least 1 pixel), bicubic, never flipped."""
+    compiled = sampling.numba_functions().read_box
+    tags = sampling.tag(np.arange(400), 1, 3)
+    for spec in (sampling.CropSpec(train=True, seed=11, interpolation="random", hflip=0.5),
+                 sampling.CropSpec(train=True, seed=11, scale=(0.35, 1.0), ratio=(0.5, 2.0), interpolation="bilinear"),
+                 sampling.CropSpec(train=False, seed=11, crop_pct=0.95)):
+        for hw in ((120, 160), (333, 500), (500, 90), (1, 1)):
+            for t in tags[:100 if hw == (1, 1) else 400]:
+                read = spec.read(*hw, int(t))
+                assert read == tuple(compiled(np.int64(hw[0]), np.int64(hw[1]), np.int64(t), *spec.box_args))
+                assert read[:5] == spec.box(*hw, int(t)) and bool(read[5]) == spec.bicubic(int(t))
+                key = sampling.read_key(spec.seed, int(t))
+                if spec.train:
+                    assert read[:5] == sampling.random_resized_crop(*hw, key, *spec.scale, math.log(spec.ratio[0]),
+                                                                    math.log(spec.ratio[1]), spec.hflip)
+                    assert read[5] == (sampling.use_bicubic(key, sampling.RANDOM) if spec.interpolation == "random"
+                                       else 0)
+                else:
+                    c = max(1, int(0.95 * min(hw)))
+                    assert read == ((hw[0] - c) // 2, (hw[1] - c) // 2, c, c, 0, 1)
 
 
 @pytest.mark.parametrize("world,accum", [(1, 1), (1, 3), (1, 8), (2, 1), (2, 2), (2, 4), (8, 1), (8, 2)])
@@ -220,9 +246,8 @@ def test_dali_windows_follow_the_crop_spec():
     tagged = sampling.tag(rng.integers(0, 10**6, 500), rng.integers(0, 3, 500), 4)
     for spec, res in ((sampling.CropSpec(train=True, seed=5), 160), (sampling.CropSpec(train=False, seed=5,
                                                                                      crop_pct=0.95), 224)):
-        start, shape, roi_start, roi_end, bicubic, flips = _windows_function()(
-            heights, widths, tagged, spec.seed, spec.train, spec.crop_pct, spec.scale[0], spec.scale[1],
-            math.log(spec.ratio[0]), math.log(spec.ratio[1]), spec.hflip, spec.mode, res)
+        start, shape, roi_start, roi_end, bicubic, flips = _windows_function()(heights, widths, tagged, res,
+                                                                               *spec.box_args)
         for k in range(tagged.size):
             height, width, t = int(heights[k]), int(widths[k]), int(tagged[k])
             top, left, h, w, flip = spec.box(height, width, t)
