@@ -417,6 +417,46 @@ def test_hidden_entries_and_symlinks_are_listed_with_reasons(tmp_path):
     assert f"{cls.name}/linked_dir/inside.JPEG" in sources  # a symlink inside SRC is followed
 
 
+def test_pil_over_the_source_reads_what_convert_reads_in_its_order(tmp_path):
+    """One scan (loaders/source.py): the PIL loader over a raw ImageFolder reads the converter's files, in
+    the converter's order and with its labels: a class folder's files before its sub-folders, depth
+    first ('part/inner' before 'part-2', though '-' sorts before '/'), hidden files skipped, a symlinked
+    folder inside SRC followed; a file outside every class folder is not read."""
+    import torch
+
+    from fastrsb.loaders import make_loader
+    from fastrsb.loaders.imagefolder import scan_imagefolder
+
+    src = small_source(tmp_path / "src")
+    val = src / "val"
+    cls = first_class(src, "val")
+    jpegs = sorted(first_class(src).glob("*.JPEG"))  # train images, other bytes than val's
+    (cls / "part" / "inner").mkdir(parents=True)
+    (cls / "part-2").mkdir()
+    (src / "extra").mkdir()
+    for i, dest in enumerate([cls / "part" / "b.JPEG", cls / "part" / "inner" / "c.JPEG",
+                              cls / "part-2" / "a.JPEG", src / "extra" / "d.JPEG", cls / ".hidden.JPEG",
+                              val / "stray.JPEG"]):
+        dest.write_bytes(jpegs[i % len(jpegs)].read_bytes())
+    (cls / "linked").symlink_to(src / "extra", target_is_directory=True)
+    out = tmp_path / "out"
+    convert(src, out, formats=["dali"], workers=1, progress=False, log=quiet)
+    rows = tsv(out, "val")
+    assert all(r["stored"] == layout.KEPT for r in rows)  # same bytes in the shards as in the source
+
+    classes, items = scan_imagefolder(val, src_root=src)
+    assert classes == layout.read_classes(out)
+    assert [(os.path.relpath(p, val), label) for p, label in items] == [(r["source"], r["label"]) for r in rows]
+    inside = [os.path.relpath(p, cls) for p, _ in items if p.startswith(str(cls) + os.sep)]
+    assert inside[-4:] == ["linked/d.JPEG", "part/b.JPEG", "part/inner/c.JPEG", "part-2/a.JPEG"]
+
+    # through the loaders: the same labels and pixels, batch by batch, from the source and from the shards
+    kw = dict(batch_size=4, res=32, device="cpu", num_workers=0, verbose=False)
+    for (a, la), (b, lb) in zip(make_loader("pil", src, "val", **kw), make_loader("pil", out, "val", **kw),
+                                strict=True):
+        assert torch.equal(la, lb) and torch.equal(a, b)
+
+
 def test_float_tiff_is_scaled_not_black(tmp_path):
     from fastrsb.images import BadImage
 
