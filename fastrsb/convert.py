@@ -516,7 +516,7 @@ def convert_split(scan: SplitScan, out: Path, classes: list[str], formats: list[
                 if record["files"]:
                     tar = wds_dir / f"{record['shard']}.tar"
                     for members in wds.read_index(tar.with_suffix(".idx")):
-                        index[members["jpg"].key] = (str(tar), members["jpg"].offset, members["jpg"].size)
+                        index[members["jpg"].key] = (str(tar), members["jpg"])
             entries = [(*index[s[0]], s[1], s[2], s[3]) for s in samples]
             write_beton(
                 beton,

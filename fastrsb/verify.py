@@ -82,11 +82,10 @@ def _stored_bytes(split_dir: Path, manifest: dict, rows: list[dict]):
                                   f"{_fix(tar)}")
                 with open(tar, "rb") as f:
                     for members in index:
-                        m = members["jpg"]
-                        f.seek(m.offset)
-                        data = f.read(m.size)
-                        if len(data) != m.size:
-                            raise Damaged(f"{tar}: shorter than its index says; {_fix(tar)}")
+                        try:
+                            data = wds.read_member(tar, members["jpg"], f)
+                        except FastRSBError as e:  # the tar ends before a member its index lists
+                            raise Damaged(str(e)) from None
                         yield data
         shard_iter = from_shards()
     beton_iter = iter(())

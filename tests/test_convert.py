@@ -558,6 +558,7 @@ def dali_only(tmp_path_factory) -> Path:
     ("stray_shard", "not part of the conversion"),
     ("manifest_edited", "checksum does not match"),
     ("kept_bytes_differ", "do not hash to the source's sha256"),
+    ("shard_cut_short", r"train-\d+\.tar: member \w+\.jpg is cut short .*delete .*fastrsb convert again"),
 ])
 def test_verify_fails_on(damage, match, dali_only, tmp_path):
     import shutil
@@ -582,9 +583,38 @@ def test_verify_fails_on(damage, match, dali_only, tmp_path):
         tar.write_bytes(bytes(data))
         _resign(out, "train", lambda m: m["files"].update(
             {f"wds/{tar.name}": {"sha256": file_sha256(tar), "bytes": tar.stat().st_size}}))
+    elif damage == "shard_cut_short":  # and the manifest re-signed, so only reading the bytes can tell
+        tar = layout.wds_shards(out, "train")[-1]
+        member = wds.read_index(tar.with_suffix(".idx"))[-1]["jpg"]
+        tar.write_bytes(tar.read_bytes()[:member.offset + member.size // 2])
+        _resign(out, "train", lambda m: m["files"].update(
+            {f"wds/{tar.name}": {"sha256": file_sha256(tar), "bytes": tar.stat().st_size}}))
     logs = []
     assert not verify(out, decode=False, log=logs.append)
     assert any(re.search(match, m) for m in logs if m.startswith("DAMAGED")), logs
+
+
+def test_a_cut_short_shard_is_named_by_its_one_reader(dali_only, tmp_path):
+    """wds.read_member reads a member at its .idx offset for the beton writer and verify alike."""
+    from fastrsb.loaders.beton import ShardSamples
+
+    shard = layout.wds_shards(dali_only, "train")[0]
+    tar = tmp_path / shard.name
+    tar.write_bytes(shard.read_bytes())
+    index = wds.read_index(shard.with_suffix(".idx"))
+    first, last = index[0], index[-1]
+    whole = wds.read_member(tar, first["jpg"])
+    assert whole[:2] == b"\xff\xd8" and len(whole) == first["jpg"].size
+    samples = ShardSamples([(str(tar), first["jpg"], 0, 1, 1), (str(tar), last["jpg"], 1, 1, 1)])
+    assert samples[0][0].jpeg == whole
+    tar.write_bytes(tar.read_bytes()[:last["jpg"].offset + 5])
+    fix = f"delete {tar} and its .json record, then run the same fastrsb convert again"
+    with pytest.raises(FastRSBError, match=rf"{re.escape(str(tar))}: member {last['jpg'].key}\.jpg is cut short"
+                       rf" \(its \.idx puts {last['jpg'].size} bytes at offset {last['jpg'].offset}, the file holds"
+                       rf" 5 of them\); {re.escape(fix)}"):
+        wds.read_member(tar, last["jpg"])
+    with pytest.raises(FastRSBError, match=re.escape(fix)):
+        samples[1]
 
 
 def test_unreadable_manifest_is_one_line(dali_only, tmp_path):
