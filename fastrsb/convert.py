@@ -2,10 +2,11 @@
 
 Layout written: `fastrsb/loaders/layout.py` (the one module that knows the paths). How it runs:
 
-1. Scan and check every split before anything is written: SRC/<split>/<class>/** (recursively, like
-   torchvision's ImageFolder), labels from the sorted class-folder names (kept in OUT/classes.json,
-   so splits converted later get the same labels; val's classes must be among train's, and a class
-   listed there must still have its folder). Entries that are not read are listed in the manifest's
+1. Scan and check every split before anything is written (`loaders/source.py`, the scan the PIL
+   loader over a raw ImageFolder shares): SRC/<split>/<class>/** (recursively, like torchvision's
+   ImageFolder), labels from the sorted class-folder names (kept in OUT/classes.json, so splits
+   converted later get the same labels; val's classes must be among train's, and a class listed
+   there must still have its folder). Entries that are not read are listed in the manifest's
    `skipped` with the reason: hidden names (`.`*), broken symlinks, symlinks that lead outside SRC
    (a symlink inside SRC is followed, once), fifos and devices. OUT must not overlap a split folder.
 2. Shards, over `workers` processes: a JPEG every backend decodes as it is (baseline or progressive,
@@ -39,7 +40,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +49,7 @@ from .errors import FastRSBError, missing_extra
 from .runmeta import write_atomic
 from .loaders import layout, wds
 from .loaders.layout import find_classes, shown
+from .loaders.source import SplitScan, is_inside, scan_split
 
 FORMATS = ("beton", "dali")
 FORMAT_VERSION = layout.FORMAT_VERSION
@@ -69,104 +70,7 @@ def versions(with_ffcv: bool) -> dict:
                             + (("ffcv",) if with_ffcv else ()))
 
 
-# ---------------------------------------------------------------------------------------- scanning
-
-
-@dataclass(frozen=True)
-class SourceFile:
-    relpath: str  # relative to the split folder (a str from os.fsdecode: any bytes survive)
-    label: int  # -1: not inside a class folder
-
-
-@dataclass
-class SplitScan:
-    name: str
-    folder: Path
-    files: list[SourceFile] = field(default_factory=list)
-    skipped: list[dict] = field(default_factory=list)  # {"path", "reason"}: entries not read
-
-
-def _inside(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
-
-
-def _symlink_verdict(path: str, root: Path) -> tuple[str | None, Path | None]:
-    """(reason to skip or None, resolved target) for a symlink: followed only when it stays inside SRC."""
-    target = Path(os.path.realpath(path))
-    if not os.path.exists(path):
-        return f"broken symlink (to {shown(os.readlink(path))})", None
-    if not _inside(target, root):
-        return f"symlink to {shown(str(target))}, outside SRC: not followed (copy the file into SRC)", None
-    return None, target
-
-
-def _walk_class(folder: Path, split_root: Path, src_root: Path, label: int, scan: SplitScan, seen: set) -> int:
-    """Append the files below one class folder in (files, then sub-folders) sorted order; returns their number."""
-    count = 0
-    entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    subdirs = []
-    for entry in entries:
-        rel = os.path.relpath(entry.path, split_root)
-        if entry.name.startswith("."):
-            scan.skipped.append({"path": rel, "reason": "hidden (name starts with '.')"})
-            continue
-        if entry.is_symlink():
-            reason, target = _symlink_verdict(entry.path, src_root)
-            if reason:
-                scan.skipped.append({"path": rel, "reason": reason})
-                continue
-        if entry.is_dir():
-            real = os.path.realpath(entry.path)
-            if real in seen:
-                scan.skipped.append({"path": rel, "reason": f"folder already scanned ({shown(real)}): a symlink loop"})
-                continue
-            seen.add(real)
-            subdirs.append(entry)
-        elif entry.is_file():
-            scan.files.append(SourceFile(rel, label))
-            count += 1
-        else:
-            scan.skipped.append({"path": rel, "reason": "not a regular file (fifo, socket or device)"})
-    for entry in subdirs:
-        count += _walk_class(Path(entry.path), split_root, src_root, label, scan, seen)
-    return count
-
-
-def scan_split(name: str, folder: Path, classes: list[str], src_root: Path) -> SplitScan:
-    """Every entry below a split folder: files sorted by (class, path), files outside class folders
-    with label -1, and what is not read with the reason."""
-    index = {c: i for i, c in enumerate(classes)}
-    scan = SplitScan(name, folder)
-    seen = {os.path.realpath(folder)}
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        if entry.name.startswith("."):
-            scan.skipped.append({"path": entry.name, "reason": "hidden (name starts with '.')"})
-            continue
-        if entry.is_symlink():
-            reason, target = _symlink_verdict(entry.path, src_root)
-            if reason:
-                if os.path.isdir(entry.path):
-                    raise FastRSBError(f"{shown(entry.path)}: class folder is a {reason.split(':')[0]}; fastrsb "
-                                       "reads only what lies inside SRC: copy or move the class folder into SRC")
-                scan.skipped.append({"path": entry.name, "reason": reason})
-                continue
-        if entry.is_file():
-            scan.files.append(SourceFile(entry.name, -1))
-            continue
-        if not entry.is_dir():
-            scan.skipped.append({"path": entry.name, "reason": "not a regular file (fifo, socket or device)"})
-            continue
-        if entry.name not in index:
-            raise FastRSBError(
-                f"{shown(entry.path)}: class folder not among the {len(classes)} classes of the train split "
-                f"(or OUT/classes.json); give every split the same class folders"
-            )
-        seen.add(os.path.realpath(entry.path))
-        if not _walk_class(Path(entry.path), folder, src_root, index[entry.name], scan, seen):
-            raise FastRSBError(f"{shown(entry.path)}: empty class folder (no file that is read); add its images "
-                               "or remove the folder")
-    return scan
-
+# ---------------------------------------------------------------------------------------- splits
 
 def _looks_like_split(folder: Path) -> bool:
     return folder.is_dir() and bool(find_classes(folder))
@@ -208,10 +112,10 @@ def _check_no_overlap(out: Path, splits: dict[str, Path]) -> None:
     out_real = Path(os.path.realpath(out))
     for name, folder in splits.items():
         real = Path(os.path.realpath(folder))
-        if _inside(out_real, real):
+        if is_inside(out_real, real):
             raise FastRSBError(f"OUT {out} lies inside the {name} split {folder}: it would be read as a class "
                                "folder; choose an OUT outside the source folders")
-        if _inside(real, out_real):
+        if is_inside(real, out_real):
             raise FastRSBError(f"the {name} split {folder} lies inside OUT {out}: converting would write into the "
                                "source; choose an OUT outside the source folders")
 
@@ -612,7 +516,7 @@ def convert_split(scan: SplitScan, out: Path, classes: list[str], formats: list[
                 if record["files"]:
                     tar = wds_dir / f"{record['shard']}.tar"
                     for members in wds.read_index(tar.with_suffix(".idx")):
-                        index[members["jpg"].key] = (str(tar), members["jpg"].offset, members["jpg"].size)
+                        index[members["jpg"].key] = (str(tar), members["jpg"])
             entries = [(*index[s[0]], s[1], s[2], s[3]) for s in samples]
             write_beton(
                 beton,

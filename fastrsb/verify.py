@@ -40,7 +40,8 @@ def _fix(path: Path) -> str:
     return f"delete {path}{extra}, then run the same `fastrsb convert` again to rewrite it"
 
 
-def check_checksums(split_dir: Path, manifest: dict, log) -> None:
+def check_checksums(out: Path, split: str, manifest: dict, log) -> None:
+    split_dir = layout.split_dir(out, split)  # the manifest's paths are relative to it
     for rel, expected in manifest["files"].items():
         path = (split_dir / rel).resolve() if rel.startswith("..") else split_dir / rel
         if not path.exists():
@@ -53,24 +54,25 @@ def check_checksums(split_dir: Path, manifest: dict, log) -> None:
     log(f"  checksums: {len(manifest['files'])} files match")
 
 
-def check_strays(split_dir: Path, manifest: dict) -> None:
+def check_strays(out: Path, split: str, manifest: dict) -> None:
+    split_dir, wds_dir = layout.split_dir(out, split), layout.wds_dir(out, split)
     listed = set(manifest["files"])
-    wds_dir = split_dir / "wds"
     strays = [p for p in split_dir.rglob("*.tmp")]
     if wds_dir.is_dir():
         if "dali" not in manifest["formats"]:
             strays += sorted(wds_dir.iterdir())
         else:
             strays += [p for p in sorted(wds_dir.iterdir())
-                       if p.suffix in (".tar", ".idx") and f"wds/{p.name}" not in listed]
+                       if p.suffix in (".tar", ".idx") and p.relative_to(split_dir).as_posix() not in listed]
     if strays:
         raise Damaged(f"{strays[0]}: not part of the conversion the manifest describes"
                       f"{f' (and {len(strays) - 1} more)' if len(strays) > 1 else ''}; the loaders would read it: "
                       "delete it (or run the same fastrsb convert again if it should belong)")
 
 
-def _stored_bytes(split_dir: Path, manifest: dict, rows: list[dict]):
+def _stored_bytes(out: Path, split: str, manifest: dict, rows: list[dict]):
     """Per sample: (shard bytes or None, beton image or None), in table order."""
+    split_dir = layout.split_dir(out, split)  # the manifest's shard paths are relative to it
     shard_iter = iter(())
     if "dali" in manifest["formats"]:
         def from_shards():
@@ -82,29 +84,28 @@ def _stored_bytes(split_dir: Path, manifest: dict, rows: list[dict]):
                                   f"{_fix(tar)}")
                 with open(tar, "rb") as f:
                     for members in index:
-                        m = members["jpg"]
-                        f.seek(m.offset)
-                        data = f.read(m.size)
-                        if len(data) != m.size:
-                            raise Damaged(f"{tar}: shorter than its index says; {_fix(tar)}")
+                        try:
+                            data = wds.read_member(tar, members["jpg"], f)
+                        except FastRSBError as e:  # the tar ends before a member its index lists
+                            raise Damaged(str(e)) from None
                         yield data
         shard_iter = from_shards()
     beton_iter = iter(())
     if "beton" in manifest["formats"]:
         from .loaders.beton import read_beton
 
-        beton_iter = read_beton(layout.beton_path(split_dir.parent, split_dir.name))
+        beton_iter = read_beton(layout.beton_path(out, split))
     for _ in rows:
         yield next(shard_iter, None), next(beton_iter, None)
 
 
-def check_stored(split_dir: Path, manifest: dict, rows: list[dict], decode: bool, log) -> None:
+def check_stored(out: Path, split: str, manifest: dict, rows: list[dict], decode: bool, log) -> None:
     """Both formats hold the same bytes, kept JPEGs are the source's bytes, and (decode) each decodes by PIL."""
     from PIL import Image
 
-    beton = layout.beton_path(split_dir.parent, split_dir.name)
+    split_dir, beton = layout.split_dir(out, split), layout.beton_path(out, split)
     kept = decoded = 0
-    for row, (shard_data, beton_image) in zip(rows, _stored_bytes(split_dir, manifest, rows)):
+    for row, (shard_data, beton_image) in zip(rows, _stored_bytes(out, split, manifest, rows)):
         where = split_dir / row["shard"] if row["shard"] else beton
         what = f"sample {row['index']} (key {row['key']}, source {layout.shown(row['source'])})"
         if beton_image is not None:
@@ -265,8 +266,8 @@ def verify_split(out: Path, split: str, decode: bool, log) -> None:
     except FastRSBError as e:
         raise Damaged(str(e)) from None
     log(f"{split}: {manifest['num_samples']} samples, formats {', '.join(manifest['formats'])}")
-    check_checksums(split_dir, manifest, log)
-    check_strays(split_dir, manifest)
+    check_checksums(out, split, manifest, log)
+    check_strays(out, split, manifest)
     try:
         rows = layout.read_samples(layout.samples_path(out, split))
     except FastRSBError as e:
@@ -278,7 +279,7 @@ def verify_split(out: Path, split: str, decode: bool, log) -> None:
     counts = np.bincount(expected, minlength=manifest["num_classes"])
     if list(counts) != list(manifest["counts_per_class"].values()):
         raise Damaged(f"{table}: counts per class differ from the manifest")
-    check_stored(split_dir, manifest, rows, decode, log)
+    check_stored(out, split, manifest, rows, decode, log)
 
     if "beton" in manifest["formats"]:
         beton = layout.beton_path(out, split)
@@ -289,7 +290,7 @@ def verify_split(out: Path, split: str, decode: bool, log) -> None:
         tars = [split_dir / s["file"] for s in manifest["shards"]]
         sizes = np.array([(r["height"], r["width"]) for r in rows], np.int64) if decode else None
         labels, decoded = _guarded_read("dali", tars, decode, sizes)
-        _compare(split_dir / "wds", labels, expected, decoded if decode else None)
+        _compare(layout.wds_dir(out, split), labels, expected, decoded if decode else None)
         log(f"  DALI: {len(labels)} samples in {len(tars)} shards, labels match"
             + (f", {decoded} images decoded at their recorded size" if decode else ""))
 
@@ -297,7 +298,7 @@ def verify_split(out: Path, split: str, decode: bool, log) -> None:
 def promised_splits(out: Path) -> list[str]:
     """Every split a manifest names, or a conversion started (a state file) but did not finish."""
     names = set(layout.split_names(out))
-    names |= {p.parent.name for p in out.glob("*/.convert-state.json")}
+    names |= {d.name for d in out.iterdir() if d.is_dir() and layout.state_path(out, d.name).is_file()}
     for split in list(names):
         try:
             names |= set(layout.read_manifest(out, split, check=False).get("splits", []))

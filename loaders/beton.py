@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .wds import Member, read_member
+
 WRITE_MODES = ("jpg", "raw", "proportion")
 
 
@@ -68,10 +70,10 @@ def _encode_prepared(field, destination, image: PreparedImage, malloc) -> None:
 
 
 class ShardSamples:
-    """Indexable (PreparedImage, label) pairs read by offset from webdataset shards."""
+    """Indexable (PreparedImage, label) pairs read from webdataset shards at the offsets of their .idx."""
 
-    def __init__(self, entries: list[tuple[str, int, int, int]]):
-        # (tar path, jpeg offset, jpeg size, label, height, width) per sample, in beton order
+    def __init__(self, entries: list[tuple[str, Member, int, int, int]]):
+        # (tar path, its jpg member, label, height, width) per sample, in beton order
         self.entries = entries
         self._files: dict[str, object] = {}
 
@@ -79,14 +81,11 @@ class ShardSamples:
         return len(self.entries)
 
     def __getitem__(self, index: int):
-        tar_path, offset, size, label, height, width = self.entries[index]
+        tar_path, member, label, height, width = self.entries[index]
         f = self._files.get(tar_path)
         if f is None:
             f = self._files[tar_path] = open(tar_path, "rb")
-        f.seek(offset)
-        jpeg = f.read(size)
-        if len(jpeg) != size:
-            raise ValueError(f"{tar_path}: sample at offset {offset} is cut short; rerun fastrsb convert")
+        jpeg = read_member(tar_path, member, f)
         return PreparedImage(int(index), jpeg, int(height), int(width)), int(label)
 
     def __getstate__(self):

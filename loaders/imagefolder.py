@@ -1,8 +1,9 @@
 """The PIL reference backend: torchvision-style PIL decoding in DataLoader worker processes.
 
 Reads either the converted webdataset shards (JPEG bytes at the offsets of DALI's .idx files, the
-very bytes the FFCV and DALI backends decode) or a source ImageFolder (`SRC/<split>/<class>/<file>`,
-label = position of the class folder in sorted order, as torchvision's ImageFolder).
+very bytes the FFCV and DALI backends decode) or a source ImageFolder (`SRC/<split>/<class>/**`,
+label = position of the class folder in sorted order, as torchvision's ImageFolder): the files
+`fastrsb convert` would read, in its order (`source.scan_split`), those with an image extension.
 
 Train: torchvision's RandomResizedCrop geometry (scale 0.08-1, ratio 3/4-4/3) with the box drawn by
 `sampling.random_resized_crop` from (seed, read), resized with PIL's antialiased bilinear or bicubic
@@ -32,6 +33,7 @@ from fastrsb.images import IMAGE_EXTENSIONS
 
 from . import layout, registry, sampling
 from .layout import ShardBytes, ShardIndex, is_converted, read_classes
+from .source import scan_split
 
 
 def _has_data(data, split) -> bool:
@@ -51,20 +53,22 @@ registry.register(registry.Backend(
 
 
 
-def scan_imagefolder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
-    """(classes, [(path, label)]) of an ImageFolder split directory, sorted as torchvision does.
+def scan_imagefolder(root: Path, src_root: Path | None = None) -> tuple[list[str], list[tuple[str, int]]]:
+    """(classes, [(path, label)]) of an ImageFolder split folder: the files `fastrsb convert` reads, in
+    its order, with its labels (`source.scan_split`, which both use; `src_root`: the SRC folder that
+    symlinks may lead into, default `root`).
 
-    Classes are found as `fastrsb convert` finds them (hidden folders skipped), so labels match
-    classes.json; files are those with an image extension (the converter also lists the others)."""
+    Two differences from the converter, both leaving files out: files directly in the split folder
+    (label -1, outside every class) are not read, and only names with an image extension
+    (`fastrsb.images.IMAGE_EXTENSIONS`) are. The converter sniffs every file's content and lists what is
+    no image with the reason; a loader cannot list, so it skips by name rather than fail mid-epoch on a
+    README.txt. A picture under another extension is therefore converted but not read from the source."""
     classes = layout.find_classes(root)
     if not classes:
-        raise FastRSBError(f"{root} holds no class folders")
-    items = []
-    for label, c in enumerate(classes):
-        for dirpath, _, files in sorted(os.walk(root / c)):
-            for name in sorted(files):
-                if name.lower().endswith(IMAGE_EXTENSIONS):
-                    items.append((os.path.join(dirpath, name), label))
+        raise FastRSBError(f"{root} holds no class folders; put the images in {root}/<class>/<image>")
+    scan = scan_split(root.name, root, classes, root if src_root is None else src_root)
+    items = [(os.path.join(root, f.relpath), f.label) for f in scan.files
+             if f.label >= 0 and f.relpath.lower().endswith(IMAGE_EXTENSIONS)]
     return classes, items
 
 
@@ -175,7 +179,7 @@ class PILLoader:
             read, labels = ShardBytes(index), index.labels
             self.source = "webdataset shards"
         elif (data / split).is_dir():
-            self.classes, items = scan_imagefolder(data / split)
+            self.classes, items = scan_imagefolder(data / split, src_root=data)
             read, labels = _ReadPath([p for p, _ in items]), np.asarray([l for _, l in items], np.int64)
             self.source = "ImageFolder"
         else:

@@ -7,6 +7,9 @@ the same bytes. Beside each shard, `<shard>.idx` is the index DALI's `fn.readers
 `v1.2 <number of samples>`, then one line per sample listing, for each member,
 `<extension> <data offset> <size> <member name>`. We write it while writing the tar, since we know
 every offset; `tests/test_convert.py` checks it against DALI's `wds2idx.IndexCreator`.
+
+`read_member` is the one reader of a member's bytes at its .idx offset (the beton writer and `fastrsb
+verify` use it); the loaders map whole shards instead (`layout.ShardBytes`).
 """
 from __future__ import annotations
 
@@ -15,6 +18,9 @@ import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
+
+from fastrsb.errors import FastRSBError
 
 INDEX_VERSION = "v1.2"
 EXTENSIONS = ("jpg", "cls")
@@ -151,12 +157,20 @@ def read_offsets(idx_path: str | os.PathLike, extension: str):
         raise ValueError(f"{idx_path}: malformed offset or size ({e})") from None
 
 
-def read_member(tar_path: str | os.PathLike, member: Member) -> bytes:
-    with open(tar_path, "rb") as f:
-        f.seek(member.offset)
-        data = f.read(member.size)
+def read_member(tar_path: str | os.PathLike, member: Member, f: BinaryIO | None = None) -> bytes:
+    """The bytes of `member` (its offset and size from the shard's .idx) in the tar at `tar_path`, read
+    through `f`, an open binary handle on that tar, when given (a caller reading many members keeps one
+    open). FastRSBError naming the tar and the fix when the file ends before the member does."""
+    if f is None:
+        with open(tar_path, "rb") as f:
+            return read_member(tar_path, member, f)
+    f.seek(member.offset)
+    data = f.read(member.size)
     if len(data) != member.size:
-        raise ValueError(f"{tar_path}: member {member.key}.{member.extension} is cut short")
+        raise FastRSBError(
+            f"{tar_path}: member {member.key}.{member.extension} is cut short (its .idx puts {member.size} bytes at "
+            f"offset {member.offset}, the file holds {len(data)} of them); delete {tar_path} and its .json record, "
+            "then run the same fastrsb convert again to rewrite it")
     return data
 
 

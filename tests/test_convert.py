@@ -417,6 +417,46 @@ def test_hidden_entries_and_symlinks_are_listed_with_reasons(tmp_path):
     assert f"{cls.name}/linked_dir/inside.JPEG" in sources  # a symlink inside SRC is followed
 
 
+def test_pil_over_the_source_reads_what_convert_reads_in_its_order(tmp_path):
+    """One scan (loaders/source.py): the PIL loader over a raw ImageFolder reads the converter's files, in
+    the converter's order and with its labels: a class folder's files before its sub-folders, depth
+    first ('part/inner' before 'part-2', though '-' sorts before '/'), hidden files skipped, a symlinked
+    folder inside SRC followed; a file outside every class folder is not read."""
+    import torch
+
+    from fastrsb.loaders import make_loader
+    from fastrsb.loaders.imagefolder import scan_imagefolder
+
+    src = small_source(tmp_path / "src")
+    val = src / "val"
+    cls = first_class(src, "val")
+    jpegs = sorted(first_class(src).glob("*.JPEG"))  # train images, other bytes than val's
+    (cls / "part" / "inner").mkdir(parents=True)
+    (cls / "part-2").mkdir()
+    (src / "extra").mkdir()
+    for i, dest in enumerate([cls / "part" / "b.JPEG", cls / "part" / "inner" / "c.JPEG",
+                              cls / "part-2" / "a.JPEG", src / "extra" / "d.JPEG", cls / ".hidden.JPEG",
+                              val / "stray.JPEG"]):
+        dest.write_bytes(jpegs[i % len(jpegs)].read_bytes())
+    (cls / "linked").symlink_to(src / "extra", target_is_directory=True)
+    out = tmp_path / "out"
+    convert(src, out, formats=["dali"], workers=1, progress=False, log=quiet)
+    rows = tsv(out, "val")
+    assert all(r["stored"] == layout.KEPT for r in rows)  # same bytes in the shards as in the source
+
+    classes, items = scan_imagefolder(val, src_root=src)
+    assert classes == layout.read_classes(out)
+    assert [(os.path.relpath(p, val), label) for p, label in items] == [(r["source"], r["label"]) for r in rows]
+    inside = [os.path.relpath(p, cls) for p, _ in items if p.startswith(str(cls) + os.sep)]
+    assert inside[-4:] == ["linked/d.JPEG", "part/b.JPEG", "part/inner/c.JPEG", "part-2/a.JPEG"]
+
+    # through the loaders: the same labels and pixels, batch by batch, from the source and from the shards
+    kw = dict(batch_size=4, res=32, device="cpu", num_workers=0, verbose=False)
+    for (a, la), (b, lb) in zip(make_loader("pil", src, "val", **kw), make_loader("pil", out, "val", **kw),
+                                strict=True):
+        assert torch.equal(la, lb) and torch.equal(a, b)
+
+
 def test_float_tiff_is_scaled_not_black(tmp_path):
     from fastrsb.images import BadImage
 
@@ -518,6 +558,7 @@ def dali_only(tmp_path_factory) -> Path:
     ("stray_shard", "not part of the conversion"),
     ("manifest_edited", "checksum does not match"),
     ("kept_bytes_differ", "do not hash to the source's sha256"),
+    ("shard_cut_short", r"train-\d+\.tar: member \w+\.jpg is cut short .*delete .*fastrsb convert again"),
 ])
 def test_verify_fails_on(damage, match, dali_only, tmp_path):
     import shutil
@@ -542,9 +583,38 @@ def test_verify_fails_on(damage, match, dali_only, tmp_path):
         tar.write_bytes(bytes(data))
         _resign(out, "train", lambda m: m["files"].update(
             {f"wds/{tar.name}": {"sha256": file_sha256(tar), "bytes": tar.stat().st_size}}))
+    elif damage == "shard_cut_short":  # and the manifest re-signed, so only reading the bytes can tell
+        tar = layout.wds_shards(out, "train")[-1]
+        member = wds.read_index(tar.with_suffix(".idx"))[-1]["jpg"]
+        tar.write_bytes(tar.read_bytes()[:member.offset + member.size // 2])
+        _resign(out, "train", lambda m: m["files"].update(
+            {f"wds/{tar.name}": {"sha256": file_sha256(tar), "bytes": tar.stat().st_size}}))
     logs = []
     assert not verify(out, decode=False, log=logs.append)
     assert any(re.search(match, m) for m in logs if m.startswith("DAMAGED")), logs
+
+
+def test_a_cut_short_shard_is_named_by_its_one_reader(dali_only, tmp_path):
+    """wds.read_member reads a member at its .idx offset for the beton writer and verify alike."""
+    from fastrsb.loaders.beton import ShardSamples
+
+    shard = layout.wds_shards(dali_only, "train")[0]
+    tar = tmp_path / shard.name
+    tar.write_bytes(shard.read_bytes())
+    index = wds.read_index(shard.with_suffix(".idx"))
+    first, last = index[0], index[-1]
+    whole = wds.read_member(tar, first["jpg"])
+    assert whole[:2] == b"\xff\xd8" and len(whole) == first["jpg"].size
+    samples = ShardSamples([(str(tar), first["jpg"], 0, 1, 1), (str(tar), last["jpg"], 1, 1, 1)])
+    assert samples[0][0].jpeg == whole
+    tar.write_bytes(tar.read_bytes()[:last["jpg"].offset + 5])
+    fix = f"delete {tar} and its .json record, then run the same fastrsb convert again"
+    with pytest.raises(FastRSBError, match=rf"{re.escape(str(tar))}: member {last['jpg'].key}\.jpg is cut short"
+                       rf" \(its \.idx puts {last['jpg'].size} bytes at offset {last['jpg'].offset}, the file holds"
+                       rf" 5 of them\); {re.escape(fix)}"):
+        wds.read_member(tar, last["jpg"])
+    with pytest.raises(FastRSBError, match=re.escape(fix)):
+        samples[1]
 
 
 def test_unreadable_manifest_is_one_line(dali_only, tmp_path):
