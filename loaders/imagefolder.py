@@ -86,12 +86,12 @@ def decode_rgb(data):
 
 def crop_resize(img, tagged: int, res: int, spec: sampling.CropSpec) -> np.ndarray:
     """One read: HxWx3 uint8 at res x res (train: seeded RRC + flip; val: center window), resized with
-    PIL's antialiased bilinear or bicubic filter as `spec.bicubic(tagged)` says."""
+    PIL's antialiased bilinear or bicubic filter, as `spec.read` (the box every backend reads) says."""
     from PIL import Image
 
     width, height = img.size
-    top, left, h, w, flip = spec.box(height, width, tagged)
-    resample = Image.BICUBIC if spec.bicubic(tagged) else Image.BILINEAR
+    top, left, h, w, flip, bicubic = spec.read(height, width, tagged)
+    resample = Image.BICUBIC if bicubic else Image.BILINEAR
     out = img.resize((res, res), resample, box=(left, top, left + w, top + h))
     if flip:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
