@@ -24,8 +24,9 @@ i-th sample of the concatenated shards, so both formats hold the same samples in
 and in the default `jpg` write mode the very same JPEG bytes. Keys are 9-digit sample numbers.
 
 Modules: `loader` (the contract: `make_loader`, `Loader`), `auto` (which backend, measured), `registry`
-(backends register themselves), `layout` (the on-disk layout: paths, the sample table, manifests, ShardIndex), `sampling` (the IndexPlan and the seeded
-crops), `wds` / `beton` (formats: writers and readers), one module per backend: `ffcv_loader`,
+(backends register themselves), `layout` (the on-disk layout: paths, the sample table, manifests,
+ShardIndex), `source` (the one scan of a source ImageFolder split), `sampling` (the IndexPlan and the
+seeded crops: `read_box`), `wds` / `beton` (formats: writers and readers), one module per backend: `ffcv_loader`,
 `dali_loader`, `imagefolder` (PIL, the reference).
 """
 
