@@ -41,7 +41,7 @@ from .optim import Lamb, ModelEma, make_param_groups
 from .prefetch import AugmentedBatches
 from .recipes import Recipe
 from .runtime import (BatchLayout, DistInfo, autocast, autocast_dtype, create_model, plan_batches, probe_batch_per_gpu,
-                      resolve_precision, seed_everything, setup_distributed)
+                      release_memory, resolve_precision, seed_everything, setup_distributed)
 from .schedule import lr_at, res_at
 from .step import TrainStep, check_compile_mode, compile_augment, default_compile_mode
 
@@ -413,7 +413,7 @@ def _probe_batch(recipe: Recipe, model_name: str, device: torch.device, precisio
     key = f"{torch.cuda.get_device_name(device)}|{model_name}|{res}px|{precision}"
     b = probe_batch_per_gpu(try_batch, per_rank, key, log=say)
     del model
-    torch.cuda.empty_cache()
+    release_memory()  # the probe's model goes before the run's is built
     return b
 
 

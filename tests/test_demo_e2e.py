@@ -79,6 +79,17 @@ def test_bench_e2e_names_the_bound(demo_run, tmp_path):
     assert bound["bound_by"] in ("loader", "step", "overlap") and bound["advice"] in proc.stdout
     e2e = next(r for r in rows if r["name"].startswith("end to end"))
     assert e2e["baseline"]["value"] > 0  # timm's pipeline over the source folder, same run
+    assert all(r["config"]["precision"] == "fp32" for r in rows)  # the trainer's auto on the CPU
+
+
+def test_bench_step_cli_fp16(tmp_path):
+    """The trainer's precision on both sides: fp16 autocast with a GradScaler in fastrsb's step and timm's."""
+    results = tmp_path / "step.jsonl"
+    run_cli("bench", "step", "--quick", "--device", "cpu", "--res", "32", "--batch", "16", "--precision", "fp16",
+            "--out", results)
+    rows = read_results([results])
+    assert len(rows) == 1 and rows[0]["config"]["precision"] == "fp16"
+    assert rows[0]["value"] > 0 and rows[0]["baseline"]["value"] > 0
 
 
 def test_bench_aug_cli(tmp_path):

@@ -22,7 +22,7 @@ from fastrsb.cli import main as fastrsb_main
 from fastrsb.errors import FastRSBError
 from fastrsb.recipes import A3, override
 from fastrsb.evaluate import evaluate
-from fastrsb.runtime import plan_batches
+from fastrsb.runtime import plan_batches, prepare_device
 from fastrsb.train import train
 
 timm = pytest.importorskip("timm")
@@ -118,6 +118,13 @@ def tiny_recipe(**changes):
                 mixup_alpha=0.0, cutmix_alpha=0.0, rand_augment="", model="test_resnet")
     base.update(changes)
     return override(A3, base)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_prepare_device_without_cuda():
+    assert prepare_device("cpu") == torch.device("cpu")
+    with pytest.raises(FastRSBError, match="sees no CUDA GPU; pass --device cpu"):
+        prepare_device("cuda")
 
 
 def test_plan_batches():

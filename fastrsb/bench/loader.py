@@ -65,15 +65,17 @@ def measure(loader, *, res, device, warmup: int, batches: int, runs: int):
     return statistics.median(rates), rates
 
 
-def train_augment(num_classes: int, device):
-    """The trainer's augmentation for A3 (RandAugment m6, mixup 0.1 / cutmix 1.0, normalise), compiled on
-    CUDA as the trainer compiles it. Make it once and share it: each compiled copy compiles again."""
+def train_augment(num_classes: int, device, precision: str = "auto"):
+    """The trainer's augmentation for A3 (RandAugment m6, mixup 0.1 / cutmix 1.0, normalise to the dtype of
+    the trainer's `precision`), compiled on CUDA as the trainer compiles it. Make it once and share it:
+    each compiled copy compiles again."""
     import torch
 
     from fastrsb.augment import make_train_augment, recipe_augment_kwargs
+    from fastrsb.runtime import autocast_dtype, resolve_precision
     from fastrsb.step import compile_augment, default_compile_mode
 
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    dtype = autocast_dtype(resolve_precision(precision, torch.device(device), A3.mixed_precision))
     augment = make_train_augment(num_classes=num_classes, dtype=dtype, **recipe_augment_kwargs(A3))
     return compile_augment(augment, device, default_compile_mode(device))
 
@@ -139,6 +141,8 @@ def make_demo(root: Path, per_class: int) -> tuple[Path, Path]:
 
 
 def add_arguments(p) -> None:
+    from fastrsb.runtime import PRECISIONS
+
     p.add_argument("--data", type=Path, help="folder written by fastrsb convert")
     p.add_argument("--src", type=Path, help="source ImageFolder (for the timm baseline and the PIL backend)")
     p.add_argument("--demo", action="store_true", help="make a demo dataset (10 classes, 200-400 px) in a temp dir")
@@ -149,6 +153,8 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=None, help="default: the cores this process may use")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=("auto",) + PRECISIONS, default="auto",
+                   help="the trainer's --precision: the dtype the augmentation normalises to (auto: bf16 on CUDA)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--runs", type=int, default=3)
@@ -162,6 +168,9 @@ def run(args) -> list[dict]:
     if args.quick:
         args.batch_size, args.warmup, args.batches, args.runs = 64, 2, 6, 2
     workers = args.workers or len(os.sched_getaffinity(0))
+    from fastrsb.runtime import prepare_device
+
+    prepare_device(args.device)  # as the trainer sets the device up
 
     from fastrsb.loaders import make_loader
     from fastrsb.loaders.registry import usable as backend_usable
@@ -244,7 +253,8 @@ def run(args) -> list[dict]:
                     # ... and for train, the same work as timm's loader: the trainer's augmentation on the
                     # loader's device (compiled on CUDA: the compile happens in the warm-up batches)
                     if loader.num_classes not in augments:
-                        augments[loader.num_classes] = train_augment(loader.num_classes, args.device)
+                        augments[loader.num_classes] = train_augment(loader.num_classes, args.device,
+                                                                     args.precision)
                     augment = augments[loader.num_classes]
                     med, rates = measure(with_train_augment(loader, augment), res=res, device=args.device,
                                          warmup=args.warmup, batches=args.batches, runs=args.runs)
