@@ -39,6 +39,12 @@ def test_demo_results_validate_and_report_makes_pngs(demo_run):
     # like for like: every loader ratio is a fastrsb loader + the trainer's augmentation (RandAugment included)
     # against timm's loader with RandAugment
     assert all(r["name"].endswith("+ GPU augmentation") and "RandAugment" in r["baseline"]["name"] for r in loaders)
+    # both sides at steady state: each figure is the median of its timed windows, the same count on both sides
+    for r in loaders:
+        windows, base_windows = r["img_per_s_windows"], r["baseline_img_per_s_windows"]
+        assert len(windows) == len(base_windows) == r["config"]["windows"] >= 3
+        assert r["value"] == pytest.approx(statistics.median(windows), rel=1e-3)
+        assert r["baseline"]["value"] == pytest.approx(statistics.median(base_windows), rel=1e-3)
     report = (out / "report" / "report.md").read_text()
     assert "| loader | ffcv train 64 + GPU augmentation |" in report and "| run | a3 | resnet10t | 4 |" in report
     for png in ("throughput_loader.png", "training_curves.png"):

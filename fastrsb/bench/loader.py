@@ -45,8 +45,10 @@ def batches_forever(loader, res, first_epoch: int):
         epoch += 1
 
 
-def measure(loader, *, res, device, warmup: int, batches: int, runs: int):
-    """Median img/s over `runs` timed windows of `batches` batches after `warmup` batches (the one Timer).
+def measure(loader, *, res, device, warmup: int, batches: int, runs: int, windows: int = 1):
+    """Median img/s over timed windows of `batches` batches (the one Timer): per run, a fresh pass from
+    its own epoch, `warmup` untimed batches, then `windows` windows back to back, so the later windows
+    are at steady state (a prefetching loader's queue, filled while it waited, is drained by then).
 
     Every image is consumed on the loader's device (a reduction per batch), so lazy work is paid for."""
     rates = []
@@ -54,13 +56,14 @@ def measure(loader, *, res, device, warmup: int, batches: int, runs: int):
         it = batches_forever(loader, res, 1000 * run)
         for _ in range(warmup):
             next(it)
-        timer = Timer(device).start()
-        n = 0
-        for _ in range(batches):
-            images, labels = next(it)
-            images[:, :, 0, 0].sum()
-            n += images.shape[0]
-        rates.append(n / timer.stop())
+        for _ in range(windows):
+            timer = Timer(device).start()
+            n = 0
+            for _ in range(batches):
+                images, labels = next(it)
+                images[:, :, 0, 0].sum()
+                n += images.shape[0]
+            rates.append(n / timer.stop())
         it.close()
     return statistics.median(rates), rates
 
@@ -97,6 +100,9 @@ class with_train_augment:
     def set_epoch(self, epoch, res=None):
         self.loader.set_epoch(epoch, res=res)
 
+    def __len__(self):
+        return len(self.loader)
+
     def __iter__(self):
         from fastrsb.prefetch import AugmentedBatches
 
@@ -124,6 +130,9 @@ class TimmBaseline:
 
     def set_epoch(self, epoch, res=None):  # timm's input size is fixed at creation
         pass
+
+    def __len__(self):
+        return len(self.loader)
 
     def __iter__(self):
         return iter(self.loader)
