@@ -1,8 +1,10 @@
 """Checkpoints and the files a run leaves: what is saved, how it is read back, and when a resume is allowed.
 
 A checkpoint (`checkpoint.pt`, written atomically at every epoch's end) holds the model, EMA, optimizer,
-GradScaler, step, every RNG state (one per process) and the resolved recipe, as tensors, lists and
-numbers only, so `torch.load(weights_only=True)` reads it: no pickled code is ever loaded.
+GradScaler, the optimizer step and the epochs done (checkpoints fall on epoch boundaries, so the epoch is
+where the loader restarts), every RNG state (one per process: their count is the run's world size) and
+the resolved recipe, as tensors, lists and numbers only, so `torch.load(weights_only=True)` reads it: no
+pickled code is ever loaded.
 """
 from __future__ import annotations
 
@@ -20,7 +22,10 @@ from .runtime import create_model
 CHECKPOINT = "checkpoint.pt"
 FINAL_WEIGHTS = "model.pt"
 EMA_WEIGHTS = "model_ema.pt"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
+# Format 1 also stored the epoch a second time (under "loader") and the world size; its other keys are
+# format 2's, so it still resumes.
+READABLE_FORMATS = (1, CHECKPOINT_FORMAT)
 
 
 def capture_rng(augment_generator: torch.Generator) -> dict:
@@ -61,8 +66,13 @@ def load_weights_file(path: Path):
 def load_checkpoint(path: Path, recipe_dict: dict, model_name: str) -> dict:
     """A checkpoint to resume from, refusing one made with another recipe or model."""
     ckpt = load_weights_file(path)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise FastRSBError(f"{path} is not a fastrsb checkpoint of format {CHECKPOINT_FORMAT}")
+    if not isinstance(ckpt, dict) or "format" not in ckpt:
+        raise FastRSBError(f"{path} is not a fastrsb checkpoint (no format); resume from a checkpoint.pt that "
+                           f"fastrsb train wrote")
+    if ckpt["format"] not in READABLE_FORMATS:
+        raise FastRSBError(f"{path} is a fastrsb checkpoint of format {ckpt['format']}, this fastrsb reads formats "
+                           f"{', '.join(map(str, READABLE_FORMATS))}; resume it with the fastrsb version that wrote "
+                           f"it, or start a new run with another --out")
     saved = ckpt["recipe"]
     changed = sorted(k for k in set(saved) | set(recipe_dict) if saved.get(k) != recipe_dict.get(k))
     if changed:
@@ -90,7 +100,7 @@ def load_for_eval(source: str | os.PathLike | torch.nn.Module, model_name: str |
     if not path.is_file():
         raise FastRSBError(f"no weights at {path}")
     obj = load_weights_file(path)
-    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+    if isinstance(obj, dict) and obj.get("format") in READABLE_FORMATS:
         info = {"recipe": obj["recipe"], "model_name": obj["model_name"], "num_classes": obj["num_classes"],
                 "classes": obj.get("classes"), **info}
         state = obj["model"]

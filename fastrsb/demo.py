@@ -22,29 +22,46 @@ import torch
 
 from .benchlog import emit, record
 
+# The loader line's windows, the same on both sides: one untimed epoch (timm's first batches include starting
+# its workers; prefetched queues fill while they wait), then the median of LOADER_EPOCHS timed epochs. Whole
+# epochs, because the source folder holds one 10,000-px image that timm's workers decode on every pass
+# (fastrsb's formats hold it converted): a window of a few batches held it or not, and timm's figure
+# swung between ~350 and ~2,500 img/s from window to window on the shared 2-core CPU.
+LOADER_EPOCHS = 3
+
+
+def _steady_rate(loader, res: int, device: str) -> tuple[float, list[float]]:
+    """Median img/s of LOADER_EPOCHS whole epochs after one untimed epoch."""
+    from .bench.loader import measure
+
+    epoch = len(loader)
+    return measure(loader, res=res, device=device, warmup=epoch, batches=epoch, windows=LOADER_EPOCHS, runs=1)
+
 
 def _loader_bench(data: Path, src: Path, backends: list[str], res: int, batch: int, device: str, log) -> list[dict]:
     """Like for like: each fastrsb loader followed by the trainer's augmentation (on `device`), against
-    timm's create_loader, whose workers do the same RandAugment; both at steady state after 4 warm-up batches
-    (timm's first batches include starting its worker processes)."""
-    from .bench.loader import TimmBaseline, measure, train_augment, with_train_augment
+    timm's create_loader, whose workers do the same RandAugment; both at steady state (`_steady_rate`)."""
+    from .bench.loader import TimmBaseline, train_augment, with_train_augment
     from .loaders import make_loader
 
     results = []
     base = TimmBaseline(src, "train", res=res, batch_size=batch, workers=os.cpu_count() or 1, device=device)
-    base_rate, _ = measure(base, res=res, device=device, warmup=4, batches=6, runs=1)
+    base_rate, base_rates = _steady_rate(base, res, device)
     del base
     baseline = ("timm create_loader: PIL decode, RRC, flip, RandAugment m6 in its workers", base_rate)
     augment = None
     for backend in backends:
         loader = make_loader(backend, data, "train", batch_size=batch, res=res, device=device, verbose=False)
         augment = augment or train_augment(loader.num_classes, device)
-        rate, _ = measure(with_train_augment(loader, augment), res=res, device=device, warmup=4, batches=6, runs=1)
+        rate, rates = _steady_rate(with_train_augment(loader, augment), res, device)
         del loader
         results.append(record("loader", f"{backend} train {res} + GPU augmentation", rate, baseline=baseline, device=device,
                               config={"backend": backend, "split": "train", "res": res, "batch_size": batch,
                                       "fastrsb_side": f"{backend} decode+RRC+flip, then the trainer's augmentation on {device}",
-                                      "timm_side": baseline[0]}))
+                                      "timm_side": baseline[0], "warmup_epochs": 1, "windows": LOADER_EPOCHS,
+                                      "window": "one epoch"},
+                              img_per_s_windows=[round(r, 1) for r in rates],
+                              baseline_img_per_s_windows=[round(r, 1) for r in base_rates]))
         log(f"  {backend:5} + augmentation on {device}, train {res}px: {rate:8,.0f} img/s  "
             f"(timm's loader with RandAugment: {base_rate:,.0f}, x{rate / base_rate:.2f})")
     return results

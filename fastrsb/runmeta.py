@@ -9,6 +9,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 # Distributions whose versions shape a figure or a file (metadata, not __version__: ffcv's is stale).
 _DISTRIBUTIONS = ("torch", "torchvision", "timm", "numpy", "ffcv", "nvidia-dali-cuda120", "nvidia-dali-cuda130",
@@ -84,24 +85,25 @@ def versions(only: tuple[str, ...] | None = None) -> dict:
     return out
 
 
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
-    """Write to a temporary file, fsync, then os.replace: a crash never leaves a half-written file."""
+def write_atomic(path: str | os.PathLike, data: str | bytes | Callable[[BinaryIO], None]) -> None:
+    """Write to a temporary file, fsync, then os.replace: a crash never leaves a half-written file.
+
+    data: text, bytes, or a function that writes into the open binary file (`save_atomic`'s torch.save,
+    which then streams to disk instead of building the whole checkpoint in memory first)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
+        if callable(data):
+            data(f)
+        else:
+            f.write(data.encode() if isinstance(data, str) else data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
 def save_atomic(obj, path: str | os.PathLike) -> None:
-    """torch.save through a temporary file and os.replace (see write_atomic)."""
+    """torch.save of `obj` through write_atomic."""
     import torch
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: torch.save(obj, f))

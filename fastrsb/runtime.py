@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +61,33 @@ def plan_batches(global_batch: int, world_size: int, max_batch_per_gpu: int, dev
     return BatchLayout(global_batch, world_size, per_rank // accum_steps, accum_steps, device_type)
 
 
+def prepare_device(device: str | torch.device) -> torch.device:
+    """Make `device` this process's current device, set up as a run sets it up; the trainer
+    (`setup_distributed`) and every benchmark call this, so a benchmark times the run's kernels.
+    On CUDA: cuDNN benchmark mode (shapes are fixed per resolution, so cuDNN's autotuning pays once)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FastRSBError(f"device {device} was asked for but torch sees no CUDA GPU; pass --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
+def release_memory() -> None:
+    """Free what a finished model left behind before the next one is built (a benchmark's next side, the
+    batch probe's next try): compiled graphs (torch._dynamo keeps the model's tensors alive), then
+    unreachable objects, then the CUDA caching allocator's free blocks."""
+    dynamo = sys.modules.get("torch._dynamo")  # not imported: nothing was compiled
+    if dynamo is not None:
+        dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int
@@ -93,13 +121,9 @@ def setup_distributed(device: str | torch.device | None = None) -> DistInfo:
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise FastRSBError("device cuda was asked for but torch sees no CUDA GPU; pass --device cpu")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True  # fixed shapes per resolution: let cuDNN pick its fastest kernels
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    device = prepare_device(device)
     initialized_here = False
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
@@ -184,9 +208,7 @@ def probe_batch_per_gpu(try_batch, per_rank: int, key: str, *, cache: Path | Non
             why = "runs out of memory"
         if why is None:
             break
-        gc.collect()  # outside the except block: its traceback no longer holds the activations
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_memory()  # outside the except block: its traceback no longer holds the activations
         smaller = b // 2
         while smaller > 1 and per_rank % smaller:
             smaller -= 1

@@ -41,7 +41,7 @@ from .optim import Lamb, ModelEma, make_param_groups
 from .prefetch import AugmentedBatches
 from .recipes import Recipe
 from .runtime import (BatchLayout, DistInfo, autocast, autocast_dtype, create_model, plan_batches, probe_batch_per_gpu,
-                      resolve_precision, seed_everything, setup_distributed)
+                      release_memory, resolve_precision, seed_everything, setup_distributed)
 from .schedule import lr_at, res_at
 from .step import TrainStep, check_compile_mode, compile_augment, default_compile_mode
 
@@ -236,7 +236,7 @@ def _build(recipe, data, loader_backend, model_name, out, dist_info, *, batch_pe
             step_fn.scaler.load_state_dict(ckpt["scaler"])
         if ema is not None and ckpt.get("ema") is not None:
             ema.module.load_state_dict(ckpt["ema"])
-        start_epoch, step = ckpt["loader"]["epoch"], ckpt["step"]
+        start_epoch, step = ckpt["epoch"], ckpt["step"]
         history = list(ckpt.get("history", []))
         if len(ckpt["rng"]) == world_size:
             restore_rng(ckpt["rng"][rank], augment_generator)
@@ -382,11 +382,9 @@ def _save_checkpoint(run: _Run, epochs_done: int, step: int) -> None:
             "format": CHECKPOINT_FORMAT, "model": run.model.state_dict(),
             "ema": run.ema.module.state_dict() if run.ema is not None else None,
             "optimizer": run.step_fn.optimizer.state_dict(), "scaler": run.step_fn.scaler.state_dict(),
-            "step": step, "epoch": epochs_done,
-            "loader": {"epoch": epochs_done, "batch": 0},  # checkpoints fall on epoch boundaries
+            "step": step, "epoch": epochs_done,  # checkpoints fall on epoch boundaries
             "rng": rng, "recipe": run.recipe.to_dict(), "model_name": run.model_name,
-            "num_classes": run.train_loader.num_classes, "classes": run.classes,
-            "world_size": run.dist.world_size, "history": run.history,
+            "num_classes": run.train_loader.num_classes, "classes": run.classes, "history": run.history,
         }, run.out / CHECKPOINT)
 
 
@@ -415,7 +413,7 @@ def _probe_batch(recipe: Recipe, model_name: str, device: torch.device, precisio
     key = f"{torch.cuda.get_device_name(device)}|{model_name}|{res}px|{precision}"
     b = probe_batch_per_gpu(try_batch, per_rank, key, log=say)
     del model
-    torch.cuda.empty_cache()
+    release_memory()  # the probe's model goes before the run's is built
     return b
 
 

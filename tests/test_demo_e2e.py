@@ -39,6 +39,12 @@ def test_demo_results_validate_and_report_makes_pngs(demo_run):
     # like for like: every loader ratio is a fastrsb loader + the trainer's augmentation (RandAugment included)
     # against timm's loader with RandAugment
     assert all(r["name"].endswith("+ GPU augmentation") and "RandAugment" in r["baseline"]["name"] for r in loaders)
+    # both sides at steady state: each figure is the median of its timed windows, the same count on both sides
+    for r in loaders:
+        windows, base_windows = r["img_per_s_windows"], r["baseline_img_per_s_windows"]
+        assert len(windows) == len(base_windows) == r["config"]["windows"] >= 3
+        assert r["value"] == pytest.approx(statistics.median(windows), rel=1e-3)
+        assert r["baseline"]["value"] == pytest.approx(statistics.median(base_windows), rel=1e-3)
     report = (out / "report" / "report.md").read_text()
     assert "| loader | ffcv train 64 + GPU augmentation |" in report and "| run | a3 | resnet10t | 4 |" in report
     for png in ("throughput_loader.png", "training_curves.png"):
@@ -79,6 +85,17 @@ def test_bench_e2e_names_the_bound(demo_run, tmp_path):
     assert bound["bound_by"] in ("loader", "step", "overlap") and bound["advice"] in proc.stdout
     e2e = next(r for r in rows if r["name"].startswith("end to end"))
     assert e2e["baseline"]["value"] > 0  # timm's pipeline over the source folder, same run
+    assert all(r["config"]["precision"] == "fp32" for r in rows)  # the trainer's auto on the CPU
+
+
+def test_bench_step_cli_fp16(tmp_path):
+    """The trainer's precision on both sides: fp16 autocast with a GradScaler in fastrsb's step and timm's."""
+    results = tmp_path / "step.jsonl"
+    run_cli("bench", "step", "--quick", "--device", "cpu", "--res", "32", "--batch", "16", "--precision", "fp16",
+            "--out", results)
+    rows = read_results([results])
+    assert len(rows) == 1 and rows[0]["config"]["precision"] == "fp16"
+    assert rows[0]["value"] > 0 and rows[0]["baseline"]["value"] > 0
 
 
 def test_bench_aug_cli(tmp_path):

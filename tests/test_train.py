@@ -22,7 +22,7 @@ from fastrsb.cli import main as fastrsb_main
 from fastrsb.errors import FastRSBError
 from fastrsb.recipes import A3, override
 from fastrsb.evaluate import evaluate
-from fastrsb.runtime import plan_batches
+from fastrsb.runtime import plan_batches, prepare_device
 from fastrsb.train import train
 
 timm = pytest.importorskip("timm")
@@ -118,6 +118,13 @@ def tiny_recipe(**changes):
                 mixup_alpha=0.0, cutmix_alpha=0.0, rand_augment="", model="test_resnet")
     base.update(changes)
     return override(A3, base)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_prepare_device_without_cuda():
+    assert prepare_device("cpu") == torch.device("cpu")
+    with pytest.raises(FastRSBError, match="sees no CUDA GPU; pass --device cpu"):
+        prepare_device("cuda")
 
 
 def test_plan_batches():
@@ -321,3 +328,33 @@ def test_cli_train_and_eval(demo_data, tmp_path, capsys):
     assert "already holds a run" in capsys.readouterr().err
     assert fastrsb_main(argv[:10] + [str(tmp_path / "nothing")] + argv[11:] + ["--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_checkpoint_stores_each_fact_once_and_reads_format_1(tmp_path):
+    """The epoch is stored once and the world size is the number of RNG states; a format-1 checkpoint (which
+    stored both twice) still resumes exactly, and a format this fastrsb does not know is refused by name."""
+    import shutil
+
+    from fastrsb.checkpoint import CHECKPOINT_FORMAT
+
+    recipe = tiny_recipe(epochs=2)
+    kw = dict(batch_per_gpu=8, eval_every_epochs=2, log_every_steps=100, progress=False, device="cpu", **MEMORY)
+    train(recipe, "unused", "memory", out_dir=tmp_path / "full", **kw)
+    train(recipe, "unused", "memory", out_dir=tmp_path / "part", stop_after_epochs=1, **kw)
+    ckpt = _state(tmp_path / "part" / "checkpoint.pt")
+    assert ckpt["format"] == CHECKPOINT_FORMAT == 2
+    assert ckpt["epoch"] == 1 and ckpt["step"] == 120 // 16 and len(ckpt["rng"]) == 1
+    assert "loader" not in ckpt and "world_size" not in ckpt
+    assert not list((tmp_path / "part").glob("*.tmp"))  # the atomic write left no temporary behind
+
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "part", old)
+    torch.save({**ckpt, "format": 1, "loader": {"epoch": 1, "batch": 0}, "world_size": 1}, old / "checkpoint.pt")
+    assert train(recipe, "unused", "memory", out_dir=old, resume=True, **kw)["finished"]
+    _assert_same_weights(tmp_path / "full" / "model.pt", old / "model.pt")
+
+    future = tmp_path / "future"
+    future.mkdir()
+    torch.save({**ckpt, "format": 99}, future / "checkpoint.pt")
+    with pytest.raises(FastRSBError, match=r"future/checkpoint\.pt is a fastrsb checkpoint of format 99.*another --out"):
+        train(recipe, "unused", "memory", out_dir=future, resume=True, **kw)

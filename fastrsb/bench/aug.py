@@ -23,12 +23,17 @@ import torch.nn.functional as F
 
 from fastrsb.augment import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, make_train_augment
 from fastrsb.benchlog import Timer, emit, record, time_call
+from fastrsb.recipes import A3
+from fastrsb.runtime import PRECISIONS, autocast_dtype, prepare_device, resolve_precision
 
 MIXUP_ALPHA, CUTMIX_ALPHA = 0.1, 1.0  # A1/A2/A3
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=("auto",) + PRECISIONS, default="auto",
+                        help="the trainer's --precision: the dtype both sides normalise to (auto: bf16 on CUDA, "
+                             "float32 on the CPU)")
     parser.add_argument("--batches", default="256,2048", help="comma-separated batch sizes")
     parser.add_argument("--res", type=int, default=160)
     parser.add_argument("--repeats", type=int, default=5)
@@ -76,8 +81,8 @@ def _timm_seconds_per_batch(args, x, labels, device, dtype, warmup, repeats, per
 def run(args) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device = prepare_device(args.device)
+    dtype = autocast_dtype(resolve_precision(args.precision, device, A3.mixed_precision))
     warmup, repeats = (1, 3) if args.quick else (2, args.repeats)
     out = []
     for batch in (int(b) for b in str(args.batches).split(",")):

@@ -7,7 +7,7 @@ The same recipe (A3 by default: RandAugment m6, mixup 0.1 / cutmix 1.0, BCE thre
 through both pipelines:
   * fastrsb: the trainer's own pieces: `make_loader(backend)` (decode + random-resized-crop + flip), the
     GPU augmentation prepared one batch ahead on a side stream (`fastrsb.prefetch.AugmentedBatches`), and
-    the trainer's `TrainStep` (multi-tensor LAMB, BCE, bf16, channels-last, its compile mode);
+    the trainer's `TrainStep` (multi-tensor LAMB, BCE, the trainer's precision, channels-last, its compile mode);
   * baseline: timm's `create_loader` over the source ImageFolder (PIL, RandAugment on the CPU
     workers, its prefetcher normalising on CUDA), `timm.data.Mixup`, `BinaryCrossEntropy`, timm's Lamb.
 Lines: loader alone, step alone (augmentation included for fastrsb), end to end (the one line with a
@@ -16,7 +16,6 @@ ratio: the others do different work on the two sides, so timm's rate rides along
 """
 from __future__ import annotations
 
-import gc
 import os
 import tempfile
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from fastrsb.bench.loader import batches_forever
 from fastrsb.benchlog import Timer, emit, record
 from fastrsb.loaders.layout import read_classes, read_manifest
+from fastrsb.runtime import PRECISIONS, autocast, autocast_dtype, prepare_device, release_memory, resolve_precision
 
 
 def add_arguments(parser) -> None:
@@ -39,6 +39,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default 30; CPU 5)")
     parser.add_argument("--workers", type=int, default=None, help="loader workers (default: all cores)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=("auto",) + PRECISIONS, default="auto",
+                        help="the trainer's --precision, for both pipelines (auto: bf16 on CUDA if the recipe "
+                             "uses mixed precision, fp32 on the CPU)")
     parser.add_argument("--compile-mode", default=None, help="the trainer's --compile-mode (default: 'default' on "
                         "CUDA, 'none' on the CPU)")
     parser.add_argument("--num-classes", type=int, default=None,
@@ -82,18 +85,16 @@ def _fastrsb_pipeline(args, data, recipe, device, num_classes):
     from fastrsb.loss import make_loss
     from fastrsb.optim import Lamb, make_param_groups
     from fastrsb.prefetch import AugmentedBatches
-    from fastrsb.runtime import autocast_dtype
     from fastrsb.step import TrainStep, compile_augment
 
-    precision = "bf16" if device.type == "cuda" else "fp32"
     loader = make_loader(args.backend, data, "train", batch_size=args.batch, res=args.res, device=device,
                          num_workers=args.workers, seed=0, hflip=recipe.hflip, verbose=False)
-    augment = make_train_augment(num_classes=num_classes, dtype=autocast_dtype(precision),
+    augment = make_train_augment(num_classes=num_classes, dtype=autocast_dtype(args.precision),
                                  **recipe_augment_kwargs(recipe))
     compile_augment(augment, device, args.compile_mode)  # as the trainer does
     model = _model(args.model, num_classes, recipe, device)
     optimizer = Lamb(make_param_groups(model, recipe.weight_decay), lr=recipe.lr)
-    step = TrainStep(model, optimizer, make_loss(recipe), device=device, precision=precision,
+    step = TrainStep(model, optimizer, make_loss(recipe), device=device, precision=args.precision,
                      compile_mode=args.compile_mode)
     gen = torch.Generator().manual_seed(0)
     return (loader, lambda it: AugmentedBatches(it, augment, gen, device, count=10**9),
@@ -118,7 +119,7 @@ def _timm_pipeline(args, source: Path, recipe, device, num_classes):
     run_model = _model(args.model, num_classes, recipe, device)
     optimizer = timm.optim.Lamb(make_param_groups(run_model, recipe.weight_decay), lr=recipe.lr)
     loss_fn = timm.loss.BinaryCrossEntropy(target_threshold=recipe.bce_target_thresh)
-    dtype = torch.bfloat16 if cuda else torch.float32
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # timm's NativeScaler
 
     def batches():
         while True:
@@ -129,11 +130,11 @@ def _timm_pipeline(args, source: Path, recipe, device, num_classes):
                 yield images.contiguous(memory_format=torch.channels_last), labels
 
     def step(images, targets):
-        with torch.autocast(device.type, dtype=dtype, enabled=cuda):
+        with autocast(device, args.precision):
             logits = run_model(images)
-        loss = loss_fn(logits, targets)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss_fn(logits, targets)).backward()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
     return batches(), (lambda images, labels: mixup(images, labels)), step
@@ -172,16 +173,15 @@ def run(args) -> list[dict]:
     from fastrsb.recipes import get_recipe
     from fastrsb.step import default_compile_mode
 
-    device = torch.device(args.device)
+    device = prepare_device(args.device)  # as the trainer's (cuDNN benchmark mode on CUDA)
     cuda = device.type == "cuda"
     recipe = get_recipe(args.recipe)
+    args.precision = resolve_precision(args.precision, device, recipe.mixed_precision)
     args.res = args.res or recipe.train_res
     args.batch = args.batch or (256 if cuda else 32)
     args.steps = args.steps or (30 if cuda else 5)
     args.model = args.model or ("resnet50" if cuda else "resnet18")
     args.compile_mode = args.compile_mode or default_compile_mode(device)
-    if cuda:
-        torch.backends.cudnn.benchmark = True  # as the trainer (fastrsb.runtime.setup_distributed)
     data = _ensure_data(args)
     num_classes = len(read_classes(data))
     if args.num_classes is not None:
@@ -192,16 +192,14 @@ def run(args) -> list[dict]:
         num_classes = args.num_classes
     config = {"recipe": recipe.name, "model": args.model, "num_classes": num_classes, "res": args.res,
               "batch": args.batch, "steps": args.steps, "baseline_steps": args.baseline_steps or args.steps,
-              "backend": args.backend, "compile_mode": args.compile_mode, "workers": args.workers or os.cpu_count()}
+              "backend": args.backend, "precision": args.precision, "compile_mode": args.compile_mode,
+              "workers": args.workers or os.cpu_count()}
 
     loader, prepare, augment, step = _fastrsb_pipeline(args, data, recipe, device, num_classes)
     ours = _measure(batches_forever(loader, args.res, 0), augment, step, args.steps, args.batch, device, prepare)
     config["backend"] = loader.backend
     del loader, prepare, augment, step
-    torch._dynamo.reset()  # compiled graphs keep our model's tensors alive: free them for timm's pipeline
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
+    release_memory()  # our model and its compiled graphs, before timm's pipeline
     base = None
     source = Path(read_manifest(data, "train")["source"])
     if not args.no_baseline and source.is_dir():

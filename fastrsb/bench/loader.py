@@ -45,8 +45,10 @@ def batches_forever(loader, res, first_epoch: int):
         epoch += 1
 
 
-def measure(loader, *, res, device, warmup: int, batches: int, runs: int):
-    """Median img/s over `runs` timed windows of `batches` batches after `warmup` batches (the one Timer).
+def measure(loader, *, res, device, warmup: int, batches: int, runs: int, windows: int = 1):
+    """Median img/s over timed windows of `batches` batches (the one Timer): per run, a fresh pass from
+    its own epoch, `warmup` untimed batches, then `windows` windows back to back, so the later windows
+    are at steady state (a prefetching loader's queue, filled while it waited, is drained by then).
 
     Every image is consumed on the loader's device (a reduction per batch), so lazy work is paid for."""
     rates = []
@@ -54,26 +56,29 @@ def measure(loader, *, res, device, warmup: int, batches: int, runs: int):
         it = batches_forever(loader, res, 1000 * run)
         for _ in range(warmup):
             next(it)
-        timer = Timer(device).start()
-        n = 0
-        for _ in range(batches):
-            images, labels = next(it)
-            images[:, :, 0, 0].sum()
-            n += images.shape[0]
-        rates.append(n / timer.stop())
+        for _ in range(windows):
+            timer = Timer(device).start()
+            n = 0
+            for _ in range(batches):
+                images, labels = next(it)
+                images[:, :, 0, 0].sum()
+                n += images.shape[0]
+            rates.append(n / timer.stop())
         it.close()
     return statistics.median(rates), rates
 
 
-def train_augment(num_classes: int, device):
-    """The trainer's augmentation for A3 (RandAugment m6, mixup 0.1 / cutmix 1.0, normalise), compiled on
-    CUDA as the trainer compiles it. Make it once and share it: each compiled copy compiles again."""
+def train_augment(num_classes: int, device, precision: str = "auto"):
+    """The trainer's augmentation for A3 (RandAugment m6, mixup 0.1 / cutmix 1.0, normalise to the dtype of
+    the trainer's `precision`), compiled on CUDA as the trainer compiles it. Make it once and share it:
+    each compiled copy compiles again."""
     import torch
 
     from fastrsb.augment import make_train_augment, recipe_augment_kwargs
+    from fastrsb.runtime import autocast_dtype, resolve_precision
     from fastrsb.step import compile_augment, default_compile_mode
 
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    dtype = autocast_dtype(resolve_precision(precision, torch.device(device), A3.mixed_precision))
     augment = make_train_augment(num_classes=num_classes, dtype=dtype, **recipe_augment_kwargs(A3))
     return compile_augment(augment, device, default_compile_mode(device))
 
@@ -94,6 +99,9 @@ class with_train_augment:
 
     def set_epoch(self, epoch, res=None):
         self.loader.set_epoch(epoch, res=res)
+
+    def __len__(self):
+        return len(self.loader)
 
     def __iter__(self):
         from fastrsb.prefetch import AugmentedBatches
@@ -123,6 +131,9 @@ class TimmBaseline:
     def set_epoch(self, epoch, res=None):  # timm's input size is fixed at creation
         pass
 
+    def __len__(self):
+        return len(self.loader)
+
     def __iter__(self):
         return iter(self.loader)
 
@@ -139,6 +150,8 @@ def make_demo(root: Path, per_class: int) -> tuple[Path, Path]:
 
 
 def add_arguments(p) -> None:
+    from fastrsb.runtime import PRECISIONS
+
     p.add_argument("--data", type=Path, help="folder written by fastrsb convert")
     p.add_argument("--src", type=Path, help="source ImageFolder (for the timm baseline and the PIL backend)")
     p.add_argument("--demo", action="store_true", help="make a demo dataset (10 classes, 200-400 px) in a temp dir")
@@ -149,6 +162,8 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=None, help="default: the cores this process may use")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=("auto",) + PRECISIONS, default="auto",
+                   help="the trainer's --precision: the dtype the augmentation normalises to (auto: bf16 on CUDA)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--runs", type=int, default=3)
@@ -162,6 +177,9 @@ def run(args) -> list[dict]:
     if args.quick:
         args.batch_size, args.warmup, args.batches, args.runs = 64, 2, 6, 2
     workers = args.workers or len(os.sched_getaffinity(0))
+    from fastrsb.runtime import prepare_device
+
+    prepare_device(args.device)  # as the trainer sets the device up
 
     from fastrsb.loaders import make_loader
     from fastrsb.loaders.registry import usable as backend_usable
@@ -244,7 +262,8 @@ def run(args) -> list[dict]:
                     # ... and for train, the same work as timm's loader: the trainer's augmentation on the
                     # loader's device (compiled on CUDA: the compile happens in the warm-up batches)
                     if loader.num_classes not in augments:
-                        augments[loader.num_classes] = train_augment(loader.num_classes, args.device)
+                        augments[loader.num_classes] = train_augment(loader.num_classes, args.device,
+                                                                     args.precision)
                     augment = augments[loader.num_classes]
                     med, rates = measure(with_train_augment(loader, augment), res=res, device=args.device,
                                          warmup=args.warmup, batches=args.batches, runs=args.runs)

@@ -1,6 +1,6 @@
 """Training-step throughput: the trainer's own step (`fastrsb.step.TrainStep`: multi-tensor LAMB, BCE with
-the recipe's threshold, LAMB's clip, GradScaler, channels-last, bf16 autocast, torch.compile on CUDA)
-against timm's eager `Lamb` step, measured in the same run.
+the recipe's threshold, LAMB's clip, GradScaler, channels-last, the trainer's precision (bf16 autocast on
+CUDA), torch.compile on CUDA) against timm's eager `Lamb` step, measured in the same run.
 
     fastrsb bench step                                        # same as benchmarks/step_throughput.py
     python benchmarks/step_throughput.py                      # resnet50, 160 and 224 px, batch 256 and 2048
@@ -21,14 +21,13 @@ no GPU was available when this was written; CPU figures from `--quick` only show
 """
 from __future__ import annotations
 
-import gc
 import statistics
 
 import torch
 
 from fastrsb.benchlog import Timer, emit, record, time_calls
 from fastrsb.optim import Lamb, make_param_groups
-from fastrsb.runtime import create_model
+from fastrsb.runtime import PRECISIONS, autocast, create_model, prepare_device, release_memory, resolve_precision
 from fastrsb.step import COMPILE_MODES, TrainStep, default_compile_mode
 
 
@@ -55,7 +54,6 @@ def measure(kind: str, args, res: int, batch: int, device: torch.device, compile
     model = create_model(args.model, args.num_classes, args.drop_path).to(device, memory_format=torch.channels_last)
     model.train()
     groups = make_param_groups(model, 0.02)
-    autocast_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
     images = torch.randn(micro, 3, res, res, device=device).contiguous(memory_format=torch.channels_last)
     targets = torch.rand(micro, args.num_classes, device=device)
     if kind == "fastrsb":
@@ -76,13 +74,15 @@ def measure(kind: str, args, res: int, batch: int, device: torch.device, compile
         foreach = {"foreach": None if kind == "timm" else False} if has_foreach else {}
         optimizer = timm.optim.Lamb(groups, lr=8e-3, **foreach)
         loss_fn = timm.loss.BinaryCrossEntropy(smoothing=0.0, target_threshold=0.2)
+        scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # timm's NativeScaler
 
         def step():
             for _ in range(accum_steps):
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
+                with autocast(device, args.precision):
                     logits = model(images)
-                (loss_fn(logits, targets) / accum_steps).backward()
-            optimizer.step()
+                scaler.scale(loss_fn(logits, targets) / accum_steps).backward()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -96,10 +96,7 @@ def measure(kind: str, args, res: int, batch: int, device: torch.device, compile
     result = {"img_per_s": batch / median_s, "step_s_all": times, "optimizer_step_ms": 1e3 * opt_s,
               "first_step_s": first_step_s, "accum_steps": accum_steps, "micro_batch": micro, "peak_mem_gib": peak_gib}
     del model, optimizer, step, images, targets
-    torch._dynamo.reset()  # compiled graphs keep the model's tensors alive
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release_memory()
     return result
 
 
@@ -112,7 +109,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--drop-path", type=float, default=None,
                         help="stochastic depth of both models (default: A3's, none; A1/A2 use 0.05)")
-    parser.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="default bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--precision", choices=("auto",) + PRECISIONS, default="auto",
+                        help="the trainer's --precision for both steps (auto: bf16 on CUDA, fp32 on the CPU; fp16 "
+                             "with a GradScaler on both sides)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps after the first (default 5; --quick 1)")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps (default 10; --quick 5)")
     parser.add_argument("--compile-modes", default=None,
@@ -125,7 +124,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> None:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = prepare_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     q = args.quick
     args.model = args.model or ("test_resnet" if q else "resnet50")
     if q:
@@ -133,11 +132,11 @@ def run(args) -> None:
     resolutions = [int(r) for r in (args.res or ("32,48" if q else "160,224")).split(",")]
     batches = [int(b) for b in (args.batch or ("16,32" if q else "256,2048")).split(",")]
     args.batch_per_gpu = args.batch_per_gpu or (16 if q else 1024)
-    if args.drop_path is None:
-        from fastrsb.recipes import A3
+    from fastrsb.recipes import A3
 
+    if args.drop_path is None:
         args.drop_path = A3.drop_path_rate
-    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    args.precision = resolve_precision(args.precision, device, A3.mixed_precision)
     args.warmup = args.warmup if args.warmup is not None else (1 if q else 5)
     args.repeats = args.repeats or (5 if q else 10)
     modes = (args.compile_modes or default_compile_mode(device)).split(",")
@@ -148,8 +147,6 @@ def run(args) -> None:
         raise FastRSBError(f"--compile-modes: unknown {', '.join(bad)}; choose from {', '.join(COMPILE_MODES)}")
     if args.threads or (q and device.type == "cpu"):
         torch.set_num_threads(args.threads or 1)  # a shared small CPU: 1 thread gives stable figures
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
 
     for res in resolutions:
         for batch in batches:
