@@ -204,7 +204,7 @@ def write_shard(task: dict, prepared) -> dict:
         if writer is not None:
             writer.close()
             for path in (writer.tar_path, writer.idx_path):
-                files[f"wds/{path.name}"] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+                files[layout.wds_file(path.name)] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -491,7 +491,7 @@ def convert_split(scan: SplitScan, out: Path, classes: list[str], formats: list[
 
     samples, rejected, non_images, shard_files = [], [], [], {}
     for record in records:
-        tar = f"wds/{record['shard']}.tar"
+        tar = layout.wds_file(f"{record['shard']}.tar")
         for key, label, height, width, relpath, stored, why, sha in record["samples"]:
             samples.append((key, label, height, width, tar, relpath, stored, why, sha))
         rejected += record["rejected"]
@@ -566,7 +566,7 @@ def convert_split(scan: SplitScan, out: Path, classes: list[str], formats: list[
         "num_skipped": len(scan.skipped),
         "skipped": scan.skipped,
         "shards": [
-            {"file": f"wds/{r['shard']}.tar", "num_samples": len(r["samples"])} for r in records if r["files"]
+            {"file": layout.wds_file(f"{r['shard']}.tar"), "num_samples": len(r["samples"])} for r in records if r["files"]
         ] if "dali" in formats else [],
         "options": options,
         "versions": versions("beton" in formats),

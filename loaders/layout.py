@@ -54,8 +54,16 @@ def beton_path(out, split: str) -> Path:
     return split_dir(out, split) / f"{split}.beton"
 
 
+WDS = "wds"  # the shards' folder inside a split; the manifest names their files "wds/<file>"
+
+
 def wds_dir(out, split: str) -> Path:
-    return split_dir(out, split) / "wds"
+    return split_dir(out, split) / WDS
+
+
+def wds_file(name: str) -> str:
+    """A shard file (`<split>-NNNNNN.tar` or `.idx`) as the manifest and samples.jsonl name it."""
+    return f"{WDS}/{name}"
 
 
 def wds_shards(out, split: str) -> list[Path]:
