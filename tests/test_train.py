@@ -120,7 +120,7 @@ def tiny_recipe(**changes):
     return override(A3, base)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_prepare_device_without_cuda():
     assert prepare_device("cpu") == torch.device("cpu")
     with pytest.raises(FastRSBError, match="sees no CUDA GPU; pass --device cpu"):
