@@ -26,7 +26,7 @@ from .benchlog import emit, record
 # its workers; prefetched queues fill while they wait), then the median of LOADER_EPOCHS timed epochs. Whole
 # epochs, because the source folder holds one 10,000-px image that timm's workers decode on every pass
 # (fastrsb's formats hold it converted): a window of a few batches held it or not, and timm's figure
-# swung between ~350 and ~2,500 img/s from window to window on the shared 2-core CPU.
+# swung several-fold from window to window on the 2-core CPU.
 LOADER_EPOCHS = 3
 
 

@@ -92,7 +92,7 @@ class PlanSource:
     def __init__(self, index: ShardIndex, crop: sampling.CropSpec, keep: int = 4):
         self.read = ShardBytes(index)
         self.index = index
-        self.crop = crop
+        self.box_args = crop.box_args  # read_box's constants, made once
         self.batches: list[np.ndarray] = []
         self.k = 0
         self.res = 0
@@ -104,14 +104,13 @@ class PlanSource:
     def start(self, batches, res: int):
         self.batches, self.k, self.res = batches, 0, int(res)
 
-    def windows(self, tagged: np.ndarray):
-        """(slice start (x, y), slice shape (w, h), roi start (y, x), roi end (y, x), interp, flip) per read.
+    def windows(self, tagged: np.ndarray, ids: np.ndarray):
+        """(slice start (x, y), slice shape (w, h), roi start (y, x), roi end (y, x), interp, flip) per read
+        (`ids`: the reads' sample indices).
 
         The boxes, flips and filters of `CropSpec.read`: `sampling.read_box` compiled with numba (a host
         cost per batch; in Python it would be per read)."""
-        ids = tagged & sampling.SAMPLE_MASK
-        out = _windows_function()(self.index.heights[ids], self.index.widths[ids], tagged.astype(np.int64), self.res,
-                                  *self.crop.box_args)
+        out = _windows_function()(self.index.heights[ids], self.index.widths[ids], tagged, self.res, *self.box_args)
         start, shape, roi_start, roi_end, bicubic, flips = out
         interp = np.where(bicubic == 1, int(types.INTERP_CUBIC), int(types.INTERP_LINEAR)).astype(np.int32)
         return start, shape, roi_start, roi_end, interp, flips
@@ -119,14 +118,14 @@ class PlanSource:
     def __call__(self):
         if self.k >= len(self.batches):
             raise StopIteration
-        tagged = self.batches[self.k]
+        tagged = self.batches[self.k]  # int64 (IndexPlan)
         self.k += 1
         ids = tagged & sampling.SAMPLE_MASK
         size = np.full((ids.size, 2), self.res, dtype=np.float32)
         # DALI tensors wrapping the mmap views (no copy) made here: DALI's feed then skips its per-sample
         # conversions
         jpegs = [TensorCPU(view, "") for view in self.read.batch(ids)]
-        batch = (jpegs, self.index.labels[ids], size, *self.windows(tagged))
+        batch = (jpegs, self.index.labels[ids], size, *self.windows(tagged, ids))
         self.fed.append(batch)
         return batch
 

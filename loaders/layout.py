@@ -160,8 +160,8 @@ def _read_table(path, take):
 
 
 def read_samples(path) -> list[dict]:
-    """The per-sample table as one dict per sample (about 1 GB for ImageNet's train split: readers that
-    need a few integer columns use `read_sample_columns`)."""
+    """The per-sample table as one dict per sample (ten columns each: readers that need a few integer
+    columns of a large split use `read_sample_columns`)."""
     return _read_table(path, lambda columns, lines: [dict(zip(columns, json.loads(line))) for line in lines])
 
 

@@ -286,7 +286,8 @@ class CropSpec:
     """What a backend does to each read: train (seeded random-resized-crop + flip) or eval (centre window).
 
     The one description of crops, flips and resize filters all backends follow: boxes, flips and the
-    filter are a pure function of (seed, tagged read) through `read_box`, so every backend reads the same boxes and resizes each with the same filter. interpolation
+    filter are a pure function of (seed, tagged read) through `read_box` (`read`), so every backend
+    reads the same boxes and resizes each with the same filter. interpolation
     (train only): "bilinear", "bicubic" or "random" (one of the two per read with p=1/2, timm's
     `random` interpolation of `transforms_imagenet_train`); eval always resizes bicubic (timm's eval).
     Every backend resizes antialiased (the filter support widens with the downscale factor, as PIL's).
@@ -321,10 +322,6 @@ class CropSpec:
     def read(self, height: int, width: int, tagged: int) -> tuple[int, int, int, int, int, int]:
         """(top, left, crop_height, crop_width, flip, bicubic) of one read of an image of this size."""
         return read_box(int(height), int(width), int(tagged), *self.box_args)
-
-    def box(self, height: int, width: int, tagged: int) -> tuple[int, int, int, int, int]:
-        """(top, left, crop_height, crop_width, flip) of one read of an image of this size."""
-        return self.read(height, width, tagged)[:5]
 
     def bicubic(self, tagged: int) -> bool:
         """Whether this read is resized bicubic (else bilinear)."""

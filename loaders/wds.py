@@ -125,9 +125,9 @@ def read_index(idx_path: str | os.PathLike) -> list[dict[str, Member]]:
 def read_offsets(idx_path: str | os.PathLike, extension: str):
     """(offsets, sizes), int64 arrays, of each sample's `extension` member, in shard order.
 
-    `read_index` without an object per member: a whole index is split at once, so the loaders' index
-    over ImageNet's 1,282 train shards is built in a fraction of the time. Checked as `read_index`
-    checks (version, count, one `extension` member per sample)."""
+    `read_index` without an object per member (the loaders' index reads every shard's .idx): a whole
+    index is split at once. Checked as `read_index` checks (version, count, one `extension` member per
+    sample)."""
     import numpy as np
 
     idx_path = Path(idx_path)

@@ -6,7 +6,7 @@ this demo data: DALI 0.18 median / 0.21 max, FFCV 0.98 / 1.09 train, 0.99 / 1.05
 - DALI (CPU decoder) vs PIL: median <= 0.5, max <= 1.0;
 - FFCV vs PIL: median <= 2.0, max <= 2.5 (libffcv decodes with libjpeg-turbo's fast DCT);
 - every backend pair, same box: <= 2 grey levels on average.
-Crop distributions, CropSpec.box vs torchvision's RandomResizedCrop.get_params, 10k draws each: KS
+Crop distributions, CropSpec.read vs torchvision's RandomResizedCrop.get_params, 10k draws each: KS
 statistic below its 1% critical value (0.023; measured 0.008-0.016).
 """
 from __future__ import annotations

@@ -25,7 +25,7 @@ import torch
 from fastrsb.bench.loader import batches_forever
 from fastrsb.benchlog import Timer, emit, record
 from fastrsb.loaders.layout import read_classes, read_manifest
-from fastrsb.runtime import PRECISIONS, autocast, autocast_dtype, prepare_device, release_memory, resolve_precision
+from fastrsb.runtime import PRECISIONS, autocast_dtype, prepare_device, release_memory, resolve_precision
 
 
 def add_arguments(parser) -> None:
@@ -105,6 +105,8 @@ def _timm_pipeline(args, source: Path, recipe, device, num_classes):
     import timm.loss
     import timm.optim
     from timm.data import Mixup, create_dataset, create_loader
+
+    from fastrsb.bench.step import timm_step
     from fastrsb.optim import make_param_groups
 
     cuda = device.type == "cuda"
@@ -119,7 +121,6 @@ def _timm_pipeline(args, source: Path, recipe, device, num_classes):
     run_model = _model(args.model, num_classes, recipe, device)
     optimizer = timm.optim.Lamb(make_param_groups(run_model, recipe.weight_decay), lr=recipe.lr)
     loss_fn = timm.loss.BinaryCrossEntropy(target_threshold=recipe.bce_target_thresh)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # timm's NativeScaler
 
     def batches():
         while True:
@@ -129,15 +130,8 @@ def _timm_pipeline(args, source: Path, recipe, device, num_classes):
                     images = images.float()
                 yield images.contiguous(memory_format=torch.channels_last), labels
 
-    def step(images, targets):
-        with autocast(device, args.precision):
-            logits = run_model(images)
-        scaler.scale(loss_fn(logits, targets)).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-
-    return batches(), (lambda images, labels: mixup(images, labels)), step
+    return batches(), (lambda images, labels: mixup(images, labels)), timm_step(run_model, optimizer, loss_fn,
+                                                                                device, args.precision)
 
 
 def _measure(it, augment, step, steps, batch, device, prepare=None) -> dict:

@@ -8,7 +8,7 @@ in grey levels of 255. Reported: median and max over the images, per backend and
 left is the JPEG decoder (libffcv decodes with libjpeg-turbo's fast integer DCT; DALI's CPU decoder
 and nvJPEG are not PIL's libjpeg-turbo build) and rounding inside the resize.
 
-Question 2 (crops): the crop area fraction and aspect ratio of `CropSpec.box` (10k reads) against
+Question 2 (crops): the crop area fraction and aspect ratio of `CropSpec.read` (10k reads) against
 torchvision's `RandomResizedCrop.get_params` (10k draws, timm's sampler), per image size: the
 two-sample Kolmogorov-Smirnov statistic, with its 1% critical value 1.628 * sqrt(2 / n).
 
@@ -46,14 +46,14 @@ def ks_critical(n: int, m: int, alpha: float = 0.01) -> float:
 
 
 def crop_distributions(height: int, width: int, draws: int = 10_000, seed: int = 0) -> dict:
-    """KS statistics of crop area fraction and log aspect (w/h): CropSpec.box vs torchvision."""
+    """KS statistics of crop area fraction and log aspect (w/h): CropSpec.read vs torchvision."""
     import torch
     from torchvision.transforms import RandomResizedCrop
 
     from fastrsb.loaders import sampling
 
     spec = sampling.CropSpec(train=True, seed=seed)
-    ours = np.asarray([spec.box(height, width, int(t))[:4] for t in sampling.tag(np.arange(draws), 0, 0)])
+    ours = np.asarray([spec.read(height, width, int(t))[:4] for t in sampling.tag(np.arange(draws), 0, 0)])
     torch.manual_seed(seed)
     img = torch.empty(1, height, width)
     theirs = np.asarray([RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(draws)])
@@ -172,7 +172,7 @@ def run(args) -> list[dict]:
           "to PIL, grey levels)", flush=True)
     for line in table:
         print(line, flush=True)
-    print(f"# {'image':9} {'quantity':11} {'KS':>7} {'1% crit.':>9}   (CropSpec.box vs torchvision "
+    print(f"# {'image':9} {'quantity':11} {'KS':>7} {'1% crit.':>9}   (CropSpec.read vs torchvision "
           f"RandomResizedCrop, {args.draws} draws each)", flush=True)
     for line in ks_rows:
         print(line, flush=True)

@@ -40,6 +40,24 @@ def time_optimizer_only(optimizer, model, device, repeats: int) -> float:
     return statistics.median(times)
 
 
+def timm_step(model, optimizer, loss_fn, device: torch.device, precision: str):
+    """The baseline's step, as timm's train.py takes it: eager, autocast forward, the loss scaled by its
+    NativeScaler (active for fp16 only), one optimizer step. `step(images, targets, accum_steps=1)`
+    accumulates over `accum_steps` passes of the batch; `bench e2e` takes it too."""
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    def step(images, targets, accum_steps: int = 1) -> None:
+        for _ in range(accum_steps):
+            with autocast(device, precision):
+                logits = model(images)
+            scaler.scale(loss_fn(logits, targets) / accum_steps).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def measure(kind: str, args, res: int, batch: int, device: torch.device, compile_mode: str = "none") -> dict:
     import timm.loss
     import timm.optim
@@ -74,16 +92,10 @@ def measure(kind: str, args, res: int, batch: int, device: torch.device, compile
         foreach = {"foreach": None if kind == "timm" else False} if has_foreach else {}
         optimizer = timm.optim.Lamb(groups, lr=8e-3, **foreach)
         loss_fn = timm.loss.BinaryCrossEntropy(smoothing=0.0, target_threshold=0.2)
-        scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")  # timm's NativeScaler
+        baseline_step = timm_step(model, optimizer, loss_fn, device, args.precision)
 
         def step():
-            for _ in range(accum_steps):
-                with autocast(device, args.precision):
-                    logits = model(images)
-                scaler.scale(loss_fn(logits, targets) / accum_steps).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            baseline_step(images, targets, accum_steps)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timer = Timer(device).start()
