@@ -95,7 +95,14 @@ def read_results(paths) -> list[dict]:
             except ValueError as e:
                 raise ValueError(f"{path}:{n}: {e}") from None
             rows.append(rec)
-    return rows
+    return final_only(rows)
+
+
+def final_only(rows: list[dict]) -> list[dict]:
+    """Drop each provisional line (one written before its baseline was measured, so that a run cut short
+    keeps it) whose final line, with the baseline, came later in the same run."""
+    final = {(r["benchmark"], r["name"], r["git"]) for r in rows if not r.get("provisional")}
+    return [r for r in rows if not (r.get("provisional") and (r["benchmark"], r["name"], r["git"]) in final)]
 
 
 class Timer:

@@ -12,7 +12,7 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from .benchlog import SCHEMA, validate
+from .benchlog import SCHEMA, final_only, validate
 
 
 def _collect(paths) -> tuple[list[dict], dict[str, list[dict]], list[dict]]:
@@ -39,7 +39,7 @@ def _collect(paths) -> tuple[list[dict], dict[str, list[dict]], list[dict]]:
                     bench.append(r)
         elif any(r.get("kind") in ("step", "epoch", "summary") for r in records):
             runs[str(f.parent)] = records
-    return bench, runs, sweeps
+    return final_only(bench), runs, sweeps
 
 
 def _fmt(v) -> str:

@@ -96,6 +96,10 @@ def test_bench_step_cli_fp16(tmp_path):
     rows = read_results([results])
     assert len(rows) == 1 and rows[0]["config"]["precision"] == "fp16"
     assert rows[0]["value"] > 0 and rows[0]["baseline"]["value"] > 0
+    # ours is written before timm's baseline is measured (a time limit keeps it), then again with the baseline
+    raw = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r.get("provisional", False) for r in raw] == [True, False] and "baseline" not in raw[0]
+    assert raw[0]["value"] == raw[1]["value"] and raw[0]["name"] == raw[1]["name"]
 
 
 def test_bench_aug_cli(tmp_path):
