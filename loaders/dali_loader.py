@@ -164,19 +164,27 @@ def _windows_function():
     return _WINDOWS
 
 
-def build_pipeline(source: PlanSource, *, batch_size: int, num_threads: int, device_id, hw_decoder_load: float,
-                   seed: int, prefetch_depth: int = 2) -> Pipeline:
+def build_pipeline(source: PlanSource, **kw) -> Pipeline:
+    """`define_pipeline`, built (building is the step that needs CUDA when `device_id` is set)."""
+    pipe = define_pipeline(source, **kw)
+    pipe.build()
+    return pipe
+
+
+def define_pipeline(source: PlanSource, *, batch_size: int, num_threads: int, device_id, hw_decoder_load: float,
+                    seed: int, prefetch_depth: int = 2) -> Pipeline:
     """decoders.image_slice (ROI decode of the planned window) -> resize (per-sample filter) -> flip.
 
     On a GPU (`device_id` set) the labels are moved inside the pipeline too, so both outputs are GPU
-    TensorLists that `DALILoader` copies on torch's stream."""
+    TensorLists that `DALILoader` copies on torch's stream. The graph is defined, not built: defining
+    it needs no GPU, so its structure is tested on the CPU (tests/test_loaders.py)."""
     mixed = device_id is not None
     # DALI's own generator is not used: every random choice comes from the plan (seed kept for DALI).
     # exec_pipelined + exec_async (DALI's defaults, spelled out): the executor runs up to
     # prefetch_depth iterations ahead of the consumer in its own threads and, with both on, DALI 2's
     # dynamic executor, whose outputs can be bound to a CUDA stream instead of synchronising the host.
     pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-                    prefetch_queue_depth=prefetch_depth, exec_pipelined=True, exec_async=True)
+                    prefetch_queue_depth=prefetch_depth, exec_pipelined=True, exec_async=True, exec_dynamic=True)
     with pipe:
         # no_copy: DALI reads the JPEG views into the memory-mapped shards (and the small per-sample
         # arrays) where they lie, rather than copying every batch's bytes in the consumer's thread;
@@ -185,15 +193,17 @@ def build_pipeline(source: PlanSource, *, batch_size: int, num_threads: int, dev
             source=source, num_outputs=9, batch=True, no_copy=True,
             dtype=[types.UINT8, types.INT64, types.FLOAT, types.INT32, types.INT32, types.FLOAT, types.FLOAT,
                    types.INT32, types.INT32])
+        # jpeg_fancy_upsampling: nvJPEG upsamples chroma as libjpeg-turbo does (PIL's decoder), which
+        # narrows the pixel gap between the GPU decode and the PIL reference
         decoder = dict(device="mixed", hw_decoder_load=hw_decoder_load, device_memory_padding=_DEVICE_MEMORY_PADDING,
-                       host_memory_padding=_HOST_MEMORY_PADDING) if mixed else dict(device="cpu")
+                       host_memory_padding=_HOST_MEMORY_PADDING, jpeg_fancy_upsampling=True) if mixed \
+            else dict(device="cpu")
         # start / shape as named inputs are absolute pixels (normalized_* apply to positional ones only)
         images = fn.decoders.image_slice(jpegs, start=start, shape=shape, output_type=types.RGB, **decoder)
         images = fn.resize(images, size=size, roi_start=roi_start, roi_end=roi_end, roi_relative=False,
                            interp_type=fn.cast(interp, dtype=types.INTERP_TYPE), antialias=True)
         images = fn.flip(images, horizontal=flip)
         pipe.set_outputs(images, labels.gpu() if mixed else labels)
-    pipe.build()
     return pipe
 
 

@@ -537,6 +537,54 @@ def test_dali_reads_the_shard_bytes_in_place(data, monkeypatch):
         assert tensor.shape() == [int(index.size[i])]
 
 
+def _dali_graph(device_id):
+    """The loader's DALI graph, defined (not built: only building a mixed graph needs CUDA), as
+    {operator schema: (device, {argument: value})} read from each operator's spec."""
+    from fastrsb.loaders import dali_loader
+
+    pipe = dali_loader.define_pipeline(lambda: None, batch_size=4, num_threads=2, device_id=device_id,
+                                       hw_decoder_load=0.65, seed=0, prefetch_depth=2)
+    pipe._build_graph()  # walks the graph in Python; no CUDA call
+    graph = {}
+    for op in pipe._ops:
+        text = str(op.spec)
+        schema = text.splitlines()[0].removeprefix("OpSpec for ").rstrip(":")
+        args = dict(line.strip().split(": ", 1) for line in text.split("Arguments:")[1].splitlines()
+                    if ": " in line)
+        graph.setdefault(schema, []).append((args.pop("device"), args))
+    return pipe, graph
+
+
+def test_dali_mixed_graph_structure_on_the_cpu():
+    """The GPU graph, checked where no GPU is: the JPEGs decode on the mixed decoder (nvJPEG) with
+    libjpeg-turbo's chroma upsampling and the asked hardware share, everything after it runs on the
+    GPU, the labels are moved inside the pipeline, every argument given exists in its operator's schema
+    (a misspelt one would only fail at build, on a GPU), and the executor is the dynamic one (its outputs
+    bind to torch's stream without a host sync)."""
+    pytest.importorskip("nvidia.dali")
+    from nvidia.dali import backend as dali_backend
+
+    pipe, graph = _dali_graph(device_id=0)
+    assert pipe.exec_dynamic and pipe.exec_async and pipe.exec_pipelined
+    (decoder_device, decoder), = graph["decoders__ImageSlice"]
+    assert decoder_device == "mixed" and decoder["jpeg_fancy_upsampling"] == "True"
+    assert float(decoder["hw_decoder_load"]) == 0.65
+    assert {d for d, _ in graph["ExternalSource"]} == {"cpu"} and len(graph["ExternalSource"]) == 9
+    for schema in ("Resize", "Flip"):
+        assert [d for d, _ in graph[schema]] == ["gpu"], schema
+    assert [o.device for o in pipe._graph_outputs] == ["gpu", "gpu"]  # labels.gpu(): moved inside DALI
+    for schema, ops in graph.items():
+        spec = dali_backend.GetSchema(schema)
+        for _, args in ops:
+            unknown = [a for a in args if not a.startswith("_") and a != "preserve_name" and not spec.HasArgument(a)]
+            assert not unknown, (schema, unknown)
+    # the CPU graph of the same function: CPU decoder, no GPU argument
+    cpu_pipe, cpu_graph = _dali_graph(device_id=None)
+    (cpu_device, cpu_decoder), = cpu_graph["decoders__ImageSlice"]
+    assert cpu_device == "cpu" and "hw_decoder_load" not in cpu_decoder
+    assert [o.device for o in cpu_pipe._graph_outputs] == ["cpu", "cpu"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.skipif(not registry.usable("dali"), reason="DALI not installed")
 def test_dali_gpu_outputs_follow_torch_current_stream(data):
