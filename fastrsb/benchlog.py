@@ -98,6 +98,13 @@ def read_results(paths) -> list[dict]:
     return final_only(rows)
 
 
+def failure(e: BaseException) -> str:
+    """A backend's failure (at build, at its first batch or later), in one line: `bench loader`, `parity`
+    and `e2e` print it, skip that backend and measure the others."""
+    text = str(e).strip()
+    return f"failed: {type(e).__name__}{': ' + text.splitlines()[0] if text else ''}"
+
+
 def final_only(rows: list[dict]) -> list[dict]:
     """Drop each provisional line (one written before its baseline was measured, so that a run cut short
     keeps it) whose final line, with the baseline, came later in the same run."""

@@ -164,6 +164,16 @@ def _windows_function():
     return _WINDOWS
 
 
+def decoder_arguments(mixed: bool, hw_decoder_load: float) -> dict:
+    """The JPEG decoder's arguments (the loader's and `fastrsb bench preflight`'s). Mixed: nvJPEG, with
+    `jpeg_fancy_upsampling` so that it upsamples chroma as libjpeg-turbo (PIL's decoder) does, which
+    narrows the pixel gap between the GPU decode and the PIL reference."""
+    if not mixed:
+        return dict(device="cpu")
+    return dict(device="mixed", hw_decoder_load=hw_decoder_load, device_memory_padding=_DEVICE_MEMORY_PADDING,
+                host_memory_padding=_HOST_MEMORY_PADDING, jpeg_fancy_upsampling=True)
+
+
 def build_pipeline(source: PlanSource, **kw) -> Pipeline:
     """`define_pipeline`, built (building is the step that needs CUDA when `device_id` is set)."""
     pipe = define_pipeline(source, **kw)
@@ -193,11 +203,7 @@ def define_pipeline(source: PlanSource, *, batch_size: int, num_threads: int, de
             source=source, num_outputs=9, batch=True, no_copy=True,
             dtype=[types.UINT8, types.INT64, types.FLOAT, types.INT32, types.INT32, types.FLOAT, types.FLOAT,
                    types.INT32, types.INT32])
-        # jpeg_fancy_upsampling: nvJPEG upsamples chroma as libjpeg-turbo does (PIL's decoder), which
-        # narrows the pixel gap between the GPU decode and the PIL reference
-        decoder = dict(device="mixed", hw_decoder_load=hw_decoder_load, device_memory_padding=_DEVICE_MEMORY_PADDING,
-                       host_memory_padding=_HOST_MEMORY_PADDING, jpeg_fancy_upsampling=True) if mixed \
-            else dict(device="cpu")
+        decoder = decoder_arguments(mixed, hw_decoder_load)
         # start / shape as named inputs are absolute pixels (normalized_* apply to positional ones only)
         images = fn.decoders.image_slice(jpegs, start=start, shape=shape, output_type=types.RGB, **decoder)
         images = fn.resize(images, size=size, roi_start=roi_start, roi_end=roi_end, roi_relative=False,

@@ -108,3 +108,55 @@ def test_bench_aug_cli(tmp_path):
             "--out", results)
     rows = read_results([results])
     assert len(rows) == 1 and all(r["ratio"] > 0 for r in rows) and rows[0]["name"].endswith("eager")
+
+
+BROKEN_DALI = """
+import sys
+import nvidia.dali.pipeline
+
+def build(self, *args, **kwargs):  # as a missing libnvjpeg or a CUDA mismatch makes it fail
+    raise RuntimeError("libnvjpeg.so.12: cannot open shared object file")
+
+nvidia.dali.pipeline.Pipeline.build = build
+from fastrsb.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_dali_that_cannot_build_is_skipped_by_name(demo_run, tmp_path):
+    """DALI imports but its pipelines cannot build: the preflight and the benches that take backends name
+    it as skipped with the reason, exit 0, and measure the others."""
+    pytest.importorskip("nvidia.dali")
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out, _ = demo_run
+    data, results = out / "data", tmp_path / "r.jsonl"
+
+    def run(*args):
+        proc = subprocess.run([sys.executable, "-c", BROKEN_DALI, *map(str, args), "--out", str(results)],
+                              capture_output=True, text=True, timeout=600, cwd=REPO)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr[-3000:]
+        return proc.stdout
+
+    env_file = tmp_path / "preflight.env"
+    stdout = run("bench", "preflight", "--device", "cpu", "--env-file", env_file)
+    assert "# preflight dali: FAILED" in stdout and "libnvjpeg" in stdout
+    assert env_file.read_text().split() == ["preflight_dali=failed", "preflight_augment=ok", "preflight_step=ok"]
+    stdout = run("bench", "loader", "--data", data, "--src", out / "src", "--backends", "pil,dali", "--splits",
+                 "train", "--sizes", "32", "--batch-size", "8", "--warmup", "1", "--batches", "2", "--runs", "1",
+                 "--device", "cpu")
+    assert "# dali: skipped, failed: RuntimeError: libnvjpeg.so.12" in stdout
+    stdout = run("bench", "parity", data, "--backends", "dali,ffcv,pil", "--splits", "train", "--res", "32",
+                 "--batch-size", "8", "--batches", "1", "--draws", "100", "--device", "cpu")
+    assert "# dali: skipped, failed: RuntimeError: libnvjpeg.so.12" in stdout
+    stdout = run("bench", "e2e", "--data", data, "--backend", "dali,pil", "--device", "cpu", "--model",
+                 "test_resnet", "--res", "32", "--batch", "8", "--steps", "1", "--no-baseline")
+    assert "# dali: skipped, failed: RuntimeError: libnvjpeg.so.12" in stdout and "trying pil" in stdout
+    rows = read_results([results])
+    assert {r["config"]["backend"] for r in rows if r["benchmark"] == "loader"} == {"pil", "timm"}
+    assert {r["config"]["backend"] for r in rows if r["benchmark"] == "parity" and "backend" in r["config"]} == {"ffcv"}
+    assert {r["config"]["backend"] for r in rows if r["benchmark"] == "e2e"} == {"pil"}
+    assert [r["value"] for r in rows if r["benchmark"] == "preflight"] == [0.0, 1.0, 1.0]

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from fastrsb.bench.loader import batches_forever
-from fastrsb.benchlog import Timer, emit, record
+from fastrsb.benchlog import Timer, emit, failure, record
 from fastrsb.loaders.layout import read_classes, read_manifest
 from fastrsb.runtime import PRECISIONS, autocast_dtype, prepare_device, release_memory, resolve_precision
 
@@ -31,7 +31,9 @@ from fastrsb.runtime import PRECISIONS, autocast_dtype, prepare_device, release_
 def add_arguments(parser) -> None:
     parser.add_argument("--data", default=None,
                         help="a folder `fastrsb convert` wrote (default: demo data made and converted in a temp dir)")
-    parser.add_argument("--backend", default="auto", help="ffcv, dali, pil or auto")
+    parser.add_argument("--backend", default="auto",
+                        help="ffcv, dali, pil or auto; a comma-separated list (dali,pil) takes the first that works "
+                             "and names each one that failed")
     parser.add_argument("--recipe", default="a3")
     parser.add_argument("--model", default=None, help="timm model (default resnet50 on CUDA, resnet18 on the CPU)")
     parser.add_argument("--res", type=int, default=None, help="train resolution (default: the recipe's)")
@@ -189,11 +191,24 @@ def run(args) -> list[dict]:
               "backend": args.backend, "precision": args.precision, "compile_mode": args.compile_mode,
               "workers": args.workers or os.cpu_count()}
 
-    loader, prepare, augment, step = _fastrsb_pipeline(args, data, recipe, device, num_classes)
-    ours = _measure(batches_forever(loader, args.res, 0), augment, step, args.steps, args.batch, device, prepare)
-    config["backend"] = loader.backend
-    del loader, prepare, augment, step
-    release_memory()  # our model and its compiled graphs, before timm's pipeline
+    # --backend dali,pil: the first that builds and runs is measured; each one that fails is named
+    candidates = [b.strip() for b in args.backend.split(",") if b.strip()]
+    ours = None
+    for n, backend in enumerate(candidates):
+        try:
+            args.backend = backend
+            loader, prepare, augment, step = _fastrsb_pipeline(args, data, recipe, device, num_classes)
+            ours = _measure(batches_forever(loader, args.res, 0), augment, step, args.steps, args.batch, device,
+                            prepare)
+            config["backend"] = loader.backend
+            break
+        except Exception as e:
+            if n == len(candidates) - 1:
+                raise
+            print(f"# {backend}: skipped, {failure(e)}; trying {candidates[n + 1]}", flush=True)
+        finally:
+            loader = prepare = augment = step = None
+            release_memory()  # our model and its compiled graphs, before the next candidate or timm's pipeline
     base = None
     source = Path(read_manifest(data, "train")["source"])
     if not args.no_baseline and source.is_dir():

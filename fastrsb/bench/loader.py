@@ -30,7 +30,7 @@ import time
 
 from pathlib import Path
 
-from fastrsb.benchlog import Timer, emit, record
+from fastrsb.benchlog import Timer, emit, failure, record
 from fastrsb.errors import FastRSBError
 from fastrsb.recipes import A3
 
@@ -169,6 +169,9 @@ def add_arguments(p) -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--prefetch-depths", default="2",
                    help="comma-separated DALI prefetch depths (batches run ahead) to measure; other backends use the first")
+    p.add_argument("--hw-decoder-loads", default="1.0",
+                   help="comma-separated shares of JPEGs for DALI's hardware decoder (mixed only) to measure, "
+                        "e.g. 1.0,0.65; other backends ignore it")
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--quick", action="store_true", help="batch 64, 2 warm-up + 6 timed batches, 2 runs")
 
@@ -194,6 +197,13 @@ def run(args) -> list[dict]:
         depths = []
     if not depths or any(d < 1 for d in depths):
         raise FastRSBError(f"--prefetch-depths {args.prefetch_depths!r}: give comma-separated positive integers, e.g. 2,4")
+    try:
+        loads = [float(v) for v in str(args.hw_decoder_loads).split(",")]
+    except ValueError:
+        loads = []
+    if not loads or any(not 0.0 <= v <= 1.0 for v in loads):
+        raise FastRSBError(f"--hw-decoder-loads {args.hw_decoder_loads!r}: give comma-separated shares in [0, 1], "
+                           "e.g. 1.0,0.65")
     from fastrsb.loaders import registry
 
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -240,38 +250,45 @@ def run(args) -> list[dict]:
                 print(f"# {backend}: skipped, not installed or not usable here", flush=True)
                 continue
             data = args.data if args.data is not None else args.src
-            for depth in depths if backend == "dali" else depths[:1]:
-                tag = f" depth {depth}" if backend == "dali" and len(depths) > 1 else ""
-                t0 = time.perf_counter()
-                loader = make_loader(backend, data, split, batch_size=args.batch_size, res=sizes[0], device=args.device,
-                                     num_workers=workers, crop_pct=0.95, drop_last=True, verbose=False,
-                                     prefetch_depth=depth)
-                build_s = time.perf_counter() - t0
-                common = {"backend": backend, "split": split, "build_s": round(build_s, 1)}
-                if backend == "dali":
-                    common["prefetch_depth"] = depth
-                for res in sizes:
-                    # the loader alone: for val the same work as timm's val loader (so a ratio), for train
-                    # without RandAugment (no ratio) ...
-                    med, rates = measure(loader, res=res, device=args.device, warmup=args.warmup,
-                                         batches=args.batches, runs=args.runs)
-                    emit_line(f"{backend} {split} {res}{tag}", med, res=res, img_per_s_runs=[round(r, 1) for r in rates],
-                              baseline=baselines.get(res) if split == "val" else None, **common)
-                    if split != "train":
-                        continue
-                    # ... and for train, the same work as timm's loader: the trainer's augmentation on the
-                    # loader's device (compiled on CUDA: the compile happens in the warm-up batches)
-                    if loader.num_classes not in augments:
-                        augments[loader.num_classes] = train_augment(loader.num_classes, args.device,
-                                                                     args.precision)
-                    augment = augments[loader.num_classes]
-                    med, rates = measure(with_train_augment(loader, augment), res=res, device=args.device,
-                                         warmup=args.warmup, batches=args.batches, runs=args.runs)
-                    emit_line(f"{backend} {split} {res}{tag} + GPU augmentation", med, baseline=baselines.get(res),
-                              res=res, img_per_s_runs=[round(r, 1) for r in rates], **common,
-                              augment="A3: " + RAND_AUGMENT + ", mixup/cutmix, normalise",
-                              augment_compiled=augment.compiled)
-                del loader
+            dali = backend == "dali"
+            for depth, load in [(d, v) for d in depths for v in loads] if dali else [(depths[0], loads[0])]:
+                tag = (f" depth {depth}" if dali and len(depths) > 1 else "") + \
+                      (f" hw {load:g}" if dali and len(loads) > 1 else "")
+                try:
+                    t0 = time.perf_counter()
+                    loader = make_loader(backend, data, split, batch_size=args.batch_size, res=sizes[0], device=args.device,
+                                         num_workers=workers, crop_pct=0.95, drop_last=True, verbose=False,
+                                         prefetch_depth=depth, hw_decoder_load=load)
+                    build_s = time.perf_counter() - t0
+                    common = {"backend": backend, "split": split, "build_s": round(build_s, 1)}
+                    if dali:
+                        common["prefetch_depth"], common["hw_decoder_load"] = depth, load
+                    for res in sizes:
+                        # the loader alone: for val the same work as timm's val loader (so a ratio), for train
+                        # without RandAugment (no ratio) ...
+                        med, rates = measure(loader, res=res, device=args.device, warmup=args.warmup,
+                                             batches=args.batches, runs=args.runs)
+                        emit_line(f"{backend} {split} {res}{tag}", med, res=res, img_per_s_runs=[round(r, 1) for r in rates],
+                                  baseline=baselines.get(res) if split == "val" else None, **common)
+                        if split != "train":
+                            continue
+                        # ... and for train, the same work as timm's loader: the trainer's augmentation on the
+                        # loader's device (compiled on CUDA: the compile happens in the warm-up batches)
+                        if loader.num_classes not in augments:
+                            augments[loader.num_classes] = train_augment(loader.num_classes, args.device,
+                                                                         args.precision)
+                        augment = augments[loader.num_classes]
+                        med, rates = measure(with_train_augment(loader, augment), res=res, device=args.device,
+                                             warmup=args.warmup, batches=args.batches, runs=args.runs)
+                        emit_line(f"{backend} {split} {res}{tag} + GPU augmentation", med, baseline=baselines.get(res),
+                                  res=res, img_per_s_runs=[round(r, 1) for r in rates], **common,
+                                  augment="A3: " + RAND_AUGMENT + ", mixup/cutmix, normalise",
+                                  augment_compiled=augment.compiled)
+                except Exception as e:  # named, and the other backends are still measured
+                    print(f"# {backend}{tag}: skipped, {failure(e)}", flush=True)
+                    break
+                finally:
+                    loader = None
     print(f"# {'measurement':40} {'img/s':>9} {'vs timm':>8}", flush=True)
     for rec in out:
         ratio = rec.get("ratio")
