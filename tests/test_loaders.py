@@ -25,8 +25,8 @@ from fastrsb.loaders.sampling import IndexPlan
 
 REPO = Path(__file__).resolve().parents[1]
 BACKENDS = ["ffcv", "dali", "pil"]
-# The GPU box that runs `pytest -m cuda` has no FFCV (and DALI only when carried there): the CUDA tests
-# take what is installed. Everything else expects all three, as CI installs them.
+# A GPU box that runs `pytest -m cuda` may have DALI without FFCV, or neither: the CUDA tests take what
+# is installed. Everything else expects all three, as CI installs them.
 CUDA_BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not registry.usable(b), reason=f"{b} not installed"))
                  for b in BACKENDS]
 # numba prints a KeyError from a dispatcher finalizer when an FFCV Loader is collected: harmless.

@@ -9,7 +9,8 @@ In seconds, three checks, each on its own so that one failure names itself and s
   `bench.step.measure`.
 Each check is a JSON line (benchmark "preflight", value 1 for ok and 0 for failed or skipped, with the
 reason). `--env-file F` writes their outcome as shell assignments for `benchmarks/gpu_suite.sh`, which
-chooses the later stages' backends and compile modes from them. The exit status is 0 whatever failed: a
+chooses the later stages' backends and compile modes from them; it is rewritten after each check, so a
+preflight stopped by its time limit still reports the checks it finished. The exit status is 0 whatever failed: a
 failure is a result here, never a traceback.
 """
 from __future__ import annotations
@@ -111,8 +112,18 @@ def run(args) -> dict[str, bool]:
         emit(record("preflight", name, 1.0 if ok[name] else 0.0, unit="ok", device=str(device),
                     config={"check": name, "compile_mode": mode if name != "dali" else None},
                     detail=detail, seconds=round(seconds, 2)), args.out, echo=False)
-    if args.env_file:
-        with open(args.env_file, "w") as f:
-            for name, good in ok.items():
-                f.write(f"preflight_{name}={'ok' if good else 'failed'}\n")
+        if args.env_file:  # after each check, so that a preflight cut short keeps what it found
+            write_env(args.env_file, ok)
     return ok
+
+
+def write_env(path, ok: dict[str, bool]) -> None:
+    """`preflight_NAME=ok|failed` per check done; a check not reached is absent (the suite reads it as
+    unknown and goes ahead as if it had worked)."""
+    text = "".join(f"preflight_{name}={'ok' if good else 'failed'}\n" for name, good in ok.items())
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    import os
+
+    os.replace(tmp, path)
