@@ -14,7 +14,9 @@ resized to res with antialiased bicubic: resize-short-side-to-res/crop_pct-then-
 These are the reference pixels `fastrsb bench parity` compares the other backends with.
 
 Batches are uint8 NHWC in worker processes, pinned, and copied to the GPU on a side CUDA stream one
-batch ahead (timm's prefetcher idea); they come out as NCHW channels_last views.
+batch ahead (timm's prefetcher idea); they come out as NCHW channels_last views. The batches in flight
+in /dev/shm (workers x prefetch x batch) are bounded by `shm_budget`: half of /dev/shm's free space, at
+most 4 GiB, with at most 2 batches per worker (`shared_memory_plan` lowers the prefetch, then the workers).
 
 PIL decodes and resizes on the CPU, image by image: it is the reference, not the fast path
 (`fastrsb bench loader` measures it beside the others).
@@ -139,6 +141,36 @@ def collate(batch):
     return images, labels
 
 
+SHM_BUDGET_MAX = 4 << 30  # bytes of /dev/shm the PIL loader's batches in flight may hold, at most
+PREFETCH_FACTOR = 2  # batches each worker runs ahead, at most
+
+
+def shm_budget(path: str = "/dev/shm") -> int:
+    """The shared memory the PIL loader's batches in flight may take: half of what is free in /dev/shm,
+    at most SHM_BUDGET_MAX (4 GiB). Worker processes hand whole collated batches over in /dev/shm; a
+    container with a small one (Docker's default is 64 MB) dies with a bus error when they overfill it."""
+    try:
+        st = os.statvfs(path)
+    except OSError:  # no /dev/shm (not Linux): the budget alone
+        return SHM_BUDGET_MAX
+    return min(SHM_BUDGET_MAX, st.f_bavail * st.f_frsize // 2)
+
+
+def shared_memory_plan(batch_bytes: int, num_workers: int, budget: int) -> tuple[int, int | None]:
+    """(workers, prefetch_factor) whose batches in flight, workers x prefetch x batch_bytes, fit `budget`:
+    prefetch PREFETCH_FACTOR (2) when it fits, else 1, then fewer workers. One batch over the budget is
+    an error that names the fix. No workers: (0, None), nothing in shared memory."""
+    if num_workers <= 0:
+        return 0, None
+    if batch_bytes > budget:
+        raise FastRSBError(
+            f"the PIL loader's batches ({batch_bytes / 2**20:.0f} MiB each) do not fit its shared-memory budget "
+            f"({budget / 2**20:.0f} MiB, half of what is free in /dev/shm, at most 4 GiB): enlarge /dev/shm "
+            "(docker run --shm-size=8g), lower the batch per GPU, use num_workers=0, or use the dali or ffcv loader")
+    prefetch = max(1, min(PREFETCH_FACTOR, budget // (num_workers * batch_bytes)))
+    return max(1, min(num_workers, budget // (prefetch * batch_bytes))), prefetch
+
+
 class _PlanBatchSampler:
     """The plan's batches of the owner's current epoch and resolution, as (tag, res) pairs.
 
@@ -192,9 +224,12 @@ class PILLoader:
         self.epoch = 0
         self.dataset = PlanDataset(read, labels, crop)
         cuda = self.device.type == "cuda"
+        # batches in flight sized at the resolution the loader is made with (set_epoch may change it)
+        num_workers, prefetch = shared_memory_plan(batch_size * 3 * res * res, num_workers, shm_budget())
+        self.num_workers, self.prefetch_factor = num_workers, prefetch
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=_PlanBatchSampler(self), num_workers=num_workers, collate_fn=collate,
-            pin_memory=cuda, persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
+            pin_memory=cuda, persistent_workers=num_workers > 0, prefetch_factor=prefetch,
             # a private generator: the DataLoader's first iteration would otherwise draw from torch's global
             # RNG (drop-path masks), so a resumed run would continue a different stream (crops come from the plan)
             generator=torch.Generator().manual_seed(crop.seed))

@@ -635,6 +635,30 @@ def test_pil_over_the_source_imagefolder(data):
     assert Counter(labels.tolist()) == Counter(tsv_labels(data / "out", "val"))
 
 
+def test_pil_shared_memory_is_bounded():
+    """The PIL loader's batches in flight (workers x prefetch x batch) fit its /dev/shm budget: at A3's
+    2048 x 160 px (157 MB a batch) with 16 workers, 2 GiB holds 13 batches, so prefetch 1 and 13 workers;
+    a batch larger than the budget is an error naming the fix."""
+    from fastrsb.errors import FastRSBError
+    from fastrsb.loaders.imagefolder import shared_memory_plan, shm_budget
+
+    batch = 2048 * 3 * 160 * 160
+    assert shared_memory_plan(batch, 16, 8 << 30) == (16, 2)
+    assert shared_memory_plan(batch, 16, 2 << 30) == (13, 1)
+    workers, prefetch = shared_memory_plan(batch, 16, 2 << 30)
+    assert workers * prefetch * batch <= 2 << 30
+    assert shared_memory_plan(batch, 0, 1) == (0, None)
+    with pytest.raises(FastRSBError, match="--shm-size"):
+        shared_memory_plan(batch, 16, 64 << 20)  # Docker's default /dev/shm
+    assert 0 < shm_budget() <= 4 << 30
+
+
+def test_pil_loader_prefetches_at_most_two_batches_per_worker(data):
+    pil = make_loader("pil", data / "src", "val", **VAL)._impl
+    assert pil.loader.prefetch_factor == pil.prefetch_factor and pil.loader.num_workers == pil.num_workers
+    assert (pil.num_workers, pil.prefetch_factor) == (VAL["num_workers"], 2)  # a small batch: the budget holds it
+
+
 # ----------------------------------------------------------------------------- auto and errors
 
 def test_auto_choice(data, capsys):
