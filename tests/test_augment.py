@@ -614,3 +614,44 @@ def test_compiled_equals_eager():
                 assert torch.equal(a[1], b[1]), seed
                 assert b[0].is_contiguous(memory_format=torch.channels_last)
         assert torch.allclose(first[0], eager(x, labels, torch.Generator().manual_seed(0))[0], rtol=0, atol=1e-5)
+
+
+class RecordDevices(TorchDispatchMode):
+    """Each op's name and the devices of the tensors it touches."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        self.ops.append((str(func.overloadpacket), {t.device.type for t in tensors}))
+        return func(*args, **(kwargs or {}))
+
+
+def test_device_part_on_a_fake_cuda_device_never_syncs_or_leaves_the_gpu():
+    """The augmentation's device part traced on fake `cuda` tensors (no GPU needed): every op touches CUDA
+    tensors only (a CPU constant mixed in would fail on a GPU), none reads a value back to the host, the
+    outputs are on CUDA in the trainer's dtype and layout, and dynamo takes it as one graph."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    aug = fa.make_train_augment("rand-m6-mstd0.5-inc1", 0.1, 1.0, 0.1, 10, dtype=torch.bfloat16)
+    packed, caps = aug.pack(aug.sample_params(8, 64, 64, torch.Generator().manual_seed(0)), 64, 64)
+    with FakeTensorMode():
+        cuda = torch.device("cuda", 0)
+        x = torch.empty((8, 3, 64, 64), dtype=torch.uint8, device=cuda).contiguous(memory_format=torch.channels_last)
+        labels = torch.zeros(8, dtype=torch.int64, device=cuda)
+        packed_d = torch.empty(packed.shape, dtype=torch.float64, device=cuda)
+        consts = aug.constants(cuda, 64, 64)
+        with RecordDevices() as rec:
+            images, targets = aug.apply_packed(x, labels, packed_d, caps, consts)
+    assert len(rec.ops) > 100
+    assert [op for op, devices in rec.ops if devices - {"cuda"}] == []
+    assert [op for op, _ in rec.ops if op in SYNC_OPS] == []
+    assert images.device == cuda and images.dtype == torch.bfloat16 and targets.device == cuda
+    assert images.is_contiguous(memory_format=torch.channels_last) and targets.shape == (8, 10)
+    # no graph break on the CPU either (the trainer compiles it with fullgraph=True on CUDA)
+    x_cpu = small_batch(8, 64, 64).contiguous(memory_format=torch.channels_last)
+    explained = torch._dynamo.explain(aug.apply_packed)(x_cpu, torch.arange(8), torch.from_numpy(packed), caps,
+                                                         aug.constants(torch.device("cpu"), 64, 64))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1

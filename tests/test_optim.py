@@ -174,3 +174,41 @@ def test_model_ema_averages_parameters_and_copies_every_buffer():
     for mine, theirs in zip(ema.module.buffers(), model.buffers()):
         assert torch.equal(mine, theirs) and mine.dtype == theirs.dtype
     assert int(ema.module[1].num_batches_tracked) == 1
+
+
+def test_step_on_a_fake_cuda_device_never_syncs():
+    """Lamb's step traced on fake `cuda` tensors (no GPU needed), with clipping, weight decay and the trust
+    ratio on: every op touches CUDA tensors only and none reads a value back to the host (the trust ratios
+    and the clip divisor stay on the device), from the state's first step on."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    sync_ops = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.item", "aten.equal"}
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+            self.ops.append((str(func.overloadpacket), {t.device.type for t in tensors}))
+            return func(*args, **(kwargs or {}))
+
+    with FakeTensorMode():
+        # the small net's parameter shapes: convolutions and the linear layer decay, biases and norms do not
+        shapes = [p.shape for p in _small_net().parameters()]
+        params = [nn.Parameter(torch.randn(shape, device="cuda")) for shape in shapes]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": 0.02},
+                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+        opt = Lamb(groups, lr=1e-2, max_grad_norm=1.0, trust_clip=True, always_adapt=True)
+        with Record() as rec:
+            opt.step()
+            opt.step()
+    ops = [op for op, _ in rec.ops]
+    assert "aten._foreach_norm" in ops and "aten._foreach_addcmul_" in ops
+    assert [op for op, devices in rec.ops if devices - {"cuda"}] == []
+    assert [op for op in ops if op in sync_ops] == []
+    assert all(p.device.type == "cuda" for p in params) and opt.param_groups[0]["step"] == 2
