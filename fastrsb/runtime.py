@@ -181,13 +181,17 @@ PROBE_MAX_MEMORY = 0.85  # of the GPU's memory: the rest is for prefetched batch
 
 
 def probe_batch_per_gpu(try_batch, per_rank: int, key: str, *, cache: Path | None = PROBE_CACHE, log=print,
-                        max_memory: float = PROBE_MAX_MEMORY) -> int:
+                        max_memory: float = PROBE_MAX_MEMORY, reserved=None) -> int:
     """The largest divisor of `per_rank`, halving from per_rank, for which `try_batch(b)` runs without
     running out of memory and leaves headroom. `try_batch(b)` runs one real forward/backward at
     micro-batch b and returns the fraction of the GPU's memory it peaked at (None: not known); above
     `max_memory` the batch counts as not fitting, since a training step also holds the next batch,
     the augmentation's temporaries, the loader's buffers, the optimizer state and the EMA. The answer
-    is cached under `key` (GPU, model, res, precision) so later runs skip the probe."""
+    is cached under `key` (GPU, model, res, precision) so later runs skip the probe.
+
+    reserved(b): the fraction of GPU memory that memory outside torch's allocator takes at micro-batch b
+    (DALI's decoder buffers and queues, which are allocated only once the loaders run, after the probe);
+    it counts against `max_memory` beside the probed peak."""
     store = {}
     if cache is not None and cache.is_file():
         try:
@@ -202,8 +206,10 @@ def probe_batch_per_gpu(try_batch, per_rank: int, key: str, *, cache: Path | Non
         why = None
         try:
             used = try_batch(b)
-            if used is not None and used > max_memory:
-                why = f"peaks at {used:.0%} of GPU memory (at most {max_memory:.0%} is kept for the step itself)"
+            extra = reserved(b) if reserved is not None else 0.0
+            if used is not None and used + extra > max_memory:
+                why = (f"peaks at {used:.0%} of GPU memory" + (f" + {extra:.0%} for the loaders" if extra else "")
+                       + f" (at most {max_memory:.0%} is kept for the step itself)")
         except torch.OutOfMemoryError:
             why = "runs out of memory"
         if why is None:

@@ -163,7 +163,8 @@ def _build(recipe, data, loader_backend, model_name, out, dist_info, *, batch_pe
         why = "the resumed run's"
     elif batch_per_gpu == "auto" and device.type == "cuda":
         per_rank = recipe.global_batch // world_size  # plan_batches below refuses a global batch that does not divide
-        batch_per_gpu = _probe_batch(recipe, model_name, device, precision, per_rank, say)
+        batch_per_gpu = _probe_batch(recipe, model_name, device, precision, per_rank, say,
+                                     loader_reserve(loader_backend, recipe, num_workers))
         why = "the largest micro-batch that fits (probed)"
     elif batch_per_gpu == "auto":
         batch_per_gpu, why = 256, "the CPU default"
@@ -388,10 +389,29 @@ def _save_checkpoint(run: _Run, epochs_done: int, step: int) -> None:
         }, run.out / CHECKPOINT)
 
 
-def _probe_batch(recipe: Recipe, model_name: str, device: torch.device, precision: str, per_rank: int, say) -> int:
+def loader_reserve(backend: str, recipe: Recipe, num_workers: int | None):
+    """bytes(b): the GPU memory the train and val loaders will take outside torch's allocator at micro-batch
+    b, for the batch probe to count (DALI's mixed pipelines; "auto" may choose DALI, so it counts them too).
+    None for loaders that decode on the CPU."""
+    if backend not in ("dali", "auto"):
+        return None
+    from .loaders.registry import usable
+
+    if not usable("dali"):
+        return None
+    from .loaders.dali_loader import gpu_memory_estimate
+
+    threads = num_workers or len(os.sched_getaffinity(0))
+    train_res = max([recipe.train_res, *(recipe.progressive_res or ())])
+    return lambda b: gpu_memory_estimate(b, train_res, threads) + gpu_memory_estimate(b, recipe.test_res, threads)
+
+
+def _probe_batch(recipe: Recipe, model_name: str, device: torch.device, precision: str, per_rank: int, say,
+                 reserve=None) -> int:
     """The largest micro-batch for which one real forward/backward of the model fits on this GPU with
     headroom, at the largest resolution the run will train at (progressive resizing may climb above
-    train_res)."""
+    train_res). reserve(b): bytes the loaders will take outside torch's allocator (`loader_reserve`),
+    counted beside the probed peak."""
     model = create_model(model_name, 1000, recipe.drop_path_rate).to(device, memory_format=torch.channels_last)
     loss_fn = make_loss(recipe)
     res = max([recipe.train_res, *(recipe.progressive_res or ())])
@@ -411,7 +431,11 @@ def _probe_batch(recipe: Recipe, model_name: str, device: torch.device, precisio
             model.zero_grad(set_to_none=True)
 
     key = f"{torch.cuda.get_device_name(device)}|{model_name}|{res}px|{precision}"
-    b = probe_batch_per_gpu(try_batch, per_rank, key, log=say)
+    reserved = None
+    if reserve is not None:
+        key += "|dali"
+        reserved = lambda b: reserve(b) / total  # noqa: E731
+    b = probe_batch_per_gpu(try_batch, per_rank, key, log=say, reserved=reserved)
     del model
     release_memory()  # the probe's model goes before the run's is built
     return b

@@ -164,6 +164,15 @@ def _windows_function():
     return _WINDOWS
 
 
+def gpu_memory_estimate(batch_size: int, res: int, num_threads: int, prefetch_depth: int = 2) -> int:
+    """Bytes of GPU memory one mixed pipeline takes outside torch's allocator, as the batch probe reserves
+    it: nvJPEG's device padding per decoding thread, plus the decoded output of each batch in the queue
+    (prefetch_depth + 1 batches of uint8 res x res x 3). An estimate from DALI's documented allocations,
+    not a measurement; the decoder's intermediate buffers grow on top of the padding only for images larger
+    than it holds."""
+    return max(1, num_threads) * _DEVICE_MEMORY_PADDING + (prefetch_depth + 1) * batch_size * 3 * res * res
+
+
 def decoder_arguments(mixed: bool, hw_decoder_load: float) -> dict:
     """The JPEG decoder's arguments (the loader's and `fastrsb bench preflight`'s). Mixed: nvJPEG, with
     `jpeg_fancy_upsampling` so that it upsamples chroma as libjpeg-turbo (PIL's decoder) does, which

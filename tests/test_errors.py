@@ -158,6 +158,29 @@ def test_batch_probe_halves_on_out_of_memory_and_caches(tmp_path):
     assert "2048 runs out of memory" in said[0] and "1024 peaks at 97% of GPU memory" in said[1]
     assert "512 peaks at 86%" in said[2] and len(said) == 3
 
+    # memory outside torch's allocator (DALI's, allocated after the probe) counts beside the probed peak
+    said.clear()
+    peaks = {2048: 0.8, 1024: 0.6, 512: 0.4}
+    assert probe_batch_per_gpu(peaks.get, 2048, "reserved", cache=None, log=said.append,
+                               reserved=lambda b: 0.3 * b / 2048) == 1024
+    assert said == ["  batch per GPU 2048 peaks at 80% of GPU memory + 30% for the loaders (at most 85% is kept "
+                    "for the step itself); trying 1024"]
+
+
+def test_the_probe_reserves_dalis_memory_for_the_train_and_val_pipelines():
+    pytest.importorskip("nvidia.dali")
+    from fastrsb.loaders.dali_loader import _DEVICE_MEMORY_PADDING, gpu_memory_estimate
+    from fastrsb.recipes import A3
+    from fastrsb.train import loader_reserve
+
+    assert loader_reserve("pil", A3, 16) is None and loader_reserve("ffcv", A3, 16) is None
+    reserve = loader_reserve("dali", A3, 16)
+    assert reserve is not None and loader_reserve("auto", A3, 16)(256) == reserve(256)
+    # two pipelines of 16 threads' nvJPEG padding, and three decoded batches each at 160 (train) and 224 (val)
+    assert reserve(2048) == 2 * 16 * _DEVICE_MEMORY_PADDING + 3 * 2048 * 3 * (160 ** 2 + 224 ** 2)
+    assert 6e9 < reserve(2048) < 9e9 and reserve(1024) < reserve(2048)
+    assert gpu_memory_estimate(8, 64, 0) == _DEVICE_MEMORY_PADDING + 3 * 8 * 3 * 64 * 64
+
 
 def test_progressive_resizing_ramp():
     from fastrsb.recipes import A3, override
