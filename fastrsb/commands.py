@@ -139,6 +139,8 @@ def _train_args(p):
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="loader threads/processes (default: all cores)")
+    p.add_argument("--hw-decoder-load", type=float, default=None,
+                   help="DALI on a GPU: the share of JPEGs for the hardware decoder, 0-1 (default 1.0)")
     p.add_argument("--lamb-max-grad-norm", type=float, default=1.0,
                    help="LAMB's global gradient-norm clip, as in timm (0: off, as in the paper's algorithm)")
     p.add_argument("--warmup-lr", type=float, default=1e-6, help="lr at step 0 of the linear warmup")
@@ -155,7 +157,7 @@ def _train(args) -> int:
     train(recipe, args.data, args.loader, model_name, args.out or f"runs/{recipe.name}-{model_name}",
           batch_per_gpu=args.batch_per_gpu, device=args.device, precision=args.precision,
           compile_mode=args.compile_mode, eval_every_epochs=args.eval_every, log_every_steps=args.log_every,
-          resume=args.resume, seed=args.seed, num_workers=args.workers,
+          resume=args.resume, seed=args.seed, num_workers=args.workers, hw_decoder_load=args.hw_decoder_load,
           lamb_max_grad_norm=args.lamb_max_grad_norm or None, warmup_lr=args.warmup_lr, min_lr=args.min_lr,
           progress=not args.no_progress)
     return 0

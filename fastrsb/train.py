@@ -92,6 +92,7 @@ def train(
     resume: bool | str | os.PathLike = False,
     seed: int = 0,
     num_workers: int | None = None,
+    hw_decoder_load: float | None = None,
     lamb_max_grad_norm: float | None = 1.0,
     warmup_lr: float = 1e-6,
     min_lr: float = 0.0,
@@ -111,6 +112,8 @@ def train(
     lamb_max_grad_norm: LAMB's global gradient-norm clip (timm's default 1.0; None or 0: off); see
         fastrsb/optim.py. `recipe.grad_clip > 0` adds timm's `--clip-grad` on top.
     resume: True continues from out_dir/checkpoint.pt; a path names the checkpoint.
+    hw_decoder_load: DALI's share of JPEGs for the hardware decoder (mixed only; None: the loader's
+        default, 1.0); other loaders ignore it.
     stop_after_epochs: stop (checkpoint written) after this many epochs of the schedule, as an
         interruption would; the run can then be resumed.
     make_loader, make_augment, normalize: substitutes for fastrsb.loaders.make_loader,
@@ -120,13 +123,16 @@ def train(
     for name, value in (("--eval-every", eval_every_epochs), ("--log-every", log_every_steps)):
         if not isinstance(value, int) or value < 1:
             raise FastRSBError(f"{name} {value!r}: give a whole number of at least 1")
+    if hw_decoder_load is not None and not 0.0 <= hw_decoder_load <= 1.0:
+        raise FastRSBError(f"--hw-decoder-load {hw_decoder_load}: give a share of JPEGs between 0 and 1 (default 1.0)")
     if stop_after_epochs is not None and stop_after_epochs < 1:
         raise FastRSBError(f"stop_after_epochs {stop_after_epochs}: give at least 1")
     dist_info = setup_distributed(device)
     try:
         run = _build(recipe, data, loader_backend, model_name or recipe.model, Path(out_dir), dist_info,
                      batch_per_gpu=batch_per_gpu, precision=precision, compile_mode=compile_mode, resume=resume,
-                     seed=seed, num_workers=num_workers, lamb_max_grad_norm=lamb_max_grad_norm,
+                     seed=seed, num_workers=num_workers, hw_decoder_load=hw_decoder_load,
+                     lamb_max_grad_norm=lamb_max_grad_norm,
                      warmup_lr=warmup_lr, min_lr=min_lr, make_loader=make_loader, make_augment=make_augment,
                      normalize=normalize)
         last_epoch = recipe.epochs if stop_after_epochs is None else min(recipe.epochs, stop_after_epochs)
@@ -137,8 +143,8 @@ def train(
 
 
 def _build(recipe, data, loader_backend, model_name, out, dist_info, *, batch_per_gpu, precision, compile_mode,
-           resume, seed, num_workers, lamb_max_grad_norm, warmup_lr, min_lr, make_loader, make_augment,
-           normalize) -> _Run:
+           resume, seed, num_workers, hw_decoder_load, lamb_max_grad_norm, warmup_lr, min_lr, make_loader,
+           make_augment, normalize) -> _Run:
     device, rank, world_size = dist_info.device, dist_info.rank, dist_info.world_size
 
     say = dist_info.say
@@ -191,6 +197,8 @@ def _build(recipe, data, loader_backend, model_name, out, dist_info, *, batch_pe
     if normalize is None:
         from .augment import normalize
     common = dict(device=device, rank=rank, world_size=world_size, seed=seed, num_workers=num_workers)
+    if hw_decoder_load is not None:
+        common["hw_decoder_load"] = hw_decoder_load
     train_loader = make_loader(loader_backend, data, "train", batch_size=layout.batch_per_gpu,
                                res=res_at(0, recipe.train_res, recipe.progressive_res, recipe.progressive_epochs),
                                aug_repeats=recipe.aug_repeats, drop_last=True, scale=tuple(recipe.rrc_scale),

@@ -79,6 +79,25 @@ def test_zero_intervals_are_refused_up_front(folders, tmp_path, capsys, option):
     assert not (tmp_path / "r").exists()
 
 
+def test_hw_decoder_load_reaches_both_loaders_and_is_checked(tmp_path, capsys):
+    from test_train import make_memory_loader
+
+    seen = []
+
+    def loader(backend, data, split, **kwargs):
+        seen.append((split, kwargs.pop("hw_decoder_load", None)))
+        return make_memory_loader(backend, data, split, **kwargs)
+
+    train(tiny_recipe(), "unused", "memory", out_dir=tmp_path / "r", device="cpu", hw_decoder_load=0.65,
+          progress=False, **{**MEMORY, "make_loader": loader})
+    assert seen == [("train", 0.65), ("val", 0.65)]
+    with pytest.raises(FastRSBError, match="--hw-decoder-load 1.5"):
+        train(tiny_recipe(), "unused", "memory", out_dir=tmp_path / "r2", device="cpu", hw_decoder_load=1.5,
+              **MEMORY)
+    assert fastrsb_main(["train", "--data", "unused", "--hw-decoder-load", "-1", "--out", str(tmp_path / "r3")]) == 2
+    assert "--hw-decoder-load -1" in capsys.readouterr().err and not (tmp_path / "r3").exists()
+
+
 def test_bench_loader_arguments(capsys):
     _fails(capsys, ["bench", "loader", "--demo", "--backends", "xyz"], "--backends", "xyz")
     _fails(capsys, ["bench", "loader", "--demo", "--sizes", "abc"], "--sizes", "abc")
