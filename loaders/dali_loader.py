@@ -82,7 +82,8 @@ _HOST_MEMORY_PADDING = 140544512
 
 
 class PlanSource:
-    """external_source callback: one planned batch per call, StopIteration at the end of the epoch.
+    """external_source callback: one planned batch per call, StopIteration at the end of the epoch, or,
+    when the next epoch's batches are `upcoming`, straight on into them (no drain at the boundary).
 
     Per sample it hands DALI what `CropSpec` decided for that read: the JPEG bytes, the label, the
     window to ROI-decode (the crop box widened by the resize filter's support, so the resize reads the
@@ -96,13 +97,15 @@ class PlanSource:
         self.batches: list[np.ndarray] = []
         self.k = 0
         self.res = 0
+        self.upcoming = None  # (batches, res) fed right after `batches`
+        self.ended = False  # raised StopIteration: the pipeline stops at that point until reset
         # no_copy: DALI reads the arrays handed over until that iteration's outputs are consumed
         # (prefetch_queue_depth iterations later); the last `keep` batches stay referenced here.
         # The JPEG views point into the shard mmaps, which ShardBytes keeps open.
         self.fed: collections.deque = collections.deque(maxlen=keep)
 
     def start(self, batches, res: int):
-        self.batches, self.k, self.res = batches, 0, int(res)
+        self.batches, self.k, self.res, self.upcoming, self.ended = batches, 0, int(res), None, False
 
     def windows(self, tagged: np.ndarray, ids: np.ndarray):
         """(slice start (x, y), slice shape (w, h), roi start (y, x), roi end (y, x), interp, flip) per read
@@ -116,7 +119,11 @@ class PlanSource:
         return start, shape, roi_start, roi_end, interp, flips
 
     def __call__(self):
+        if self.k >= len(self.batches) and self.upcoming is not None:
+            (self.batches, res), self.upcoming, self.k = self.upcoming, None, 0
+            self.res = int(res)
         if self.k >= len(self.batches):
+            self.ended = True
             raise StopIteration
         tagged = self.batches[self.k]  # int64 (IndexPlan)
         self.k += 1
@@ -256,12 +263,15 @@ class DALILoader:
         self.pipe = build_pipeline(self.source, batch_size=batch_size, num_threads=max(1, num_workers),
                                    device_id=device_id, hw_decoder_load=hw_decoder_load, seed=crop.seed,
                                    prefetch_depth=prefetch_depth)
-        self._state = "new"  # new | running | exhausted
+        self._state = "new"  # new | running | ahead (the next epoch fed: self._ahead) | exhausted
+        self._ahead = None
 
     def _finish_epoch(self):
-        # An abandoned epoch is cut at what was already fed (the batches DALI has scheduled, at most
-        # prefetch_depth + 1); those are drained, then the pipeline is reset.
-        if self._state == "running":
+        # An abandoned epoch, or one whose successor was fed ahead for another (epoch, res) than asked, is
+        # cut at what was already fed (the batches DALI has scheduled, at most prefetch_depth + 1); those
+        # are drained, then the pipeline is reset.
+        if self._state in ("running", "ahead"):
+            self.source.upcoming = None
             self.source.batches = self.source.batches[:self.source.k]
             try:
                 while True:
@@ -278,7 +288,10 @@ class DALILoader:
         Scheduled API, as DALI's own pytorch iterator uses it: the first `schedule_run` runs the source
         for prefetch_depth batches; each batch is then taken with `outputs`, copied, and the next one
         scheduled before the batch is handed out, so DALI works on prefetch_depth batches while the
-        caller's step runs. On a GPU the outputs are bound to torch's current stream (DALI makes that
+        caller's step runs. The next epoch's batches (at the same `res`) are fed right after this one's, so
+        at the boundary DALI is already decoding them: an `iter_epoch(epoch + 1, res)` that follows takes
+        them without a drain or a reset (any other call drains and resets first). The epoch ends after
+        its planned count of batches. On a GPU the outputs are bound to torch's current stream (DALI makes that
         stream wait for its work: no host synchronisation) and copied on it, labels included (they
         reached the GPU inside the pipeline). The default depth 2 (DALI's and its ResNet-50 example's)
         keeps one batch in reserve behind the one being decoded; a decoded batch at 2048 x 160 px is
@@ -286,14 +299,18 @@ class DALILoader:
         """
         import torch
 
-        self._finish_epoch()
-        self.source.start(self.plan.batches(epoch), res)
+        res = int(res)
+        planned = self.plan.batches(epoch)
+        if not (self._state == "ahead" and self._ahead == (epoch, res)):
+            self._finish_epoch()
+            self.source.start(planned, res)
+            self.pipe.schedule_run()
+        self.source.upcoming = (self.plan.batches(epoch + 1), res)
         self._state = "running"
         cuda = self._gpu is not None
         if cuda:
             from nvidia.dali.plugin.pytorch import feed_ndarray
-        self.pipe.schedule_run()
-        while True:
+        for i in range(len(planned)):
             stream = torch.cuda.current_stream(self._gpu) if cuda else None
             try:
                 images, labels = self.pipe.outputs(cuda_stream=stream)
@@ -312,4 +329,8 @@ class DALILoader:
                 y = torch.from_numpy(labels.as_array()).view(-1)
             del images, labels
             self.pipe.schedule_run()
+            if i == len(planned) - 1:  # before the hand-out: a caller that takes just the planned count
+                # never resumes this generator. The next epoch is fed, unless the source ran out (a plan
+                # shorter than DALI's queue: then a drain and reset, as for an abandoned epoch)
+                self._state, self._ahead = ("running" if self.source.ended else "ahead"), (epoch + 1, res)
             yield x.permute(0, 3, 1, 2), y

@@ -513,6 +513,51 @@ def test_dali_schedules_ahead_at_the_chosen_depth(data, epoch0, depth):
             make_loader("dali", data / "out", "train", **TRAIN, prefetch_depth=bad)
 
 
+def test_dali_runs_on_across_epoch_boundaries_without_a_drain(data, epoch0):
+    """At the end of epoch e, DALI is already decoding epoch e+1 (its plan fed right after e's): the next
+    epoch at the same resolution starts without a drain or a reset, and yields the very batches of a
+    fresh loader at that epoch (resume stays exact). Another resolution drains and resets first."""
+    pytest.importorskip("nvidia.dali")
+    out = data / "out"
+    loader = make_loader("dali", out, "train", **TRAIN)
+    impl = loader._impl
+    resets = []
+    reset = impl.pipe.reset
+    impl.pipe.reset = lambda: resets.append(impl.source.k) or reset()
+    ran = {}
+    for epoch in (0, 1, 2):
+        loader.set_epoch(epoch)
+        ran[epoch] = run_epoch(loader)
+        # the boundary: the next epoch's first prefetch_depth batches are already fed
+        assert impl._state == "ahead" and impl.source.k == impl.prefetch_depth
+        assert np.array_equal(impl.source.batches[0], impl.plan.batches(epoch + 1)[0])
+    assert resets == []  # no drain, no reset at any of the boundaries
+    assert torch.equal(cat(ran[0])[0], cat(epoch0["dali", "train"])[0])
+    for epoch in (1, 2):
+        fresh = make_loader("dali", out, "train", **TRAIN)
+        fresh.set_epoch(epoch)
+        for (x0, y0), (x1, y1) in zip(ran[epoch], run_epoch(fresh), strict=True):
+            assert torch.equal(y0, y1) and torch.equal(x0, x1)
+    # epoch 3 at another resolution: what was fed ahead at 64 px is drained, the pipeline reset
+    loader.set_epoch(3, res=48)
+    batches = run_epoch(loader)
+    assert len(resets) == 1 and all(x.shape[2:] == (48, 48) for x, _ in batches)
+    fresh = make_loader("dali", out, "train", **{**TRAIN, "res": 48})
+    fresh.set_epoch(3, res=48)
+    assert torch.equal(cat(batches)[0], cat(run_epoch(fresh))[0])
+    # a caller that takes exactly the planned count (as the trainer's AugmentedBatches does) and never
+    # resumes the generator past its last batch still leaves the next epoch fed
+    loader.set_epoch(4, res=48)
+    it = iter(loader)
+    for _ in range(len(loader)):
+        next(it)
+    assert impl._state == "ahead" and impl._ahead == (5, 48)
+    loader.set_epoch(3, res=48)
+    # the same epoch again (not the one fed ahead): drained and reset, the same batches
+    again = run_epoch(loader)
+    assert len(resets) == 2 and torch.equal(cat(again)[0], cat(batches)[0])
+
+
 def test_dali_reads_the_shard_bytes_in_place(data, monkeypatch):
     """The JPEGs DALI decodes are the memory-mapped shard bytes themselves (no per-batch copy in the
     training thread): the external source is built with no_copy, and each tensor it hands over
