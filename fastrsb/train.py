@@ -410,8 +410,13 @@ def loader_reserve(backend: str, recipe: Recipe, num_workers: int | None):
     from .loaders.dali_loader import gpu_memory_estimate
 
     threads = num_workers or len(os.sched_getaffinity(0))
-    train_res = max([recipe.train_res, *(recipe.progressive_res or ())])
+    train_res = _largest_train_res(recipe)
     return lambda b: gpu_memory_estimate(b, train_res, threads) + gpu_memory_estimate(b, recipe.test_res, threads)
+
+
+def _largest_train_res(recipe: Recipe) -> int:
+    """The largest resolution the run trains at (progressive resizing may climb above train_res)."""
+    return max([recipe.train_res, *(recipe.progressive_res or ())])
 
 
 def _probe_batch(recipe: Recipe, model_name: str, device: torch.device, precision: str, per_rank: int, say,
@@ -422,7 +427,7 @@ def _probe_batch(recipe: Recipe, model_name: str, device: torch.device, precisio
     counted beside the probed peak."""
     model = create_model(model_name, 1000, recipe.drop_path_rate).to(device, memory_format=torch.channels_last)
     loss_fn = make_loss(recipe)
-    res = max([recipe.train_res, *(recipe.progressive_res or ())])
+    res = _largest_train_res(recipe)
     total = torch.cuda.get_device_properties(device).total_memory
 
     def try_batch(b: int) -> float:

@@ -300,17 +300,17 @@ class DALILoader:
         import torch
 
         res = int(res)
-        planned = self.plan.batches(epoch)
         if not (self._state == "ahead" and self._ahead == (epoch, res)):
             self._finish_epoch()
-            self.source.start(planned, res)
+            self.source.start(self.plan.batches(epoch), res)
             self.pipe.schedule_run()
         self.source.upcoming = (self.plan.batches(epoch + 1), res)
         self._state = "running"
         cuda = self._gpu is not None
         if cuda:
             from nvidia.dali.plugin.pytorch import feed_ndarray
-        for i in range(len(planned)):
+        count = self.plan.batches_per_epoch
+        for i in range(count):
             stream = torch.cuda.current_stream(self._gpu) if cuda else None
             try:
                 images, labels = self.pipe.outputs(cuda_stream=stream)
@@ -329,7 +329,7 @@ class DALILoader:
                 y = torch.from_numpy(labels.as_array()).view(-1)
             del images, labels
             self.pipe.schedule_run()
-            if i == len(planned) - 1:  # before the hand-out: a caller that takes just the planned count
+            if i == count - 1:  # before the hand-out: a caller that takes just the planned count
                 # never resumes this generator. The next epoch is fed, unless the source ran out (a plan
                 # shorter than DALI's queue: then a drain and reset, as for an abandoned epoch)
                 self._state, self._ahead = ("running" if self.source.ended else "ahead"), (epoch + 1, res)

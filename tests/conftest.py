@@ -8,6 +8,25 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def record_devices():
+    """A TorchDispatchMode that records each op's name and the device types of the tensors it touches, as
+    (name, {device types}) in `.ops` (used with fake CUDA tensors to trace GPU-only code on the CPU)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RecordDevices(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+            self.ops.append((str(func.overloadpacket), {t.device.type for t in tensors}))
+            return func(*args, **(kwargs or {}))
+
+    return RecordDevices()
+
+
 def run_cli(*args, check=True, timeout=600, **kw) -> subprocess.CompletedProcess:
     """Run `python -m fastrsb ARGS` in a subprocess (FFCV and DALI keep threads; a fresh process is safest)."""
     proc = subprocess.run(

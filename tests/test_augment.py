@@ -616,24 +616,13 @@ def test_compiled_equals_eager():
         assert torch.allclose(first[0], eager(x, labels, torch.Generator().manual_seed(0))[0], rtol=0, atol=1e-5)
 
 
-class RecordDevices(TorchDispatchMode):
-    """Each op's name and the devices of the tensors it touches."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
-        self.ops.append((str(func.overloadpacket), {t.device.type for t in tensors}))
-        return func(*args, **(kwargs or {}))
-
-
 def test_device_part_on_a_fake_cuda_device_never_syncs_or_leaves_the_gpu():
     """The augmentation's device part traced on fake `cuda` tensors (no GPU needed): every op touches CUDA
     tensors only (a CPU constant mixed in would fail on a GPU), none reads a value back to the host, the
     outputs are on CUDA in the trainer's dtype and layout, and dynamo takes it as one graph."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from conftest import record_devices
 
     aug = fa.make_train_augment("rand-m6-mstd0.5-inc1", 0.1, 1.0, 0.1, 10, dtype=torch.bfloat16)
     packed, caps = aug.pack(aug.sample_params(8, 64, 64, torch.Generator().manual_seed(0)), 64, 64)
@@ -643,7 +632,7 @@ def test_device_part_on_a_fake_cuda_device_never_syncs_or_leaves_the_gpu():
         labels = torch.zeros(8, dtype=torch.int64, device=cuda)
         packed_d = torch.empty(packed.shape, dtype=torch.float64, device=cuda)
         consts = aug.constants(cuda, 64, 64)
-        with RecordDevices() as rec:
+        with record_devices() as rec:
             images, targets = aug.apply_packed(x, labels, packed_d, caps, consts)
     assert len(rec.ops) > 100
     assert [op for op, devices in rec.ops if devices - {"cuda"}] == []

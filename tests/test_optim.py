@@ -183,19 +183,10 @@ def test_step_on_a_fake_cuda_device_never_syncs():
     per-parameter Python arithmetic). The last `_foreach_addcmul_` takes a list of 0-dim step sizes, which
     CUDA runs per tensor (a launch per parameter); this test does not hold that part to the fast path."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from conftest import record_devices
 
     sync_ops = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.item", "aten.equal"}
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
-            self.ops.append((str(func.overloadpacket), {t.device.type for t in tensors}))
-            return func(*args, **(kwargs or {}))
 
     def trace(copies: int):
         """(first step's ops, second step's ops) for `copies` times the small net's parameters."""
@@ -209,9 +200,9 @@ def test_step_on_a_fake_cuda_device_never_syncs():
             groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": 0.02},
                       {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
             opt = Lamb(groups, lr=1e-2, max_grad_norm=1.0, trust_clip=True, always_adapt=True)
-            with Record() as first:
+            with record_devices() as first:
                 opt.step()  # the state's first step: its moments are made
-            with Record() as second:
+            with record_devices() as second:
                 opt.step()
         assert all(p.device.type == "cuda" for p in params) and opt.param_groups[0]["step"] == 2
         return first.ops, second.ops

@@ -192,6 +192,8 @@ def test_dali_cuda_branch_binds_outputs_to_the_current_stream(monkeypatch):
             log.add("start", res)
 
     class Plan:
+        batches_per_epoch = 3
+
         def batches(self, epoch):
             return [[0, 1]] * 3
 

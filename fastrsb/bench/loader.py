@@ -176,6 +176,17 @@ def add_arguments(p) -> None:
     p.add_argument("--quick", action="store_true", help="batch 64, 2 warm-up + 6 timed batches, 2 runs")
 
 
+def _sweep(option: str, text, kind, ok, what: str) -> list:
+    """A comma-separated list of values to measure, each checked, or an error naming the option."""
+    try:
+        values = [kind(v) for v in str(text).split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(ok(v) for v in values):
+        raise FastRSBError(f"{option} {text!r}: give comma-separated {what}")
+    return values
+
+
 def run(args) -> list[dict]:
     if args.quick:
         args.batch_size, args.warmup, args.batches, args.runs = 64, 2, 6, 2
@@ -191,19 +202,9 @@ def run(args) -> list[dict]:
         sizes = [int(s) for s in args.sizes.split(",")]
     except ValueError:
         raise FastRSBError(f"--sizes {args.sizes!r}: give comma-separated resolutions in pixels, e.g. 160,224") from None
-    try:
-        depths = [int(d) for d in str(args.prefetch_depths).split(",")]
-    except ValueError:
-        depths = []
-    if not depths or any(d < 1 for d in depths):
-        raise FastRSBError(f"--prefetch-depths {args.prefetch_depths!r}: give comma-separated positive integers, e.g. 2,4")
-    try:
-        loads = [float(v) for v in str(args.hw_decoder_loads).split(",")]
-    except ValueError:
-        loads = []
-    if not loads or any(not 0.0 <= v <= 1.0 for v in loads):
-        raise FastRSBError(f"--hw-decoder-loads {args.hw_decoder_loads!r}: give comma-separated shares in [0, 1], "
-                           "e.g. 1.0,0.65")
+    depths = _sweep("--prefetch-depths", args.prefetch_depths, int, lambda d: d >= 1, "positive integers, e.g. 2,4")
+    loads = _sweep("--hw-decoder-loads", args.hw_decoder_loads, float, lambda v: 0.0 <= v <= 1.0,
+                   "shares in [0, 1], e.g. 1.0,0.65")
     from fastrsb.loaders import registry
 
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from fastrsb.benchlog import emit, record
+from fastrsb.benchlog import emit, failure, record
 
 
 def _jpeg(size: int = 96) -> bytes:
@@ -105,7 +105,7 @@ def run(args) -> dict[str, bool]:
         try:
             detail, ok[name] = check(), True
         except Exception as e:  # any failure is this check's result: named, and the next check runs
-            detail, ok[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}", False
+            detail, ok[name] = failure(e), False
         seconds = time.perf_counter() - t0
         print(f"# preflight {name}: {'ok' if ok[name] else 'FAILED, skipped by later stages'} ({seconds:.1f} s): "
               f"{detail}", flush=True)
