@@ -230,7 +230,8 @@ def _build(recipe, data, loader_backend, model_name, out, dist_info, *, batch_pe
     model = create_model(model_name, num_classes, recipe.drop_path_rate, recipe.dropout)  # same init on every rank
     model.to(device=device, memory_format=torch.channels_last)
     seed_everything(seed + rank)  # but each rank its own drop-path masks (as timm's train.py: seed + rank)
-    optimizer = Lamb(make_param_groups(model, recipe.weight_decay), lr=base_lr, max_grad_norm=lamb_max_grad_norm)
+    optimizer = Lamb(make_param_groups(model, recipe.weight_decay), lr=base_lr, max_grad_norm=lamb_max_grad_norm,
+                     compile_update=compile_mode != "none")
     ema = ModelEma(model, recipe.ema_decay) if recipe.ema_decay > 0 else None
     step_fn = TrainStep(model, optimizer, make_loss(recipe), device=device, precision=precision,
                         accum_steps=layout.accum_steps, grad_clip=recipe.grad_clip, compile_mode=compile_mode,

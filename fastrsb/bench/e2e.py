@@ -95,7 +95,8 @@ def _fastrsb_pipeline(args, data, recipe, device, num_classes):
                                  **recipe_augment_kwargs(recipe))
     compile_augment(augment, device, args.compile_mode)  # as the trainer does
     model = _model(args.model, num_classes, recipe, device)
-    optimizer = Lamb(make_param_groups(model, recipe.weight_decay), lr=recipe.lr)
+    optimizer = Lamb(make_param_groups(model, recipe.weight_decay), lr=recipe.lr,
+                     compile_update=args.compile_mode != "none")  # as the trainer
     step = TrainStep(model, optimizer, make_loss(recipe), device=device, precision=args.precision,
                      compile_mode=args.compile_mode)
     gen = torch.Generator().manual_seed(0)

@@ -78,7 +78,7 @@ def measure(kind: str, args, res: int, batch: int, device: torch.device, compile
         from fastrsb.loss import make_loss
         from fastrsb.recipes import A3
 
-        optimizer = Lamb(groups, lr=8e-3)
+        optimizer = Lamb(groups, lr=8e-3, compile_update=compile_mode != "none")  # as the trainer
         train_step = TrainStep(model, optimizer, make_loss(A3), device=device, precision=args.precision,
                                accum_steps=accum_steps, grad_clip=A3.grad_clip, compile_mode=compile_mode)
 
