@@ -170,7 +170,7 @@ def _build(recipe, data, loader_backend, model_name, out, dist_info, *, batch_pe
     elif batch_per_gpu == "auto" and device.type == "cuda":
         per_rank = recipe.global_batch // world_size  # plan_batches below refuses a global batch that does not divide
         batch_per_gpu = _probe_batch(recipe, model_name, device, precision, per_rank, say,
-                                     loader_reserve(loader_backend, recipe, num_workers))
+                                     loader_reserve(loader_backend, recipe, num_workers, data))
         why = "the largest micro-batch that fits (probed)"
     elif batch_per_gpu == "auto":
         batch_per_gpu, why = 256, "the CPU default"
@@ -398,21 +398,32 @@ def _save_checkpoint(run: _Run, epochs_done: int, step: int) -> None:
         }, run.out / CHECKPOINT)
 
 
-def loader_reserve(backend: str, recipe: Recipe, num_workers: int | None):
+def loader_reserve(backend: str, recipe: Recipe, num_workers: int | None, data=None):
     """bytes(b): the GPU memory the train and val loaders will take outside torch's allocator at micro-batch
     b, for the batch probe to count (DALI's mixed pipelines; "auto" may choose DALI, so it counts them too).
-    None for loaders that decode on the CPU."""
+    None for loaders that decode on the CPU. data: the converted folder, whose stored image sizes give
+    nvJPEG's padding per thread (`decoder_padding`); without it, the largest padding is counted."""
     if backend not in ("dali", "auto"):
         return None
     from .loaders.registry import usable
 
     if not usable("dali"):
         return None
-    from .loaders.dali_loader import gpu_memory_estimate
+    from .loaders.dali_loader import _DEVICE_MEMORY_PADDING, decoder_padding, gpu_memory_estimate
+    from .loaders.layout import ShardIndex
 
+    paddings = {"train": _DEVICE_MEMORY_PADDING, "val": _DEVICE_MEMORY_PADDING}
+    if data is not None:
+        for split in paddings:
+            try:
+                index = ShardIndex.load(data, split)
+            except FastRSBError:  # no DALI shards ("auto" reads another format): count the largest padding
+                continue
+            paddings[split] = decoder_padding(index.heights, index.widths)
     threads = num_workers or len(os.sched_getaffinity(0))
     train_res = _largest_train_res(recipe)
-    return lambda b: gpu_memory_estimate(b, train_res, threads) + gpu_memory_estimate(b, recipe.test_res, threads)
+    return lambda b: (gpu_memory_estimate(b, train_res, threads, padding=paddings["train"])
+                      + gpu_memory_estimate(b, recipe.test_res, threads, padding=paddings["val"]))
 
 
 def _largest_train_res(recipe: Recipe) -> int:

@@ -76,9 +76,22 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise missing_extra("nvidia-dali", "dali") from e
 
-# Preallocation sizes of NVIDIA's DALI ResNet-50 example (avoid regrowing nvJPEG buffers).
+# Preallocation sizes of NVIDIA's DALI ResNet-50 example: the most nvJPEG's per-thread buffers are
+# given up front (a larger image regrows its thread's buffer once, as DALI documents).
 _DEVICE_MEMORY_PADDING = 211025920
 _HOST_MEMORY_PADDING = 140544512
+_MIB = 1 << 20
+
+
+def decoder_padding(heights: np.ndarray, widths: np.ndarray) -> int:
+    """Bytes each decoding thread preallocates for nvJPEG, sized from the split's stored images: the
+    decoded RGB of its largest image, rounded up to a MiB, at most the DALI example's 211 MB. DALI
+    documents the ideal padding as the largest allocation a full pass makes, and a thread's buffer
+    holds one decoded image; the output resolution and batch do not enter, since nvJPEG decodes the
+    stored image before the crop's resize. ImageNet's largest images fill the cap; a dataset of small
+    images (the demo's, CIFAR-sized sets) preallocates a few MiB per thread instead of 211 MB."""
+    largest = int((np.asarray(heights, np.int64) * np.asarray(widths, np.int64)).max(initial=0)) * 3
+    return min(_DEVICE_MEMORY_PADDING, max(_MIB, -(-largest // _MIB) * _MIB))
 
 
 class PlanSource:
@@ -171,23 +184,25 @@ def _windows_function():
     return _WINDOWS
 
 
-def gpu_memory_estimate(batch_size: int, res: int, num_threads: int, prefetch_depth: int = 2) -> int:
+def gpu_memory_estimate(batch_size: int, res: int, num_threads: int, prefetch_depth: int = 2,
+                        padding: int = _DEVICE_MEMORY_PADDING) -> int:
     """Bytes of GPU memory one mixed pipeline takes outside torch's allocator, as the batch probe reserves
-    it: nvJPEG's device padding per decoding thread, plus the decoded output of each batch in the queue
+    it: nvJPEG's device padding per decoding thread (`decoder_padding` of the split), plus the decoded output of each batch in the queue
     (prefetch_depth + 1 batches of uint8 res x res x 3). An estimate from DALI's documented allocations,
     not a measurement; the decoder's intermediate buffers grow on top of the padding only for images larger
     than it holds."""
-    return max(1, num_threads) * _DEVICE_MEMORY_PADDING + (prefetch_depth + 1) * batch_size * 3 * res * res
+    return max(1, num_threads) * padding + (prefetch_depth + 1) * batch_size * 3 * res * res
 
 
-def decoder_arguments(mixed: bool, hw_decoder_load: float) -> dict:
+def decoder_arguments(mixed: bool, hw_decoder_load: float, padding: int = _DEVICE_MEMORY_PADDING) -> dict:
     """The JPEG decoder's arguments (the loader's and `fastrsb bench preflight`'s). Mixed: nvJPEG, with
     `jpeg_fancy_upsampling` so that it upsamples chroma as libjpeg-turbo (PIL's decoder) does, which
-    narrows the pixel gap between the GPU decode and the PIL reference."""
+    narrows the pixel gap between the GPU decode and the PIL reference. padding: `decoder_padding`, for
+    the device buffer and (at most the example's 140 MB) each of the two pinned host buffers per thread."""
     if not mixed:
         return dict(device="cpu")
-    return dict(device="mixed", hw_decoder_load=hw_decoder_load, device_memory_padding=_DEVICE_MEMORY_PADDING,
-                host_memory_padding=_HOST_MEMORY_PADDING, jpeg_fancy_upsampling=True)
+    return dict(device="mixed", hw_decoder_load=hw_decoder_load, device_memory_padding=int(padding),
+                host_memory_padding=min(int(padding), _HOST_MEMORY_PADDING), jpeg_fancy_upsampling=True)
 
 
 def build_pipeline(source: PlanSource, **kw) -> Pipeline:
@@ -198,7 +213,7 @@ def build_pipeline(source: PlanSource, **kw) -> Pipeline:
 
 
 def define_pipeline(source: PlanSource, *, batch_size: int, num_threads: int, device_id, hw_decoder_load: float,
-                    seed: int, prefetch_depth: int = 2) -> Pipeline:
+                    seed: int, prefetch_depth: int = 2, padding: int = _DEVICE_MEMORY_PADDING) -> Pipeline:
     """decoders.image_slice (ROI decode of the planned window) -> resize (per-sample filter) -> flip.
 
     On a GPU (`device_id` set) the labels are moved inside the pipeline too, so both outputs are GPU
@@ -219,7 +234,7 @@ def define_pipeline(source: PlanSource, *, batch_size: int, num_threads: int, de
             source=source, num_outputs=9, batch=True, no_copy=True,
             dtype=[types.UINT8, types.INT64, types.FLOAT, types.INT32, types.INT32, types.FLOAT, types.FLOAT,
                    types.INT32, types.INT32])
-        decoder = decoder_arguments(mixed, hw_decoder_load)
+        decoder = decoder_arguments(mixed, hw_decoder_load, padding)
         # start / shape as named inputs are absolute pixels (normalized_* apply to positional ones only)
         images = fn.decoders.image_slice(jpegs, start=start, shape=shape, output_type=types.RGB, **decoder)
         images = fn.resize(images, size=size, roi_start=roi_start, roi_end=roi_end, roi_relative=False,
@@ -262,7 +277,8 @@ class DALILoader:
         self._gpu = torch.device("cuda", device_id) if device_id is not None else None  # the pipeline's GPU
         self.pipe = build_pipeline(self.source, batch_size=batch_size, num_threads=max(1, num_workers),
                                    device_id=device_id, hw_decoder_load=hw_decoder_load, seed=crop.seed,
-                                   prefetch_depth=prefetch_depth)
+                                   prefetch_depth=prefetch_depth,
+                                   padding=decoder_padding(index.heights, index.widths))
         self._state = "new"  # new | running | ahead (the next epoch fed: self._ahead) | exhausted
         self._ahead = None
 

@@ -201,6 +201,23 @@ def test_the_probe_reserves_dalis_memory_for_the_train_and_val_pipelines():
     assert gpu_memory_estimate(8, 64, 0) == _DEVICE_MEMORY_PADDING + 3 * 8 * 3 * 64 * 64
 
 
+def test_the_probe_reserve_takes_nvjpegs_padding_from_the_converted_images(converted):
+    """With the converted folder at hand, each pipeline's per-thread padding is its split's own
+    (decoder_padding), far below the 211 MB cap for small images."""
+    pytest.importorskip("nvidia.dali")
+    from fastrsb.loaders.dali_loader import decoder_padding, gpu_memory_estimate
+    from fastrsb.loaders.layout import ShardIndex
+    from fastrsb.recipes import A3
+    from fastrsb.train import loader_reserve
+
+    pads = {s: decoder_padding(ShardIndex.load(converted, s).heights, ShardIndex.load(converted, s).widths)
+            for s in ("train", "val")}
+    reserve = loader_reserve("dali", A3, 16, converted)
+    assert reserve(2048) == (gpu_memory_estimate(2048, 160, 16, padding=pads["train"])
+                             + gpu_memory_estimate(2048, 224, 16, padding=pads["val"]))
+    assert reserve(2048) < loader_reserve("dali", A3, 16)(2048)
+
+
 def test_progressive_resizing_ramp():
     from fastrsb.recipes import A3, override
     from fastrsb.schedule import res_at

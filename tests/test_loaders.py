@@ -588,7 +588,7 @@ def _dali_graph(device_id):
     from fastrsb.loaders import dali_loader
 
     pipe = dali_loader.define_pipeline(lambda: None, batch_size=4, num_threads=2, device_id=device_id,
-                                       hw_decoder_load=0.65, seed=0, prefetch_depth=2)
+                                       hw_decoder_load=0.65, seed=0, prefetch_depth=2, padding=5 << 20)
     pipe._build_graph()  # walks the graph in Python; no CUDA call
     graph = {}
     for op in pipe._ops:
@@ -614,6 +614,7 @@ def test_dali_mixed_graph_structure_on_the_cpu():
     (decoder_device, decoder), = graph["decoders__ImageSlice"]
     assert decoder_device == "mixed" and decoder["jpeg_fancy_upsampling"] == "True"
     assert float(decoder["hw_decoder_load"]) == 0.65
+    assert int(decoder["device_memory_padding"]) == int(decoder["host_memory_padding"]) == 5 << 20
     assert {d for d, _ in graph["ExternalSource"]} == {"cpu"} and len(graph["ExternalSource"]) == 9
     for schema in ("Resize", "Flip"):
         assert [d for d, _ in graph[schema]] == ["gpu"], schema
@@ -795,3 +796,24 @@ def test_beton_only_dataset_offers_ffcv_alone(data, tmp_path):
     (out / "train" / "train.beton").symlink_to(data / "out" / "train" / "train.beton")
     usable, skipped = candidate_backends(out, "train", "cpu")
     assert usable == ["ffcv"] and any(s.startswith("pil") for s in skipped)
+
+
+def test_dali_decoder_padding_is_sized_from_the_stored_images(converted):
+    """nvJPEG's per-thread preallocation holds the split's largest decoded image (rounded up to a MiB),
+    at most the DALI example's 211 MB; the loader passes the split's own figure to its decoder."""
+    pytest.importorskip("nvidia.dali")
+    import numpy as np
+
+    from fastrsb.loaders import dali_loader
+    from fastrsb.loaders.layout import ShardIndex
+
+    mib = 1 << 20
+    assert dali_loader.decoder_padding(np.array([100, 500]), np.array([100, 375])) == mib  # 0.54 MB -> 1 MiB
+    assert dali_loader.decoder_padding(np.array([1000]), np.array([1000])) == 3 * mib
+    assert dali_loader.decoder_padding(np.array([20000]), np.array([20000])) == dali_loader._DEVICE_MEMORY_PADDING
+    big = dali_loader.decoder_arguments(True, 1.0, dali_loader._DEVICE_MEMORY_PADDING)
+    assert big["host_memory_padding"] == dali_loader._HOST_MEMORY_PADDING  # the host buffers keep their own cap
+    index = ShardIndex.load(converted, "train")
+    largest = int((index.heights * index.widths).max()) * 3
+    padding = dali_loader.decoder_padding(index.heights, index.widths)
+    assert largest <= padding < largest + mib and padding < dali_loader._DEVICE_MEMORY_PADDING
