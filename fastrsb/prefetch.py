@@ -11,8 +11,11 @@ waits for the compute stream, so a batch's inputs (written by the loader on the 
 complete before it is augmented. On the CPU batches are prepared when asked (nothing to overlap with).
 
 `count` bounds what is drawn: the pipeline never loads or augments past the batches the caller will
-take, so the augmentation generator's state after an epoch does not depend on prefetching (resume
-stays exact).
+take. One AugmentedBatches can span several epochs (the trainer's does: `batches` chains the epochs'
+loaders), so the first batch of epoch e + 1 is augmented beside epoch e's last step, as any other.
+A checkpoint at that boundary must not hold the generator's state after that prefetched draw, so with
+`epoch_draws` set the state at each epoch's first draw is kept: `generator_state_at(n)` is the
+generator's state before draw n, whether or not draw n was already prefetched (resume stays exact).
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ import torch
 
 
 class AugmentedBatches:
-    def __init__(self, batches, augment, generator: torch.Generator | None, device, count: int):
+    def __init__(self, batches, augment, generator: torch.Generator | None, device, count: int,
+                 epoch_draws: int | None = None):
         self.batches = batches
         self.augment = augment
         self.generator = generator
@@ -29,13 +33,28 @@ class AugmentedBatches:
         self.cuda = self.device.type == "cuda"
         self.side = torch.cuda.Stream(self.device) if self.cuda else None
         self.pending = None
+        self.drawn = 0  # batches taken from `batches` (and augmented) so far
+        self.epoch_draws = epoch_draws
+        self._boundary_state = None  # (draw index, generator state before it) of the latest epoch start
         if self.cuda:
             self.pending = self._prepare()
+
+    def generator_state_at(self, n: int) -> torch.Tensor:
+        """The augmentation generator's state before draw n: now, if n is the next draw, or as kept at
+        the epoch start n (only epoch starts are kept, and only the latest)."""
+        if n == self.drawn:
+            return self.generator.get_state()
+        if self._boundary_state is not None and self._boundary_state[0] == n:
+            return self._boundary_state[1]
+        raise ValueError(f"the generator's state before draw {n} was not kept ({self.drawn} drawn so far)")
 
     def _prepare(self):
         if self.remaining <= 0:
             return None
         self.remaining -= 1
+        if self.epoch_draws and self.generator is not None and self.drawn % self.epoch_draws == 0:
+            self._boundary_state = (self.drawn, self.generator.get_state())
+        self.drawn += 1
         images, labels = next(self.batches)
         if not self.cuda:
             return self.augment(images, labels, generator=self.generator)

@@ -296,12 +296,24 @@ def _loop(run: _Run, last_epoch: int, *, eval_every_epochs: int, log_every_steps
 
     step, train_time_s, images_seen, metrics = run.step, 0.0, 0, {}
     run.model.train()
+    draws_per_epoch = run.steps_per_epoch * layout.accum_steps
+
+    def res_of(epoch: int) -> int:
+        return res_at(epoch, recipe.train_res, recipe.progressive_res, recipe.progressive_epochs)
+
+    def loader_batches():
+        # the epochs' loaders chained: the next epoch is opened when its first batch is prefetched
+        for epoch in range(run.start_epoch, last_epoch):
+            run.train_loader.set_epoch(epoch, res=res_of(epoch))
+            epoch_batches = iter(run.train_loader)
+            for _ in range(draws_per_epoch):
+                yield next(epoch_batches)
+
+    # loader -> augmentation, batch k+1 prepared on a side CUDA stream while step k runs, across epochs too
+    batches = AugmentedBatches(loader_batches(), run.augment, run.augment_generator, device,
+                               count=(last_epoch - run.start_epoch) * draws_per_epoch, epoch_draws=draws_per_epoch)
     for epoch in range(run.start_epoch, last_epoch):
-        res = res_at(epoch, recipe.train_res, recipe.progressive_res, recipe.progressive_epochs)
-        run.train_loader.set_epoch(epoch, res=res)
-        # loader -> augmentation, batch k+1 prepared on a side CUDA stream while step k runs
-        batches = AugmentedBatches(iter(run.train_loader), run.augment, run.augment_generator, device,
-                                   count=run.steps_per_epoch * layout.accum_steps)
+        res = res_of(epoch)
 
         epoch_loss = torch.zeros((), device=device)
         interval_loss = torch.zeros((), device=device)
@@ -349,7 +361,8 @@ def _loop(run: _Run, last_epoch: int, *, eval_every_epochs: int, log_every_steps
         log(record)
         say(f"epoch {epoch + 1}/{recipe.epochs}: loss {loss_value:.4f}, {record['img_per_s']:,.0f} img/s"
             + (f", top-1 {record['top1']:.2f}%, top-5 {record['top5']:.2f}%" if "top1" in record else ""))
-        _save_checkpoint(run, epoch + 1, step)
+        _save_checkpoint(run, epoch + 1, step,
+                         batches.generator_state_at((epoch + 1 - run.start_epoch) * draws_per_epoch))
 
     # --- the end
     finished = last_epoch == recipe.epochs
@@ -379,8 +392,8 @@ def _loop(run: _Run, last_epoch: int, *, eval_every_epochs: int, log_every_steps
     return summary
 
 
-def _save_checkpoint(run: _Run, epochs_done: int, step: int) -> None:
-    rng = capture_rng(run.augment_generator)
+def _save_checkpoint(run: _Run, epochs_done: int, step: int, augment_state: torch.Tensor | None = None) -> None:
+    rng = capture_rng(run.augment_generator, augment_state)
     if run.dist.enabled:
         gathered = [None] * run.dist.world_size
         dist.all_gather_object(gathered, rng)

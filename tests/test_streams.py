@@ -215,3 +215,43 @@ def test_dali_cuda_branch_binds_outputs_to_the_current_stream(monkeypatch):
     calls = [e[0] for e in log if e[0] in ("schedule_run", "outputs", "yield")]
     assert calls == ["schedule_run"] + ["outputs", "schedule_run", "yield"] * 3
     assert not [e for e in log if e[0] == "synchronize"]
+
+
+def test_prefetch_across_an_epoch_boundary_keeps_the_generator_state_of_the_boundary(monkeypatch):
+    """Spanning epochs, the next epoch's first batch is augmented (its random draws taken) before the
+    caller's last step of this epoch runs; the state a checkpoint at the boundary stores is the one
+    before that draw, so a run resumed from it draws exactly what the uninterrupted run drew."""
+    import torch
+
+    from fastrsb.prefetch import AugmentedBatches
+
+    log = Log()
+    FakeCuda(monkeypatch, log)
+    per_epoch, epochs = 2, 3
+
+    def batches():
+        for k in range(per_epoch * epochs):
+            yield FakeBatch(log, f"images{k}"), FakeBatch(log, f"labels{k}")
+
+    def augment(images, labels, generator=None):
+        draw = torch.rand(1, generator=generator).item()
+        return FakeBatch(log, f"x{draw}"), FakeBatch(log, "target")
+
+    gen = torch.Generator().manual_seed(3)
+    stream = AugmentedBatches(batches(), augment, gen, "cuda", count=per_epoch * epochs, epoch_draws=per_epoch)
+    names = []
+    for epoch in range(epochs):
+        for _ in range(per_epoch):
+            names.append(next(stream)[0].name)
+        boundary = (epoch + 1) * per_epoch
+        if epoch + 1 < epochs:
+            assert stream.drawn == boundary + 1  # the next epoch's first batch is already augmented
+            assert not torch.equal(stream.generator_state_at(boundary), gen.get_state())
+        # resumed from the boundary's state: the next epoch's draws are the uninterrupted run's
+        resumed = torch.Generator()
+        resumed.set_state(stream.generator_state_at(boundary))
+        again = [f"x{torch.rand(1, generator=resumed).item()}" for _ in range(per_epoch * epochs - boundary)]
+        reference = torch.Generator().manual_seed(3)
+        full = [f"x{torch.rand(1, generator=reference).item()}" for _ in range(per_epoch * epochs)]
+        assert again == full[boundary:]
+    assert names == full
