@@ -28,10 +28,10 @@ CHECKPOINT_FORMAT = 2
 READABLE_FORMATS = (1, CHECKPOINT_FORMAT)
 
 
-def capture_rng(augment_generator: torch.Generator, augment_state: torch.Tensor | None = None) -> dict:
+def capture_rng(augment_state: torch.Tensor) -> dict:
     """All RNG states as tensors, lists and numbers, so `torch.load(weights_only=True)` reads them.
-    augment_state: the augmentation generator's state to store instead of its current one (the state at
-    an epoch boundary, when the next epoch's first batch was already prefetched)."""
+    augment_state: the augmentation generator's state at the checkpoint's epoch boundary, which the
+    prefetch may already have moved past (`AugmentedBatches.generator_state_at`)."""
     np_state = np.random.get_state()
     py_version, py_state, py_gauss = random.getstate()
     return {
@@ -40,7 +40,7 @@ def capture_rng(augment_generator: torch.Generator, augment_state: torch.Tensor 
         "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "python": {"version": py_version, "state": list(py_state), "gauss_next": py_gauss},
-        "augment": augment_generator.get_state() if augment_state is None else augment_state,
+        "augment": augment_state,
     }
 
 

@@ -27,10 +27,10 @@ The last op, p <- p + s_i u_i with one device scalar s_i per parameter, has no e
 kernel: `_foreach_addcmul_` with a list of 0-dim tensors takes ATen's per-tensor path (one launch per
 parameter, 161 for ResNet-50), because its fast path needs equal shapes across the lists. With
 `compile_update=True` (the trainer's setting whenever the model is compiled) that one op goes through
-`torch.compile`, whose Inductor lowering of foreach ops emits horizontally fused kernels: a few launches
-per step instead of one per parameter. Only that op is compiled: the whole update compiled recompiles
-for every new lr and bias correction and costs about 110 s to compile for ResNet-50 on a 2-core CPU
-(this op alone: about 22 s there, once per parameter group). On the GPU the gain is unmeasured.
+`torch.compile`, whose Inductor lowering fuses foreach ops horizontally instead of launching per
+parameter. Only that op is compiled: compiled whole, the update would recompile for every new lr and
+bias correction (they are Python floats), where this op compiles once per trust-ratio group. The
+launch count and the gain on a GPU are unmeasured.
 
 Gradient clipping decision: `max_grad_norm` defaults to 1.0, as in timm. The RSB paper's Table 1
 lists "grad clip: none", but that refers to timm's `--clip-grad` flag; the published A1/A2/A3 results
@@ -42,6 +42,7 @@ on the device and applied as a tensor, so clipping costs no host sync either.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 
@@ -114,7 +115,7 @@ class Lamb(torch.optim.Optimizer):
         bias_correction: Adam bias corrections of m and v.
         grad_averaging: m uses (1 - beta1) g; otherwise g.
         compile_update: apply the trust ratios through a compiled foreach kernel (see the module
-            docstring); one compilation per parameter group, results equal to the eager op.
+            docstring); one compilation per trust-ratio group, results equal to the eager op.
     """
 
     def __init__(
@@ -246,9 +247,10 @@ def _lamb_update(
     grad_averaging: bool,
     trust_clip: bool,
     always_adapt: bool,
-    apply=None,
+    apply,
 ) -> None:
-    """One LAMB step for tensors that share a device and dtype. All arithmetic stays on the device."""
+    """One LAMB step for tensors that share a device and dtype. All arithmetic stays on the device.
+    apply(params, updates, step_sizes): the trust-ratio step, `_apply_step_sizes` or its compiled form."""
     if clip_divisor is not None:
         grads = torch._foreach_div(grads, clip_divisor)  # new tensors: p.grad stays as the user left it
 
@@ -278,7 +280,7 @@ def _lamb_update(
         if trust_clip:
             ratios = ratios.clamp(max=1.0)
         step_sizes = (ratios * (-lr * scale)).to(params[0].dtype)
-        (apply or _apply_step_sizes)(params, updates, step_sizes)
+        apply(params, updates, step_sizes)
     else:
         torch._foreach_add_(params, updates, alpha=-lr * scale)
 
@@ -289,12 +291,7 @@ def _apply_step_sizes(params: list[Tensor], updates: list[Tensor], step_sizes: T
     torch._foreach_addcmul_(params, updates, list(step_sizes.unbind(0)))
 
 
-_COMPILED_APPLY = None
-
-
+@functools.cache
 def _compiled_apply():
-    """`_apply_step_sizes` compiled once per process (static shapes: one graph per parameter group)."""
-    global _COMPILED_APPLY
-    if _COMPILED_APPLY is None:
-        _COMPILED_APPLY = torch.compile(_apply_step_sizes, fullgraph=True, dynamic=False)
-    return _COMPILED_APPLY
+    """`_apply_step_sizes` compiled once per process (static shapes: one graph per trust-ratio group)."""
+    return torch.compile(_apply_step_sizes, fullgraph=True, dynamic=False)

@@ -392,8 +392,8 @@ def _loop(run: _Run, last_epoch: int, *, eval_every_epochs: int, log_every_steps
     return summary
 
 
-def _save_checkpoint(run: _Run, epochs_done: int, step: int, augment_state: torch.Tensor | None = None) -> None:
-    rng = capture_rng(run.augment_generator, augment_state)
+def _save_checkpoint(run: _Run, epochs_done: int, step: int, augment_state: torch.Tensor) -> None:
+    rng = capture_rng(augment_state)
     if run.dist.enabled:
         gathered = [None] * run.dist.world_size
         dist.all_gather_object(gathered, rng)

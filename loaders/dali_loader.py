@@ -187,8 +187,8 @@ def _windows_function():
 def gpu_memory_estimate(batch_size: int, res: int, num_threads: int, prefetch_depth: int = 2,
                         padding: int = _DEVICE_MEMORY_PADDING) -> int:
     """Bytes of GPU memory one mixed pipeline takes outside torch's allocator, as the batch probe reserves
-    it: nvJPEG's device padding per decoding thread (`decoder_padding` of the split), plus the decoded output of each batch in the queue
-    (prefetch_depth + 1 batches of uint8 res x res x 3). An estimate from DALI's documented allocations,
+    it: nvJPEG's device padding per decoding thread (`decoder_padding` of the split), plus the decoded
+    output of each batch in the queue (prefetch_depth + 1 batches of uint8 res x res x 3). An estimate from DALI's documented allocations,
     not a measurement; the decoder's intermediate buffers grow on top of the padding only for images larger
     than it holds."""
     return max(1, num_threads) * padding + (prefetch_depth + 1) * batch_size * 3 * res * res
