@@ -18,12 +18,17 @@ batch ahead (timm's prefetcher idea); they come out as NCHW channels_last views.
 in /dev/shm (workers x prefetch x batch) are bounded by `shm_budget`: half of /dev/shm's free space, at
 most 4 GiB, with at most 2 batches per worker (`shared_memory_plan` lowers the prefetch, then the workers).
 
+The workers come from a fork server (`worker_context`), never from a fork of the training process:
+that process has threads by then (FFCV's and numba's pools, DALI's, torch's), and a child forked
+while one of them holds a lock can wait on it forever (a test run hung so in a DataLoader worker).
+
 PIL decodes and resizes on the CPU, image by image: it is the reference, not the fast path
 (`fastrsb bench loader` measures it beside the others).
 """
 from __future__ import annotations
 
 import io
+import multiprocessing as mp
 import os
 import weakref
 from pathlib import Path
@@ -72,6 +77,34 @@ def scan_imagefolder(root: Path, src_root: Path | None = None) -> tuple[list[str
     items = [(os.path.join(root, f.relpath), f.label) for f in scan.files
              if f.label >= 0 and f.relpath.lower().endswith(IMAGE_EXTENSIONS)]
     return classes, items
+
+
+# ------------------------------------------------------------------ worker processes
+
+# imported once by the fork server, so each worker it forks starts with them (torch's DataLoader worker
+# loop, the decoders, this module's dataset and timm's transforms for timm's own loaders)
+WORKER_PRELOAD = ["torch", "numpy", "PIL.Image", "fastrsb.loaders.imagefolder", "timm.data"]
+
+
+def worker_context():
+    """The multiprocessing context for DataLoader workers: 'forkserver' (spawn where there is none).
+
+    A fork copies the parent's memory but only the forking thread: a lock that another thread held
+    (numba's or FFCV's pools, DALI's threads, an allocator) stays held in the child for ever. The fork
+    server is a fresh single-threaded process, started at the first use with `WORKER_PRELOAD` imported,
+    that forks the workers; Python 3.14 makes it the default on Linux for this reason."""
+    methods = mp.get_all_start_methods()
+    if "forkserver" not in methods:
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(WORKER_PRELOAD)  # read when the server starts; later calls change nothing
+    return ctx
+
+
+def use_worker_context() -> None:
+    """Make `worker_context` the process's default start method, for DataLoaders built elsewhere
+    (timm's create_loader takes no context): the command line and the tests call it first thing."""
+    mp.set_start_method(worker_context().get_start_method(), force=True)
 
 
 # ------------------------------------------------------------------ decoding
@@ -229,7 +262,7 @@ class PILLoader:
         self.num_workers, self.prefetch_factor = num_workers, prefetch
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=_PlanBatchSampler(self), num_workers=num_workers, collate_fn=collate,
-            pin_memory=cuda, persistent_workers=num_workers > 0, prefetch_factor=prefetch,
+            multiprocessing_context=worker_context() if num_workers > 0 else None, pin_memory=cuda, persistent_workers=num_workers > 0, prefetch_factor=prefetch,
             # a private generator: the DataLoader's first iteration would otherwise draw from torch's global
             # RNG (drop-path masks), so a resumed run would continue a different stream (crops come from the plan)
             generator=torch.Generator().manual_seed(crop.seed))

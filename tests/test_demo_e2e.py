@@ -107,7 +107,14 @@ def test_bench_aug_cli(tmp_path):
     run_cli("bench", "aug", "--device", "cpu", "--batches", "8", "--res", "32", "--quick", "--no-compile",
             "--out", results)
     rows = read_results([results])
-    assert len(rows) == 1 and all(r["ratio"] > 0 for r in rows) and rows[0]["name"].endswith("eager")
+    moved, timed = rows
+    assert timed["ratio"] > 0 and timed["name"].endswith("eager")
+    # the eager device part's traffic: bytes per image, kernels, and the H100 floor they imply
+    assert moved["name"] == "fastrsb augment traffic, eager device part" and moved["unit"] == "MiB/image"
+    assert 0 < moved["value"] < 100 and moved["kernels"] > 10
+    floor = moved["h100_floor_ms_per_256_images"]
+    assert floor["bytes_ms"] == pytest.approx(moved["value"] * 2**20 * 256 / 3.35e12 * 1e3, rel=0.02)
+    assert floor["launch_ms"] == pytest.approx(moved["kernels"] * 5e-3 * 256 / 8, rel=1e-3)
 
 
 BROKEN_DALI = """

@@ -681,6 +681,17 @@ def test_pil_over_the_source_imagefolder(data):
     assert Counter(labels.tolist()) == Counter(tsv_labels(data / "out", "val"))
 
 
+def test_pil_workers_come_from_a_fork_server(data):
+    """The PIL loader's workers are forked by a fresh single-threaded server, not by this process (which has
+    FFCV's, numba's and DALI's threads by now: a fork of it once left a worker waiting on a lock for ever),
+    and give the pixels of an in-process epoch."""
+    loader = make_loader("pil", data / "out", "val", **VAL)
+    assert loader._impl.loader.multiprocessing_context.get_start_method() == "forkserver"
+    images, labels = cat(run_epoch(loader))
+    ref_images, ref_labels = cat(run_epoch(make_loader("pil", data / "out", "val", **{**VAL, "num_workers": 0})))
+    assert torch.equal(images, ref_images) and torch.equal(labels, ref_labels)
+
+
 def test_pil_shared_memory_is_bounded():
     """The PIL loader's batches in flight (workers x prefetch x batch) fit its /dev/shm budget: at A3's
     2048 x 160 px (157 MB a batch) with 16 workers, 2 GiB holds 13 batches, so prefetch 1 and 13 workers;

@@ -73,3 +73,30 @@ def test_seed_stats():
     assert (stats["top1"]["min"], stats["top1"]["max"]) == (79.5, 80.0)
     assert stats["top5"]["mean"] == pytest.approx(statistics.fmean(top1) + 15)
     assert seed_stats([{"top1": 50.0}])["top1"]["std"] == 0.0
+
+
+def test_traffic_counts_bytes_and_kernels_of_an_eager_call():
+    """Each op's distinct input and output bytes; views move nothing; a gather reads what it writes; an
+    index_copy_ reads and writes the rows it touches; a broadcast operand counts once."""
+    import torch
+
+    from fastrsb.bench import traffic
+
+    x = torch.zeros(10, 100, dtype=torch.uint8)
+    index = torch.tensor([1, 3], dtype=torch.int64)
+    scale = torch.ones(1, 100).expand(10, 100)  # stride 0 over rows: 400 bytes
+
+    def fn():
+        y = x.float()  # 1000 + 4000
+        y = y.view(100, 10).t().contiguous()  # views, then a copy (4000 + 4000)
+        z = y * scale  # 4000 + 400 + 4000
+        picked = z.index_select(0, index)  # 2 rows of 400 bytes, read and written, + 16 index bytes
+        return z.index_copy_(0, index, picked)  # 2 * (800 + 16)
+
+    moved, result = traffic.trace(fn)
+    assert result.shape == (10, 100)
+    assert moved.kernels == 5 and moved.bytes == 5000 + 8000 + 8400 + 1616 + 1632
+    assert moved.by_op["aten.mul"] == 8400 and moved.top(1) == {"aten.mul": round(8400 / moved.bytes, 3)}
+    floor = traffic.floor_ms(moved, images=10, per=256)
+    assert floor["bytes_ms"] == round(1e3 * moved.bytes * 25.6 / 3.35e12, 4)
+    assert floor["launch_ms"] == round(1e3 * 5 * 5e-6 * 25.6, 4)

@@ -10,7 +10,13 @@ cutmix 1.0, normalise to bf16 on CUDA, float32 on the CPU):
     `--per-image` images and scaled to the batch) + timm's `Mixup` on the device batch + the
     normalisation of timm's prefetcher. Its figure is the sum of the two measured parts.
 Each line gives images/s, ms per batch and ms per 256 images. Warm-up, several repeats, median; timed
-with the one `benchlog.Timer` (the compile too). Goals on one H100 (issue 9): <= 0.6 ms per 256 images when called on 2048 images,
+with the one `benchlog.Timer` (the compile too).
+
+Before the timings, a traffic line per batch (`fastrsb.bench.traffic`): the MiB per image that the
+eager device part reads and writes (a dispatch trace of one call) and its kernel count; the compiled
+line adds Inductor's bytes and kernels for its graph. Each gives the floor those imply on one H100
+(bytes at 3.35 TB/s, 5 us per launch) per 256 images. Target for the eager part: <= 8 MiB per image
+at batch 512 and 2048 (what <= 0.6 ms per 256 allows at HBM speed). Goals on one H100 (issue 9): <= 0.6 ms per 256 images when called on 2048 images,
 <= 5 ms for a batch of 256, at 160 px.
 """
 from __future__ import annotations
@@ -22,11 +28,15 @@ import torch
 import torch.nn.functional as F
 
 from fastrsb.augment import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, make_train_augment
+from fastrsb.augment.ops import to_device
 from fastrsb.benchlog import Timer, emit, record, time_call
 from fastrsb.recipes import A3
 from fastrsb.runtime import PRECISIONS, autocast_dtype, prepare_device, resolve_precision
 
+from . import traffic
+
 MIXUP_ALPHA, CUTMIX_ALPHA = 0.1, 1.0  # A1/A2/A3
+EAGER_TARGET_MIB = 8.0  # per image, eager device part, batch 512 and 2048
 
 
 def add_arguments(parser) -> None:
@@ -78,6 +88,21 @@ def _timm_seconds_per_batch(args, x, labels, device, dtype, warmup, repeats, per
     return per_image_s * x.shape[0] + time_call(mix_and_normalise, device, warmup, repeats)
 
 
+def device_part_traffic(augment, x, labels, seed: int = 1) -> traffic.Traffic:
+    """The eager device part's traffic for one call's draws (host draws and the params copy left out)."""
+    _, _, h, w = x.shape
+    params = augment.sample_params(x.shape[0], h, w, torch.Generator().manual_seed(seed))
+    packed, caps = augment.pack(params, h, w)
+    consts = augment.constants(x.device, h, w)
+    moved, _ = traffic.trace(augment.apply_packed, x, labels, to_device(packed, x.device), caps, consts)
+    return moved
+
+
+def traffic_fields(moved: traffic.Traffic, batch: int) -> dict:
+    return {"kernels": moved.kernels, "h100_floor_ms_per_256_images": traffic.floor_ms(moved, batch),
+            "top_ops": moved.top()}
+
+
 def run(args) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -104,6 +129,11 @@ def run(args) -> list[dict]:
 
         gen = torch.Generator().manual_seed(0)
         augment = make_train_augment(args.rand_augment, MIXUP_ALPHA, CUTMIX_ALPHA, 0.1, 1000, dtype=dtype)
+        augment(x, labels, gen)  # the device constants, made outside the trace
+        moved = device_part_traffic(augment, x, labels)
+        out.append(emit(record("aug", "fastrsb augment traffic, eager device part", moved.per_image_mib(batch),
+                               unit="MiB/image", config={**config, "target_mib_per_image": EAGER_TARGET_MIB},
+                               device=str(device), **traffic_fields(moved, batch)), args.out))
         report("fastrsb RandAugment + mixup/cutmix + normalise, eager",
                time_call(lambda: augment(x, labels, gen), device, warmup, repeats))
         if args.no_compile:
@@ -111,7 +141,7 @@ def run(args) -> list[dict]:
         compiled = make_train_augment(args.rand_augment, MIXUP_ALPHA, CUTMIX_ALPHA, 0.1, 1000, dtype=dtype).compile()
         try:
             timer = Timer(device).start()
-            compiled(x, labels, gen)  # compiles for this shape
+            compiled_moved = traffic.compiled_traffic(lambda: compiled(x, labels, gen))  # compiles for this shape
             compile_s = timer.stop()
         except Exception as e:  # e.g. no C++ compiler for inductor on this machine: say so, go on
             print(f"# compiled fastrsb augment skipped at batch {batch}: {type(e).__name__}: {str(e)[:200]}")
@@ -124,4 +154,9 @@ def run(args) -> list[dict]:
         report("fastrsb RandAugment + mixup/cutmix + normalise, compiled", seconds, compile_s=round(compile_s, 1),
                compiled_vs_eager_max_abs=float((a - b).abs().max()),
                compiled_vs_eager_mean_abs=float((a - b).abs().mean()))
+        out.append(emit(record("aug", "fastrsb augment traffic, compiled", compiled_moved.per_image_mib(batch),
+                               unit="MiB/image", config={**config, "eager_mib_per_image": round(
+                                   moved.per_image_mib(batch), 3)}, device=str(device),
+                               kernels=compiled_moved.kernels,
+                               h100_floor_ms_per_256_images=traffic.floor_ms(compiled_moved, batch)), args.out))
     return out
