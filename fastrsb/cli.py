@@ -45,11 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     from .commands import check_overrides
     from .errors import FastRSBError
 
-    from .loaders.imagefolder import use_worker_context
-
     argv = sys.argv[1:] if argv is None else list(argv)
     _quiet_numba_finalizer()
-    use_worker_context()  # DataLoader workers from a fork server, timm's too (not forks of a threaded process)
     parser = build_parser(with_benchmarks=argv[:1] == ["bench"])
     try:
         args, extra = parser.parse_known_args(argv)

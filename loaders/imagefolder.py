@@ -101,10 +101,13 @@ def worker_context():
     return ctx
 
 
-def use_worker_context() -> None:
-    """Make `worker_context` the process's default start method, for DataLoaders built elsewhere
-    (timm's create_loader takes no context): the command line and the tests call it first thing."""
-    mp.set_start_method(worker_context().get_start_method(), force=True)
+def use_worker_context(loader):
+    """`loader` (a DataLoader, or a wrapper of one in `.loader`, as timm's PrefetchLoader) starts its
+    workers through `worker_context` (timm's create_loader takes no context); returns `loader`."""
+    inner = getattr(loader, "loader", loader)
+    if inner.num_workers > 0:
+        inner.multiprocessing_context = worker_context()
+    return loader
 
 
 # ------------------------------------------------------------------ decoding

@@ -7,10 +7,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-from fastrsb.loaders.imagefolder import use_worker_context  # noqa: E402
-
-use_worker_context()  # as the command line: timm's DataLoaders in these tests fork no threaded pytest process
-
 
 def record_devices():
     """A TorchDispatchMode that records each op's name and the device types of the tensors it touches, as

@@ -128,7 +128,7 @@ class MixupCutmix:
         b, _, h, w = images.shape
         x = images.float() if images.dtype == torch.uint8 else images
         lam = packed[:, 0].to(torch.float32)
-        yl, yh, xl, xh = (packed[:, i].long().view(b, 1, 1, 1) for i in range(2, 6))
+        yl, yh, xl, xh = packed[:, 2:6].long().view(b, 4, 1, 1, 1).unbind(1)  # each (b, 1, 1, 1)
         ys = torch.arange(h, device=images.device).view(1, 1, h, 1)
         xs = torch.arange(w, device=images.device).view(1, 1, 1, w)
         in_box = (ys >= yl) & (ys < yh) & (xs >= xl) & (xs < xh)  # (b, 1, h, w)

@@ -12,16 +12,20 @@ the lists of images each costly stage works on. The device then runs the same th
 the draws:
   1. one per-(image, channel) 256-entry lookup table: identity, invert, posterize, solarize,
      solarize-add (all known on the host), brightness and contrast (blends with a constant, so LUTs
-     too), autocontrast and equalize (from histograms of the images that drew them);
+     too), autocontrast and equalize (from histograms of the images that drew them; contrast's
+     constant is the grey mean of each image that drew it);
   2. one blend with a degenerate image, for Color (grayscale) and Sharpness (PIL's SMOOTH filter);
-  3. one affine warp, bilinear or bicubic per image.
+  3. one affine warp, bilinear or bicubic per image: 2-d for Rotate, 1-d along the one axis that
+     ShearX/Y and TranslateX/Y move pixels along (the same pixels, bit for bit, a quarter of the taps).
 Each image goes through at most one non-identity stage per layer. The cheap LUT runs on every image;
-the costly parts (the histogram of stage 1, stage 2, stage 3) run only on a fixed number of images,
+the costly parts (the statistics of stage 1, stage 2, stage 3) run only on a fixed number of images,
 `cap`, gathered by index and written back. The host, which drew the ops, lists the images; `cap` is
 a function of the batch size and the op set that such a list exceeds with probability about 1e-9
 (`stage_capacity`); when one does, that call uses the whole batch for that stage (exact either way,
 one more compile if compiled). In A3's RandAugment a sixth of the images draw a geometric op in a
-layer, and the warp (16 gathered taps per pixel) runs on cap = 83 of 256 images, or 447 of 2048.
+layer, and the warp runs on cap = 83 of 256 images, or 447 of 2048; of those, the first 30 (122 of
+2048) are reserved for the Rotate draws (a thirtieth of the images; 16 taps per pixel) and the rest
+get the 1-d warp (4 taps).
 Pad rows repeat the first listed image, so their identical writes collide harmlessly; when nobody is
 listed, row 0 is a placeholder whose result is thrown away (the stage's own column says who needs it).
 Only the stages that the op set can need are issued (decided at construction, not per call).
@@ -49,6 +53,9 @@ _C = {name: i for i, name in enumerate(COLUMNS)}
 NUM_COLUMNS = len(COLUMNS)
 LUT_STATIC, LUT_AUTOCONTRAST, LUT_EQUALIZE, LUT_CONTRAST, LUT_BRIGHTNESS = range(5)
 BLEND_NONE, BLEND_COLOR, BLEND_SHARPNESS = range(3)
+# the "geometric" column: no warp; a map that needs the 2-d warp (Rotate); one that moves pixels along x
+# only (the source row is the output row: ShearX, TranslateX); along y only (ShearY, TranslateY)
+GEOM_NONE, GEOM_2D, GEOM_X, GEOM_Y = range(4)
 _IDENTITY_ROW = np.zeros(NUM_COLUMNS)
 _IDENTITY_ROW[[_C["and_mask"], _C["threshold"], _C["factor"], _C["a00"], _C["a11"]]] = (255, 256, 1, 1, 1)
 
@@ -124,10 +131,15 @@ def device_constants(device: torch.device, height: int, width: int, fill: Sequen
             "centre_x": (torch.arange(width, dtype=torch.float64) + 0.5).view(1, 1, width).to(device),
             "centre_y": (torch.arange(height, dtype=torch.float64) + 0.5).view(1, height, 1).to(device),
             "smooth": smooth.expand(3, 1, 3, 3).contiguous().to(device),
+            "zero": torch.zeros((), dtype=torch.float32).to(device),
+            "gray_weights": torch.tensor([19595, 38470, 7471], dtype=torch.int32).view(1, 3, 1, 1).to(device),
             "fill": torch.tensor(fill, dtype=torch.float32).view(1, 1, 1, 3).to(device),
             # column offsets of a row's interpolation taps in the warp's edge-padded rows
             "linear_taps": torch.tensor([0, 1], dtype=torch.int64).view(2, 1).to(device),
             "cubic_taps": torch.tensor([-1, 0, 1, 2], dtype=torch.int64).view(4, 1).to(device),
+            # output rows and columns, for `shift`'s fixed axis
+            "row_index": torch.arange(height, dtype=torch.int64).view(1, height, 1).to(device),
+            "col_index": torch.arange(width, dtype=torch.int64).view(1, 1, width).to(device),
         }
     return _CONSTANTS[key]
 
@@ -184,6 +196,7 @@ class Op:
     columns: Callable
     signed: bool  # RandAugment gives this op a random sign
     geometric: bool = False
+    one_axis: bool = False  # a geometric op that moves pixels along one axis (GEOM_X, GEOM_Y)
     lut: int = LUT_STATIC
     blend: int = BLEND_NONE
 
@@ -196,11 +209,11 @@ def _blend_op(kind, factor, signed):
     return Op(lambda m, h, w, pct: {"blend": kind, "factor": factor(m)}, signed, blend=kind)
 
 
-def _geometric_op(matrix):
+def _geometric_op(matrix, code: int):
     def columns(m, h, w, pct):
         names = ("a00", "a01", "a02", "a10", "a11", "a12")
-        return {"geometric": 1, **dict(zip(names, matrix(m, h, w, pct)))}
-    return Op(columns, True, geometric=True)
+        return {"geometric": code, **dict(zip(names, matrix(m, h, w, pct)))}
+    return Op(columns, True, geometric=True, one_axis=code != GEOM_2D)
 
 
 OPS: dict[str, Op] = {
@@ -226,11 +239,11 @@ OPS: dict[str, Op] = {
     "BrightnessIncreasing": _lut_op(LUT_BRIGHTNESS, _enhance_increasing_factor, True),
     "Sharpness": _blend_op(BLEND_SHARPNESS, _enhance_factor, False),
     "SharpnessIncreasing": _blend_op(BLEND_SHARPNESS, _enhance_increasing_factor, True),
-    "Rotate": _geometric_op(_rotate),
-    "ShearX": _geometric_op(_shear_x),
-    "ShearY": _geometric_op(_shear_y),
-    "TranslateXRel": _geometric_op(_translate_x_rel),
-    "TranslateYRel": _geometric_op(_translate_y_rel),
+    "Rotate": _geometric_op(_rotate, GEOM_2D),
+    "ShearX": _geometric_op(_shear_x, GEOM_X),
+    "ShearY": _geometric_op(_shear_y, GEOM_Y),
+    "TranslateXRel": _geometric_op(_translate_x_rel, GEOM_X),
+    "TranslateYRel": _geometric_op(_translate_y_rel, GEOM_Y),
 }
 OP_NAMES = tuple(OPS)
 SIGNED_OPS = tuple(name for name, op in OPS.items() if op.signed)
@@ -260,13 +273,13 @@ STAGES = ("hist", "blend", "warp")  # the stages that run on listed images only
 
 def op_stages(op: "Op") -> tuple[bool, bool, bool]:
     """Which costly stages of `STAGES` an op needs."""
-    return op.lut in (LUT_AUTOCONTRAST, LUT_EQUALIZE), op.blend != BLEND_NONE, op.geometric
+    return op.lut in (LUT_AUTOCONTRAST, LUT_EQUALIZE, LUT_CONTRAST), op.blend != BLEND_NONE, op.geometric
 
 
 def stage_members(rows: np.ndarray) -> dict[str, np.ndarray]:
     """Which images of a layer (rows of `layer_columns`) each costly stage must process."""
     lut = rows[:, _C["lut"]]
-    return {"hist": (lut == LUT_AUTOCONTRAST) | (lut == LUT_EQUALIZE),
+    return {"hist": (lut == LUT_AUTOCONTRAST) | (lut == LUT_EQUALIZE) | (lut == LUT_CONTRAST),
             "blend": rows[:, _C["blend"]] != BLEND_NONE,
             "warp": rows[:, _C["geometric"]] > 0.5}
 
@@ -281,19 +294,41 @@ def stage_capacity(batch: int, p: float) -> int:
     return min(batch, int(math.ceil(batch * p + 6.0 * math.sqrt(batch * p * (1.0 - p)) + 4.0)))
 
 
-def stage_indices(rows: np.ndarray, nominal: Sequence[int]) -> tuple[int, ...]:
+def warp_2d_capacity(warp_2d_p: float, batch: int, warp_cap: int) -> int:
+    """How many of the warp stage's `warp_cap` listed images get the 2-d warp (the rest get the 1-d one,
+    see `warp`): the images that need it (Rotate; each with probability `warp_2d_p`) are listed first, and
+    `stage_capacity(batch, warp_2d_p)` holds them with probability about 1e-9 (else that call's warp
+    stage takes the whole batch, all 2-d)."""
+    if warp_cap >= batch:
+        return warp_cap
+    return min(warp_cap, stage_capacity(batch, warp_2d_p))
+
+
+def stage_indices(rows: np.ndarray, nominal: Sequence[int], warp_2d_p: float = 1.0) -> tuple[int, ...]:
     """Write each costly stage's image list into `rows` (in place); returns the caps of this call.
 
     nominal: the cap per stage of `STAGES` (`stage_capacity`); a stage with more members than its cap
     takes the whole batch in this call. Rows 0..cap-1 of `<stage>_idx` list the members, padded with the
-    first member (or with image 0, a placeholder, when nothing is listed)."""
+    first member (or with image 0, a placeholder, when nothing is listed). The warp's list has the
+    images that need the 2-d warp first, in its first `warp_2d_capacity(warp_2d_p, ...)` rows (more of
+    them than that also takes the whole batch); its pad rows after those hold a one-axis member, whose
+    1-d warp is exact, or else an image without a warp (which its row leaves as it is)."""
     batch = rows.shape[0]
     caps = []
     for stage, cap, members in zip(STAGES, nominal, stage_members(rows).values()):
         listed = np.flatnonzero(members)
-        cap = cap if listed.size <= cap else batch
+        overflow = listed.size > cap
+        if stage == "warp":
+            flat = rows[listed, _C["geometric"]] != GEOM_2D
+            one_axis = listed[flat]
+            listed = np.concatenate([listed[~flat], one_axis])
+            overflow |= int((~flat).sum()) > warp_2d_capacity(warp_2d_p, batch, cap)
+        cap = batch if overflow else cap
         index = np.full(cap, listed[0] if listed.size else 0, dtype=np.float64)
         index[:listed.size] = listed
+        if stage == "warp" and listed.size < cap:  # pad rows of the 1-d part: exact there, or no warp
+            start = max(listed.size, warp_2d_capacity(warp_2d_p, batch, cap))
+            index[start:] = one_axis[0] if one_axis.size else np.flatnonzero(~members)[0]
         rows[:cap, _C[f"{stage}_idx"]] = index
         caps.append(cap)
     return tuple(caps)
@@ -303,21 +338,24 @@ def stage_indices(rows: np.ndarray, nominal: Sequence[int]) -> tuple[int, ...]:
 class Stages:
     """Which device stages an op set can need; fixed for a RandAugment, so every call issues the same kernels."""
     histogram: bool  # AutoContrast, Equalize
-    gray: bool  # Contrast (grey mean), Color (grey degenerate)
+    contrast: bool  # Contrast: a blend with the image's grey mean, as a LUT
     lut_blend: bool  # Contrast, Brightness: blends with a constant, as LUTs
     color: bool
     sharpness: bool
     warp: bool
+    warp_2d_p: float = 1.0  # the chance that an image needs the 2-d warp in a layer (Rotate)
 
     @classmethod
-    def of(cls, names: Sequence[str]) -> "Stages":
+    def of(cls, names: Sequence[str], prob: float = 1.0) -> "Stages":
+        """The stages of an op set whose ops are drawn uniformly and applied with probability `prob`."""
         ops = [lookup_op(n) for n in names]
         return cls(histogram=any(op.lut in (LUT_AUTOCONTRAST, LUT_EQUALIZE) for op in ops),
-                   gray=any(op.lut == LUT_CONTRAST or op.blend == BLEND_COLOR for op in ops),
+                   contrast=any(op.lut == LUT_CONTRAST for op in ops),
                    lut_blend=any(op.lut in (LUT_CONTRAST, LUT_BRIGHTNESS) for op in ops),
                    color=any(op.blend == BLEND_COLOR for op in ops),
                    sharpness=any(op.blend == BLEND_SHARPNESS for op in ops),
-                   warp=any(op.geometric for op in ops))
+                   warp=any(op.geometric for op in ops),
+                   warp_2d_p=prob * sum(op.geometric and not op.one_axis for op in ops) / max(len(ops), 1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,16 +374,23 @@ def _blend(degenerate: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> t
     difference is exact, and so is the float64 sum of that float32 product and an integer, so casting
     each to float32 rounds exactly as PIL's float arithmetic does. A compiler cannot fuse the two into
     one FMA (as inductor's C++ and Triton code would with a plain `deg + f * (x - deg)`, or with
-    torch.lerp), so eager, compiled, CPU and GPU all give PIL's bytes."""
+    torch.lerp), so eager, compiled, CPU and GPU all give PIL's bytes.
+
+    Eager, nothing fuses, and float32 operations round exactly as those float64 steps then do (the
+    exact product and sum, rounded once to float32): so eager runs them in float32, with half the bytes
+    and four fewer kernels, and the same pixels."""
+    if not torch.compiler.is_compiling():
+        deg = degenerate.float()
+        return (factor.float() * (x.float() - deg)).add_(deg).clamp_(0, 255).to(torch.uint8)
     deg = degenerate.double()
     product = (factor.double() * (x.double() - deg)).float()
     return (product.double() + deg).float().clamp_(0, 255).to(torch.uint8)
 
 
-def _grayscale_pil(x: torch.Tensor) -> torch.Tensor:
-    """PIL's RGB -> L conversion (ITU-R 601-2 luma in 16-bit fixed point, rounded), as int32."""
-    xi = x.to(torch.int32)
-    return (xi[:, 0:1] * 19595 + xi[:, 1:2] * 38470 + xi[:, 2:3] * 7471 + 0x8000) >> 16
+def _grayscale_pil(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """PIL's RGB -> L conversion (ITU-R 601-2 luma in 16-bit fixed point, rounded), as int32 (b, 1, h, w);
+    `weights`: the int32 (1, 3, 1, 1) constant `gray_weights` (19595, 38470, 7471): exact integer sums."""
+    return ((x.to(torch.int32) * weights).sum(dim=1, keepdim=True, dtype=torch.int32) + 0x8000) >> 16
 
 
 def _histogram(x: torch.Tensor) -> torch.Tensor:
@@ -381,10 +426,17 @@ def _equalize_lut(hist: torch.Tensor, levels: torch.Tensor, pixels: int) -> torc
 
 
 def _apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
-    """Per-(image, channel) lookup: lut is (b, 3, 256) uint8."""
+    """Per-(image, channel) lookup: lut is (b, 3, 256) uint8. One uint8 gather with int32 indices
+    (uint8 pixel + int32 table offset: one op, no int64 copy), in x's memory order (a channels_last
+    batch stays so)."""
     b, c, h, w = x.shape
-    base = torch.arange(b * c, device=x.device).view(b, c, 1, 1) * 256
-    return torch.take(lut.reshape(-1), x.long() + base)
+    nhwc = x.permute(0, 2, 3, 1)  # a view; contiguous for a channels_last batch
+    base = (torch.arange(b * c, dtype=torch.int32, device=x.device) * 256).view(b, 1, 1, c)
+    index = torch.add(nhwc, base)  # int32 by type promotion
+    out = lut.reshape(-1).index_select(0, index.reshape(-1)).view(b, h, w, c).permute(0, 3, 1, 2)
+    if torch.compiler.is_compiling():  # a tensor of its own, not a view: later stages write into it in place,
+        return out.clone(memory_format=torch.channels_last)  # which a compiler's functional graph cannot undo
+    return out  # through the view (a compiler fuses the copy away; eager has no need of it)
 
 
 def _listed(cols: torch.Tensor, stage: str, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -403,7 +455,7 @@ def _put_back(out: torch.Tensor, index: torch.Tensor, keep: torch.Tensor, result
     return out.index_copy_(0, index, torch.where(keep, result, before))
 
 
-def _lut_stage(x, cols, stages: Stages, consts, gray_mean, hist_cap: int):
+def _lut_stage(x, cols, stages: Stages, consts, hist_cap: int):
     b = x.shape[0]
     levels = consts["levels"]
     kind = cols[:, _C["lut"]].view(b, 1, 1)
@@ -411,21 +463,27 @@ def _lut_stage(x, cols, stages: Stages, consts, gray_mean, hist_cap: int):
     v = torch.where(v < cols[:, _C["threshold"]].long().view(b, 1, 1), v, 255 - v)  # solarize, invert
     v = torch.where(v < 128, (v + cols[:, _C["add"]].long().view(b, 1, 1)).clamp(max=255), v)  # solarize-add
     lut = v.to(torch.uint8).expand(b, 3, 256)
-    if stages.lut_blend:  # brightness: blend with black; contrast: with the rounded grey mean
-        degenerate = torch.zeros((), dtype=torch.float64, device=x.device)
-        if gray_mean is not None:
-            degenerate = torch.where(kind == LUT_CONTRAST, torch.floor(gray_mean + 0.5).view(b, 1, 1), degenerate)
+    own = None
+    if stages.histogram or stages.contrast:  # statistics of the listed images only (`STAGES`' "hist")
+        index, picked_cols = _listed(cols, "hist", hist_cap)
+        picked = x.index_select(0, index)
+        picked_kind = picked_cols[:, _C["lut"]].view(-1, 1, 1)
+        if stages.histogram:  # AutoContrast, Equalize: LUTs from the histograms
+            hist = _histogram(picked)
+            own = torch.where(picked_kind == LUT_AUTOCONTRAST, _autocontrast_lut(hist, levels),
+                              _equalize_lut(hist, levels, x.shape[2] * x.shape[3]))
+    if stages.lut_blend:  # brightness: a blend with black; contrast: with the rounded grey mean
+        degenerate = torch.zeros((b, 1, 1), dtype=torch.float64, device=x.device)
+        if stages.contrast:  # the means of the listed images, in their rows (every Contrast image is listed)
+            mean = _grayscale_pil(picked, consts["gray_weights"]).double().mean(dim=(1, 2, 3)).view(-1, 1, 1)
+            own_mean = torch.where(picked_kind == LUT_CONTRAST, torch.floor(mean + 0.5), 0.0)  # 0: placeholder rows
+            degenerate = degenerate.index_copy_(0, index, own_mean)
         blended = _blend(degenerate, levels.view(1, 1, 256), cols[:, _C["factor"]].float().view(b, 1, 1))
         lut = torch.where((kind == LUT_CONTRAST) | (kind == LUT_BRIGHTNESS), blended, lut)
-    if stages.histogram:  # AutoContrast and Equalize: histograms of the listed images only
-        index, picked_cols = _listed(cols, "hist", hist_cap)
-        hist = _histogram(x.index_select(0, index))
-        picked_kind = picked_cols[:, _C["lut"]].view(-1, 1, 1)
-        own = torch.where(picked_kind == LUT_AUTOCONTRAST, _autocontrast_lut(hist, levels),
-                          _equalize_lut(hist, levels, x.shape[2] * x.shape[3]))
+    if own is not None:
         lut = lut.contiguous()
-        lut = _put_back(lut, index, (picked_kind == LUT_AUTOCONTRAST) | (picked_kind == LUT_EQUALIZE), own,
-                        lut.index_select(0, index))
+        keep = (picked_kind == LUT_AUTOCONTRAST) | (picked_kind == LUT_EQUALIZE)
+        lut = _put_back(lut, index, keep, own, lut.index_select(0, index))
     return _apply_lut(x, lut)
 
 
@@ -443,21 +501,33 @@ def _linear(v2, v3, d):
     return v2 + d * (v3 - v2)
 
 
-def _cubic(v1, v2, v3, v4, d, bicubic: torch.Tensor | None):
+def _cubic(v1, v2, v3, v4, d, bicubic: torch.Tensor | None, zero: torch.Tensor | None = None):
     """PIL's BICUBIC macro (Geometry.c: cubic convolution with a = -1) in float32; where `bicubic` is
-    False the same polynomial with p3 = p4 = 0 is PIL's bilinear v2 + d (v3 - v2), bit for bit."""
-    p2 = v3 - v1
+    False the same polynomial with p3 = p4 = 0 is PIL's bilinear v2 + d (v3 - v2), bit for bit.
+    `zero`: a float32 0-d tensor (the constant `zero`), so that no call makes one."""
     p3 = 2 * (v1 - v2) + v3 - v4
     p4 = v2 - v1 - v3 + v4
-    if bicubic is not None:
-        p2 = torch.where(bicubic, p2, v3 - v2)
-        p3 = torch.where(bicubic, p3, 0.0)
-        p4 = torch.where(bicubic, p4, 0.0)
-    return v2 + d * (p2 + d * (p3 + d * p4))
+    if bicubic is None:
+        return v2 + d * ((v3 - v1) + d * (p3 + d * p4))
+    # bilinear: p2 = v3 - v2 and p3 + d p4 = 0 (+0.0, as p3 = p4 = 0 would give)
+    p2 = v3 - torch.where(bicubic, v1, v2)
+    return v2 + d * (p2 + d * torch.where(bicubic, p3 + d * p4, zero))
+
+
+def _one_axis(rows, base, along_x, taps_at, stride: int, dx, dy, flag, interpolate, hwc) -> torch.Tensor:
+    """`warp`'s 1-d part: for each image, k taps from `base` along x (step 1) or y (step one padded
+    row, `stride`) and one interpolation with that axis' fraction."""
+    (h, w, c), k, one = hwc, taps_at.shape[0], base.shape[0]
+    along = along_x.view(1, one, 1, 1)
+    steps = torch.where(along, taps_at.view(k, 1, 1, 1), taps_at.view(k, 1, 1, 1) * stride)
+    index = (base.unsqueeze(0) + steps).view(-1)
+    taps = rows.index_select(0, index).view(k, one, h, w, c).float().unbind(0)
+    return interpolate(taps, torch.where(along.view(one, 1, 1, 1), dx, dy), flag)
 
 
 def warp(x: torch.Tensor, mats: torch.Tensor, consts: dict, interpolation: str,
-         bicubic: torch.Tensor | None = None) -> torch.Tensor:
+         bicubic: torch.Tensor | None = None, two_d: int | None = None,
+         along_x: torch.Tensor | None = None) -> torch.Tensor:
     """PIL's Image.transform(AFFINE) for a batch, one matrix per image (b, 2, 3) float64.
 
     PIL maps each output pixel centre to a source point in double precision, fills the pixel when
@@ -467,6 +537,13 @@ def warp(x: torch.Tensor, mats: torch.Tensor, consts: dict, interpolation: str,
     normalised coordinates put exact pixel centres a hair off, and truncation turns that into
     off-by-one pixels even for the identity.) `interpolation` 'random' takes a per-image bool
     `bicubic` (b,): bicubic where True, bilinear elsewhere. The result is channels_last in memory.
+
+    Images `two_d` onwards (default: none) have maps that move pixels along one axis only (GEOM_X,
+    GEOM_Y): `along_x` (b - two_d,) bool says which. For them the 2-d interpolation would compute the
+    other axis' fraction as exactly 0.0 and return, bit for bit, its 1-d interpolation through the
+    output's own row (column), so they get only that: a quarter of the taps and a fifth of the
+    arithmetic. (A row there whose map moves both axes gets a wrong 1-d result: its caller must not
+    keep it.)
     """
     b, c, h, w = x.shape
     a = mats.view(b, 6, 1, 1).unbind(1)
@@ -485,22 +562,39 @@ def warp(x: torch.Tensor, mats: torch.Tensor, consts: dict, interpolation: str,
     # index into the padded image; clamped only to stay in memory for points that get the fill
     ix = corner[..., 0].clamp(-1, w - 1).long() + pad
     iy = corner[..., 1].clamp(-1, h - 1).long() + pad
-    base = ((torch.arange(b, device=x.device).view(b, 1, 1) * (h + 2 * pad) + iy) * stride + ix).view(-1)
-
-    def taps(row: int) -> tuple[torch.Tensor, ...]:
-        """The neighbours in source row iy + row: one gather of (columns, b, h, w, c)."""
-        offsets = consts["cubic_taps" if cubic else "linear_taps"] + row * stride
-        return rows.index_select(0, (base + offsets).view(-1)).view(-1, b, h, w, c).float().unbind(0)
+    base = (torch.arange(b, device=x.device).view(b, 1, 1) * (h + 2 * pad) + iy) * stride + ix  # (b, h, w)
+    two_d = b if two_d is None else two_d
+    one = b - two_d  # the one-axis images
 
     if interpolation == "nearest":
-        out = rows.index_select(0, base).view(b, h, w, c).float()
+        out = rows.index_select(0, base.view(-1)).view(b, h, w, c).float()
     else:
+        taps_at = consts["cubic_taps" if cubic else "linear_taps"]  # (k, 1) offsets along a row
+        k = taps_at.shape[0]
         dx, dy = (src - corner).float().view(b, h, w, 2, 1).unbind(3)
-        if cubic:
-            flag = None if interpolation == "bicubic" else bicubic.view(b, 1, 1, 1)
-            out = _cubic(*(_cubic(*taps(j), dx, flag) for j in (-1, 0, 1, 2)), dy, flag)
-        else:
-            out = _linear(*(_linear(*taps(j), dx) for j in (0, 1)), dy)
+        flag = bicubic.view(b, 1, 1, 1) if interpolation == "random" else None
+
+        def interpolate(taps, d, part_flag):
+            return _cubic(*taps, d, part_flag, consts["zero"]) if cubic else _linear(*taps, d)
+
+        def part(t, start, size):
+            return None if t is None else t.narrow(0, start, size)
+
+        base_2d = base.narrow(0, 0, two_d).reshape(1, -1)
+        dx_2d, flag_2d = part(dx, 0, two_d), part(flag, 0, two_d)
+
+        # all k x k neighbours in one uint8 gather: rows iy - 1 .. iy + 2 (or iy, iy + 1), each k columns
+        offsets = consts["cubic_taps" if cubic else "linear_taps"].view(1, k) + taps_at * stride  # (row, column)
+        index = (base_2d + offsets.view(k * k, 1)).view(-1)
+        gathered = rows.index_select(0, index).view(k, k, two_d, h, w, c).unbind(0)
+        rows_2d = [interpolate(taps.float().unbind(0), dx_2d, flag_2d) for taps in gathered]
+        out_2d = interpolate(rows_2d, part(dy, 0, two_d), flag_2d)
+        if along_x is None:  # all 2-d (a caller outside RandAugment's layers)
+            out = out_2d
+        else:  # one-axis images: k taps along x (step 1) or along y (step one padded row), one interpolation
+            out = torch.cat([out_2d, _one_axis(rows, base.narrow(0, two_d, one), along_x, taps_at, stride,
+                                               part(dx, two_d, one), part(dy, two_d, one), part(flag, two_d, one),
+                                               interpolate, (h, w, c))])
     out = torch.where(inside, out, consts["fill"])
     return out.clamp_(0, 255).to(torch.uint8).permute(0, 3, 1, 2)  # truncates, as PIL does
 
@@ -513,16 +607,14 @@ def apply_layer(x: torch.Tensor, cols: torch.Tensor, stages: Stages, consts: dic
     The kernels issued depend only on x's shape, `stages`, `interpolation` and `caps`, never on `cols`.
     """
     hist_cap, blend_cap, warp_cap = caps
-    gray = _grayscale_pil(x) if stages.gray else None
-    gray_mean = gray.double().mean(dim=(1, 2, 3)) if stages.gray else None
-    out = _lut_stage(x, cols, stages, consts, gray_mean, hist_cap)
+    out = _lut_stage(x, cols, stages, consts, hist_cap)
     if stages.color or stages.sharpness:  # Color, Sharpness: on the listed images only
         index, picked_cols = _listed(cols, "blend", blend_cap)
         picked = out.index_select(0, index)  # = x's rows: an image that draws a blend has an identity LUT
         kind = _col(picked_cols[:, _C["blend"]])
         degenerate = _smooth_pil(picked, consts["smooth"]) if stages.sharpness else picked
         if stages.color:
-            degenerate = torch.where(kind == BLEND_COLOR, gray.index_select(0, index), degenerate)
+            degenerate = torch.where(kind == BLEND_COLOR, _grayscale_pil(picked, consts["gray_weights"]), degenerate)
         blended = _blend(degenerate, picked, _col(picked_cols[:, _C["factor"]]).float())
         out = _put_back(out, index, kind != BLEND_NONE, blended, picked)
     if stages.warp:  # geometric ops: on the listed images only (an image with a geometric op has an identity LUT)
@@ -530,8 +622,14 @@ def apply_layer(x: torch.Tensor, cols: torch.Tensor, stages: Stages, consts: dic
         picked = out.index_select(0, index)
         mats = picked_cols[:, _C["a00"]:_C["a12"] + 1].reshape(-1, 2, 3)
         bicubic = picked_cols[:, _C["bicubic"]] > 0.5 if interpolation == "random" else None
-        warped = warp(picked, mats, consts, interpolation, bicubic)
-        out = _put_back(out, index, picked_cols[:, _C["geometric"]] > 0.5, warped, picked)
+        # the images that need the 2-d warp are listed first; the rest move along one axis (or are pad
+        # rows that `stage_indices` made exact there); the 1-d part runs on no image when the 2-d part
+        # takes every row, so the kernels are the same for every batch size and draw
+        two_d = warp_2d_capacity(stages.warp_2d_p, x.shape[0], warp_cap)
+        geometric = picked_cols[:, _C["geometric"]]
+        warped = warp(picked, mats, consts, interpolation, bicubic, two_d,
+                      geometric.narrow(0, two_d, warp_cap - two_d) == GEOM_X)
+        out = _put_back(out, index, geometric > 0.5, warped, picked)
     return out
 
 

@@ -59,7 +59,8 @@ def normalize(images: Tensor, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
 def _normalized(images: Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype,
                 consts: tuple[Tensor, Tensor] | None = None) -> Tensor:
     scale, shift = consts if consts is not None else _normalize_constants(images.device, mean, std)
-    return images.to(torch.float32, copy=True).mul_(scale).add_(shift).to(dtype)
+    # one op, x * scale + shift in float32 (uint8 promotes), never in place: the caller's images stay
+    return torch.addcmul(shift, images, scale).to(dtype)
 
 
 class TrainAugment:

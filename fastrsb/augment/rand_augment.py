@@ -77,7 +77,7 @@ class RandAugment:
         self.prob = float(prob)
         self.interpolation = interpolation
         self.translate_pct = float(translate_pct)
-        self.stages = Stages.of(self.ops)
+        self.stages = Stages.of(self.ops, self.prob)
         self._signed = np.array([OPS[name].signed for name in self.ops])
         # per layer, the chance that an image needs each costly stage (`ops.STAGES`): the op draw is uniform
         needs = np.array([op_stages(OPS[name]) for name in self.ops], dtype=np.float64)
@@ -175,7 +175,7 @@ class RandAugment:
         for i in range(self.num_ops):
             rows = layer_columns(self.ops, op_index[:, i], params["applied"][:, i], params["magnitude"][:, i],
                                  params["bicubic"][:, i], height, width, self.translate_pct)
-            caps.append(stage_indices(rows, nominal))
+            caps.append(stage_indices(rows, nominal, self.stages.warp_2d_p))
             layers.append(rows)
         return (np.concatenate(layers, axis=1) if layers else np.zeros((batch, 0))), tuple(caps)
 

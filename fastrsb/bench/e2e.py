@@ -24,6 +24,7 @@ import torch
 
 from fastrsb.bench.loader import batches_forever
 from fastrsb.benchlog import Timer, emit, failure, record
+from fastrsb.loaders.imagefolder import use_worker_context
 from fastrsb.loaders.layout import read_classes, read_manifest
 from fastrsb.runtime import PRECISIONS, autocast_dtype, prepare_device, release_memory, resolve_precision
 
@@ -119,6 +120,7 @@ def _timm_pipeline(args, source: Path, recipe, device, num_classes):
                            hflip=0.5, auto_augment=recipe.rand_augment, interpolation="random",
                            num_workers=args.workers or os.cpu_count(), pin_memory=cuda,
                            device=device, persistent_workers=True)
+    use_worker_context(loader)  # its workers from the fork server too, as fastrsb's PIL loader's
     mixup = Mixup(mixup_alpha=recipe.mixup_alpha, cutmix_alpha=recipe.cutmix_alpha, label_smoothing=0.0,
                   num_classes=num_classes)
     run_model = _model(args.model, num_classes, recipe, device)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from fastrsb.benchlog import Timer, emit, failure, record
 from fastrsb.errors import FastRSBError
+from fastrsb.loaders.imagefolder import use_worker_context
 from fastrsb.recipes import A3
 
 RAND_AUGMENT = A3.rand_augment  # rand-m6-mstd0.5-inc1, on both sides of the train comparison
@@ -127,6 +128,7 @@ class TimmBaseline:
             interpolation="random" if train else "bicubic", crop_pct=0.95, num_workers=workers,
             device=torch.device(device), use_prefetcher=True, pin_memory=device.startswith("cuda"),
             persistent_workers=True)
+        use_worker_context(self.loader)  # its workers from the fork server too, as fastrsb's PIL loader's
 
     def set_epoch(self, epoch, res=None):  # timm's input size is fixed at creation
         pass
