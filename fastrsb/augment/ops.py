@@ -133,13 +133,11 @@ def device_constants(device: torch.device, height: int, width: int, fill: Sequen
             "smooth": smooth.expand(3, 1, 3, 3).contiguous().to(device),
             "zero": torch.zeros((), dtype=torch.float32).to(device),
             "gray_weights": torch.tensor([19595, 38470, 7471], dtype=torch.int32).view(1, 3, 1, 1).to(device),
-            "fill": torch.tensor(fill, dtype=torch.float32).view(1, 1, 1, 3).to(device),
+            "fill_u8": torch.tensor(fill, dtype=torch.float32).to(torch.uint8).view(1, 1, 1, 3).to(device),
             # column offsets of a row's interpolation taps in the warp's edge-padded rows
-            "linear_taps": torch.tensor([0, 1], dtype=torch.int64).view(2, 1).to(device),
-            "cubic_taps": torch.tensor([-1, 0, 1, 2], dtype=torch.int64).view(4, 1).to(device),
-            # output rows and columns, for `shift`'s fixed axis
-            "row_index": torch.arange(height, dtype=torch.int64).view(1, height, 1).to(device),
-            "col_index": torch.arange(width, dtype=torch.int64).view(1, 1, width).to(device),
+            # (int32, as the warp's pixel indices: a padded batch of < 2**31 pixels)
+            "linear_taps": torch.tensor([0, 1], dtype=torch.int32).view(2, 1).to(device),
+            "cubic_taps": torch.tensor([-1, 0, 1, 2], dtype=torch.int32).view(4, 1).to(device),
         }
     return _CONSTANTS[key]
 
@@ -497,14 +495,15 @@ def _smooth_pil(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 
 
 def _linear(v2, v3, d):
-    """PIL's BILINEAR macro, v2 + (v3 - v2) d, in float32."""
+    """PIL's BILINEAR macro, v2 + (v3 - v2) d, in float32 (v2, v3: float32, or int16 pixels)."""
     return v2 + d * (v3 - v2)
 
 
 def _cubic(v1, v2, v3, v4, d, bicubic: torch.Tensor | None, zero: torch.Tensor | None = None):
     """PIL's BICUBIC macro (Geometry.c: cubic convolution with a = -1) in float32; where `bicubic` is
     False the same polynomial with p3 = p4 = 0 is PIL's bilinear v2 + d (v3 - v2), bit for bit.
-    `zero`: a float32 0-d tensor (the constant `zero`), so that no call makes one."""
+    `zero`: a float32 0-d tensor (the constant `zero`), so that no call makes one. The taps may be int16
+    pixels: p2, p3, p4 are then exact integers, as in float32, and each product with d is float32."""
     p3 = 2 * (v1 - v2) + v3 - v4
     p4 = v2 - v1 - v3 + v4
     if bicubic is None:
@@ -518,10 +517,10 @@ def _one_axis(rows, base, along_x, taps_at, stride: int, dx, dy, flag, interpola
     """`warp`'s 1-d part: for each image, k taps from `base` along x (step 1) or y (step one padded
     row, `stride`) and one interpolation with that axis' fraction."""
     (h, w, c), k, one = hwc, taps_at.shape[0], base.shape[0]
-    along = along_x.view(1, one, 1, 1)
-    steps = torch.where(along, taps_at.view(k, 1, 1, 1), taps_at.view(k, 1, 1, 1) * stride)
+    along, taps_at = along_x.view(1, one, 1, 1), taps_at.view(k, 1, 1, 1)
+    steps = torch.where(along, taps_at, taps_at * stride)
     index = (base.unsqueeze(0) + steps).view(-1)
-    taps = rows.index_select(0, index).view(k, one, h, w, c).float().unbind(0)
+    taps = rows.index_select(0, index).view(k, one, h, w, c).to(torch.int16).unbind(0)
     return interpolate(taps, torch.where(along.view(one, 1, 1, 1), dx, dy), flag)
 
 
@@ -549,29 +548,34 @@ def warp(x: torch.Tensor, mats: torch.Tensor, consts: dict, interpolation: str,
     a = mats.view(b, 6, 1, 1).unbind(1)
     cx, cy = consts["centre_x"], consts["centre_y"]
     # a0 x + a1 y + a2 as PIL's affine_transform writes it (pointwise, so a compiler fuses it), then
-    # PIL's `xin -= 0.5`: (b, h, w, 2) in pixel index units
-    src = torch.stack([a[0] * cx + a[1] * cy + a[2], a[3] * cx + a[4] * cy + a[5]], dim=-1) - 0.5
-    inside = ((src >= -0.5).all(dim=-1) & (src[..., 0] < w - 0.5) & (src[..., 1] < h - 0.5)).view(b, h, w, 1)
+    # PIL's `xin -= 0.5`: (b, h, w) each, in pixel index units
+    src_x = a[0] * cx + a[1] * cy + a[2] - 0.5
+    src_y = a[3] * cx + a[4] * cy + a[5] - 0.5
+    inside = ((src_x >= -0.5) & (src_y >= -0.5) & (src_x < w - 0.5) & (src_y < h - 0.5)).view(b, h, w, 1)
     cubic = interpolation in ("bicubic", "random")
     pad = 2 if cubic else 1
     # gather uint8 pixels (a quarter of the bytes of float), interpolate in float32
     padded = F.pad(x.contiguous(memory_format=torch.channels_last), (pad,) * 4, mode="replicate")
     rows = padded.permute(0, 2, 3, 1).reshape(-1, c)  # (b * (h+2pad) * (w+2pad), c), a view
     stride = w + 2 * pad
-    corner = src.floor() if interpolation != "nearest" else (src + 0.5).floor()
+    corner_x, corner_y = ((s.floor() if interpolation != "nearest" else (s + 0.5).floor()) for s in (src_x, src_y))
     # index into the padded image; clamped only to stay in memory for points that get the fill
-    ix = corner[..., 0].clamp(-1, w - 1).long() + pad
-    iy = corner[..., 1].clamp(-1, h - 1).long() + pad
-    base = (torch.arange(b, device=x.device).view(b, 1, 1) * (h + 2 * pad) + iy) * stride + ix  # (b, h, w)
+    if b * (h + 2 * pad) * stride >= 2**31:
+        raise ValueError(f"warp: a batch of {b} images of {h} x {w} has too many pixels for int32 indices; "
+                         "augment it in parts")
+    ix = corner_x.clamp(-1, w - 1).to(torch.int32) + pad
+    iy = corner_y.clamp(-1, h - 1).to(torch.int32) + pad
+    first_row = torch.arange(b, dtype=torch.int32, device=x.device).view(b, 1, 1) * (h + 2 * pad)
+    base = (first_row + iy) * stride + ix  # (b, h, w) int32: the top-left tap in the padded rows
     two_d = b if two_d is None else two_d
     one = b - two_d  # the one-axis images
 
     if interpolation == "nearest":
-        out = rows.index_select(0, base.view(-1)).view(b, h, w, c).float()
+        out = rows.index_select(0, base.view(-1)).view(b, h, w, c)
     else:
         taps_at = consts["cubic_taps" if cubic else "linear_taps"]  # (k, 1) offsets along a row
         k = taps_at.shape[0]
-        dx, dy = (src - corner).float().view(b, h, w, 2, 1).unbind(3)
+        dx, dy = ((s - corner).float().view(b, h, w, 1) for s, corner in ((src_x, corner_x), (src_y, corner_y)))
         flag = bicubic.view(b, 1, 1, 1) if interpolation == "random" else None
 
         def interpolate(taps, d, part_flag):
@@ -587,16 +591,17 @@ def warp(x: torch.Tensor, mats: torch.Tensor, consts: dict, interpolation: str,
         offsets = consts["cubic_taps" if cubic else "linear_taps"].view(1, k) + taps_at * stride  # (row, column)
         index = (base_2d + offsets.view(k * k, 1)).view(-1)
         gathered = rows.index_select(0, index).view(k, k, two_d, h, w, c).unbind(0)
-        rows_2d = [interpolate(taps.float().unbind(0), dx_2d, flag_2d) for taps in gathered]
-        out_2d = interpolate(rows_2d, part(dy, 0, two_d), flag_2d)
-        if along_x is None:  # all 2-d (a caller outside RandAugment's layers)
-            out = out_2d
-        else:  # one-axis images: k taps along x (step 1) or along y (step one padded row), one interpolation
-            out = torch.cat([out_2d, _one_axis(rows, base.narrow(0, two_d, one), along_x, taps_at, stride,
-                                               part(dx, two_d, one), part(dy, two_d, one), part(flag, two_d, one),
-                                               interpolate, (h, w, c))])
-    out = torch.where(inside, out, consts["fill"])
-    return out.clamp_(0, 255).to(torch.uint8).permute(0, 3, 1, 2)  # truncates, as PIL does
+        # int16 taps: the sums and differences of the polynomials are exact integers either way, in
+        # half the bytes of float32; the products with the fraction promote to float32 as before
+        rows_2d = [interpolate(taps.to(torch.int16).unbind(0), dx_2d, flag_2d) for taps in gathered]
+        # to uint8 as PIL does: clamped, truncated (each part before they join: a quarter of the bytes)
+        out = interpolate(rows_2d, part(dy, 0, two_d), flag_2d).clamp_(0, 255).to(torch.uint8)
+        if along_x is not None:  # one-axis images: k taps along x (step 1) or y (step one padded row), 1-d
+            out_1d = _one_axis(rows, base.narrow(0, two_d, one), along_x, taps_at, stride, part(dx, two_d, one),
+                               part(dy, two_d, one), part(flag, two_d, one), interpolate, (h, w, c))
+            out = torch.cat([out, out_1d.clamp_(0, 255).to(torch.uint8)])
+    # the fill outside the source image (a whole number: choosing it after the truncation is the same)
+    return torch.where(inside, out, consts["fill_u8"]).permute(0, 3, 1, 2)
 
 
 def apply_layer(x: torch.Tensor, cols: torch.Tensor, stages: Stages, consts: dict, interpolation: str,
