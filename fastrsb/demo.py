@@ -41,11 +41,12 @@ def _steady_rate(loader, res: int, device: str) -> tuple[float, list[float]]:
 def _loader_bench(data: Path, src: Path, backends: list[str], res: int, batch: int, device: str, log) -> list[dict]:
     """Like for like: each fastrsb loader followed by the trainer's augmentation (on `device`), against
     timm's create_loader, whose workers do the same RandAugment; both at steady state (`_steady_rate`)."""
-    from .bench.loader import TimmBaseline, train_augment, with_train_augment
+    from .bench.loader import TimmBaseline, rejected_files, train_augment, with_train_augment
     from .loaders import make_loader
 
     results = []
-    base = TimmBaseline(src, "train", res=res, batch_size=batch, workers=os.cpu_count() or 1, device=device)
+    base = TimmBaseline(src, "train", res=res, batch_size=batch, workers=os.cpu_count() or 1, device=device,
+                        skip=rejected_files(data, "train"))  # the images both sides read
     base_rate, base_rates = _steady_rate(base, res, device)
     del base
     baseline = ("timm create_loader: PIL decode, RRC, flip, RandAugment m6 in its workers", base_rate)

@@ -111,15 +111,32 @@ class with_train_augment:
                                 count=len(self.loader))
 
 
-class TimmBaseline:
-    """timm.data.create_loader over the source ImageFolder with the A3 train / test transforms."""
+def rejected_files(data, split: str) -> list[str]:
+    """The source files of `split` that `fastrsb convert` rejected (relative paths), from its manifest
+    (none when `data` holds no converted split)."""
+    from fastrsb.loaders.layout import manifest_path, read_manifest
 
-    def __init__(self, src: Path, split: str, *, res, batch_size, workers, device):
+    if not manifest_path(data, split).exists():
+        return []
+    return [r["path"] for r in read_manifest(data, split)["rejected"]]
+
+
+class TimmBaseline:
+    """timm.data.create_loader over the source ImageFolder with the A3 train / test transforms.
+
+    `skip`: files (relative to the split folder) to leave out of timm's list, the converter's rejected
+    ones (`rejected_files`): timm then reads the images fastrsb reads, rather than open each broken file
+    every epoch and log "Skipped sample" for it."""
+
+    def __init__(self, src: Path, split: str, *, res, batch_size, workers, device, skip=()):
         import torch
         from timm.data import create_dataset, create_loader
 
         self.split, self.device = split, device
         ds = create_dataset("", root=str(src / split), split=split, is_training=split == "train")
+        if skip:
+            root, skip = Path(src) / split, set(skip)
+            ds.reader.samples = [(p, t) for p, t in ds.reader.samples if Path(p).relative_to(root).as_posix() not in skip]
         train = split == "train"
         # train: "random" (bilinear or bicubic per image), timm's default and fastrsb's; eval: bicubic
         self.loader = create_loader(
@@ -239,8 +256,9 @@ def run(args) -> list[dict]:
         baselines = {}
         if args.src is not None and not args.no_baseline:
             for res in sizes:
+                skip = rejected_files(args.data, split) if args.data is not None else ()
                 base = TimmBaseline(args.src, split, res=res, batch_size=args.batch_size, workers=workers,
-                                    device=args.device)
+                                    device=args.device, skip=skip)
                 med, rates = measure(base, res=res, device=args.device, warmup=args.warmup, batches=args.batches,
                                      runs=args.runs)
                 baselines[res] = ("timm create_loader, " + ("rand-m6-mstd0.5-inc1 + RRC + flip" if split == "train"
