@@ -12,13 +12,14 @@ and never synchronises with the host, so `TrainAugment.compile()` can wrap it in
 `torch.compile(fullgraph=True, dynamic=False)` (one compile per input shape; RandAugment's stage caps
 are fixed per batch size, except in calls whose draws overflow them, p about 1e-9 per stage).
 
-Measured (`fastrsb bench aug --quick --batches 256`: idle 2-core AMD EPYC, torch 2.14.1, timm 1.0.31;
-A3's rand-m6-mstd0.5-inc1 + mixup 0.1 / cutmix 1.0, 160 px; median of 3 calls; at commit 16f6338,
-benchmarks/results/cpu-2core-aug-16f6338-2026-11-27.jsonl): batch 256 takes 1.5 s eager and 1.1 s
-compiled, against 0.16 s for timm's PIL RandAugment on one core + Mixup + normalise in the same run.
-Before the costly stages ran on listed images only, it took 7.9 s and 2.1 s
-(cpu-2core-aug-idle-2026-11-27.jsonl). The design targets the GPU, compiled: <= 0.6 ms per 256 images
-at batch 2048 and <= 5 ms at 256 on one H100 (issue 9); not yet measured on a GPU.
+Measured (`fastrsb bench aug --quick --batches 256,512,2048`: 2-core AMD EPYC, torch 2.14.1, timm
+1.0.31; A3's rand-m6-mstd0.5-inc1 + mixup 0.1 / cutmix 1.0, 160 px; at commit 11aa6ab,
+benchmarks/results/cpu-2core-aug-11aa6ab-2026-12-03.jsonl): the eager device part reads and writes
+34.9 / 29.1 / 22.8 MiB per image at batch 256 / 512 / 2048 in 610 kernels, the compiled graph 6.8 /
+5.8 / 4.8 MiB in 55 (Inductor's CPU count); batch 256 takes 0.96 s eager and 1.07 s compiled against
+0.21 s for timm's PIL RandAugment on one core + Mixup + normalise in the same run. The design targets
+the GPU, compiled: <= 0.6 ms per 256 images at batch 2048 and <= 5 ms at 256 on one H100; not yet
+measured on a GPU.
 """
 from __future__ import annotations
 
