@@ -265,10 +265,11 @@ class PILLoader:
         self.num_workers, self.prefetch_factor = num_workers, prefetch
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=_PlanBatchSampler(self), num_workers=num_workers, collate_fn=collate,
-            multiprocessing_context=worker_context() if num_workers > 0 else None, pin_memory=cuda, persistent_workers=num_workers > 0, prefetch_factor=prefetch,
+            pin_memory=cuda, persistent_workers=num_workers > 0, prefetch_factor=prefetch,
             # a private generator: the DataLoader's first iteration would otherwise draw from torch's global
             # RNG (drop-path masks), so a resumed run would continue a different stream (crops come from the plan)
             generator=torch.Generator().manual_seed(crop.seed))
+        use_worker_context(self.loader)
 
     def iter_epoch(self, epoch: int, res: int):
         """Batches of `epoch` at `res` (read by the batch sampler in the worker processes' tasks)."""

@@ -14,18 +14,12 @@ pytestmark = pytest.mark.timeout(900)
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo"
-    proc = run_cli("demo", "--out", out, "--quick", "--device", "cpu")
-    run = _DemoRun((out, proc.stdout))
-    run.stderr = proc.stderr
-    return run
-
-
-class _DemoRun(tuple):
-    """(out, stdout), and the run's stderr as `.stderr`."""
+    return out, run_cli("demo", "--out", out, "--quick", "--device", "cpu")
 
 
 def test_demo_runs_end_to_end_and_learns(demo_run):
-    out, stdout = demo_run
+    out, proc = demo_run
+    stdout = proc.stdout
     result = json.loads((out / "demo.json").read_text())
     assert result["ok"]
     assert result["top1"] > 2 * result["chance"], result  # 4 classes: clearly above 25%
@@ -34,7 +28,7 @@ def test_demo_runs_end_to_end_and_learns(demo_run):
     assert manifest["num_rejected"] == 2 and manifest["num_non_images"] == 1
     # only what the user needs: timm's baseline leaves out the files the converter rejected (no "Skipped
     # sample" per epoch), and no worker is forked from the threaded process (numba's "Unable to join threads")
-    assert "Skipped sample" not in demo_run.stderr and "Unable to join threads" not in demo_run.stderr
+    assert "Skipped sample" not in proc.stderr and "Unable to join threads" not in proc.stderr
 
 
 def test_demo_results_validate_and_report_makes_pngs(demo_run):

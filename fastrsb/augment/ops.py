@@ -320,12 +320,13 @@ def stage_indices(rows: np.ndarray, nominal: Sequence[int], warp_2d_p: float = 1
             flat = rows[listed, _C["geometric"]] != GEOM_2D
             one_axis = listed[flat]
             listed = np.concatenate([listed[~flat], one_axis])
-            overflow |= int((~flat).sum()) > warp_2d_capacity(warp_2d_p, batch, cap)
+            two_d = warp_2d_capacity(warp_2d_p, batch, cap)
+            overflow |= int((~flat).sum()) > two_d
         cap = batch if overflow else cap
         index = np.full(cap, listed[0] if listed.size else 0, dtype=np.float64)
         index[:listed.size] = listed
-        if stage == "warp" and listed.size < cap:  # pad rows of the 1-d part: exact there, or no warp
-            start = max(listed.size, warp_2d_capacity(warp_2d_p, batch, cap))
+        start = max(listed.size, two_d) if stage == "warp" and not overflow else cap
+        if start < cap:  # pad rows of the 1-d part: a one-axis member (exact there), or an image without a warp
             index[start:] = one_axis[0] if one_axis.size else np.flatnonzero(~members)[0]
         rows[:cap, _C[f"{stage}_idx"]] = index
         caps.append(cap)
@@ -554,7 +555,7 @@ def warp(x: torch.Tensor, mats: torch.Tensor, consts: dict, interpolation: str,
     inside = ((src_x >= -0.5) & (src_y >= -0.5) & (src_x < w - 0.5) & (src_y < h - 0.5)).view(b, h, w, 1)
     cubic = interpolation in ("bicubic", "random")
     pad = 2 if cubic else 1
-    # gather uint8 pixels (a quarter of the bytes of float), interpolate in float32
+    # gather uint8 pixels (a quarter of the bytes of float), interpolate in int16 and float32
     padded = F.pad(x.contiguous(memory_format=torch.channels_last), (pad,) * 4, mode="replicate")
     rows = padded.permute(0, 2, 3, 1).reshape(-1, c)  # (b * (h+2pad) * (w+2pad), c), a view
     stride = w + 2 * pad
@@ -588,7 +589,7 @@ def warp(x: torch.Tensor, mats: torch.Tensor, consts: dict, interpolation: str,
         dx_2d, flag_2d = part(dx, 0, two_d), part(flag, 0, two_d)
 
         # all k x k neighbours in one uint8 gather: rows iy - 1 .. iy + 2 (or iy, iy + 1), each k columns
-        offsets = consts["cubic_taps" if cubic else "linear_taps"].view(1, k) + taps_at * stride  # (row, column)
+        offsets = taps_at.view(1, k) + taps_at * stride  # (row, column)
         index = (base_2d + offsets.view(k * k, 1)).view(-1)
         gathered = rows.index_select(0, index).view(k, k, two_d, h, w, c).unbind(0)
         # int16 taps: the sums and differences of the polynomials are exact integers either way, in
