@@ -13,9 +13,11 @@ complete before it is augmented. On the CPU batches are prepared when asked (not
 `count` bounds what is drawn: the pipeline never loads or augments past the batches the caller will
 take. One AugmentedBatches can span several epochs (the trainer's does: `batches` chains the epochs'
 loaders), so the first batch of epoch e + 1 is augmented beside epoch e's last step, as any other.
-A checkpoint at that boundary must not hold the generator's state after that prefetched draw, so with
-`epoch_draws` set the state at each epoch's first draw is kept: `generator_state_at(n)` is the
-generator's state before draw n, whether or not draw n was already prefetched (resume stays exact).
+A checkpoint between two steps (at an epoch's end, or mid-epoch on a signal) must not hold the
+generator's state after the prefetched draw, so the state before the draw in flight is kept:
+`generator_state_at(n)` is the generator's state before draw n, whether or not draw n was already
+prefetched (resume stays exact). `start`: the number of the first draw (a run resumed mid-epoch
+counts its draws as the uninterrupted run did).
 """
 from __future__ import annotations
 
@@ -23,8 +25,7 @@ import torch
 
 
 class AugmentedBatches:
-    def __init__(self, batches, augment, generator: torch.Generator | None, device, count: int,
-                 epoch_draws: int | None = None):
+    def __init__(self, batches, augment, generator: torch.Generator | None, device, count: int, start: int = 0):
         self.batches = batches
         self.augment = augment
         self.generator = generator
@@ -33,27 +34,26 @@ class AugmentedBatches:
         self.cuda = self.device.type == "cuda"
         self.side = torch.cuda.Stream(self.device) if self.cuda else None
         self.pending = None
-        self.drawn = 0  # batches taken from `batches` (and augmented) so far
-        self.epoch_draws = epoch_draws
-        self._boundary_state = None  # (draw index, generator state before it) of the latest epoch start
+        self.drawn = int(start)  # the number of the next draw from `batches`
+        self._in_flight_state = None  # (draw index, generator state before it) of the latest draw
         if self.cuda:
             self.pending = self._prepare()
 
     def generator_state_at(self, n: int) -> torch.Tensor:
-        """The augmentation generator's state before draw n: now, if n is the next draw, or as kept at
-        the epoch start n (only epoch starts are kept, and only the latest)."""
+        """The augmentation generator's state before draw n: now, if n is the next draw, or as kept
+        before the latest draw (the one a prefetch may have taken ahead of the caller)."""
         if n == self.drawn:
             return self.generator.get_state()
-        if self._boundary_state is not None and self._boundary_state[0] == n:
-            return self._boundary_state[1]
-        raise ValueError(f"the generator's state before draw {n} was not kept ({self.drawn} drawn so far)")
+        if self._in_flight_state is not None and self._in_flight_state[0] == n:
+            return self._in_flight_state[1]
+        raise ValueError(f"the generator's state before draw {n} was not kept (the next draw is {self.drawn})")
 
     def _prepare(self):
         if self.remaining <= 0:
             return None
         self.remaining -= 1
-        if self.epoch_draws and self.generator is not None and self.drawn % self.epoch_draws == 0:
-            self._boundary_state = (self.drawn, self.generator.get_state())
+        if self.generator is not None and self.cuda:  # the CPU path draws when asked: nothing is ahead
+            self._in_flight_state = (self.drawn, self.generator.get_state())
         self.drawn += 1
         images, labels = next(self.batches)
         if not self.cuda:

@@ -298,8 +298,9 @@ class DALILoader:
         if self._state == "exhausted":
             self.pipe.reset()
 
-    def iter_epoch(self, epoch: int, res: int):
-        """Batches of `epoch` at `res` (the output size is fed per batch: no pipeline rebuild).
+    def iter_epoch(self, epoch: int, res: int, start: int = 0):
+        """Batches start, start + 1, ... of `epoch` at `res` (the output size is fed per batch: no
+        pipeline rebuild). A start past 0 is fed from there (after a drain and reset, as any change).
 
         Scheduled API, as DALI's own pytorch iterator uses it: the first `schedule_run` runs the source
         for prefetch_depth batches; each batch is then taken with `outputs`, copied, and the next one
@@ -315,17 +316,19 @@ class DALILoader:
         """
         import torch
 
-        res = int(res)
-        if not (self._state == "ahead" and self._ahead == (epoch, res)):
+        res, start = int(res), int(start)
+        count = self.plan.batches_per_epoch - start
+        if count <= 0:
+            return
+        if not (start == 0 and self._state == "ahead" and self._ahead == (epoch, res)):
             self._finish_epoch()
-            self.source.start(self.plan.batches(epoch), res)
+            self.source.start(self.plan.batches(epoch)[start:], res)
             self.pipe.schedule_run()
         self.source.upcoming = (self.plan.batches(epoch + 1), res)
         self._state = "running"
         cuda = self._gpu is not None
         if cuda:
             from nvidia.dali.plugin.pytorch import feed_ndarray
-        count = self.plan.batches_per_epoch
         for i in range(count):
             stream = torch.cuda.current_stream(self._gpu) if cuda else None
             try:

@@ -127,7 +127,7 @@ class TaggedIntDecoder(IntDecoder):
 
 
 class PlanOrder(TraversalOrder):
-    """A TraversalOrder that returns `plan.tagged(epoch)`.
+    """A TraversalOrder that returns `plan.tagged(epoch)`, from its read `start` on (0: all of it).
 
     ffcv 1.0's Loader accepts an *instance* (`isinstance(order, TraversalOrder)`) and then calls it
     with the loader, so the instance binds itself on that call.
@@ -135,13 +135,14 @@ class PlanOrder(TraversalOrder):
 
     def __init__(self, plan: sampling.IndexPlan):  # noqa: super().__init__ needs the loader: see __call__
         self.plan = plan
+        self.start = 0
 
     def __call__(self, loader):
         TraversalOrder.__init__(self, loader)
         return self
 
     def sample_order(self, epoch: int):
-        return self.plan.tagged(epoch)
+        return self.plan.tagged(epoch)[self.start:]
 
 
 class FFCVLoader:
@@ -173,15 +174,19 @@ class FFCVLoader:
 
         self.num_samples = int(Reader(str(path)).num_samples)
         self.plan = sampling.IndexPlan(self.num_samples, batch_size, **plan_kwargs)
+        self.order = PlanOrder(self.plan)
         self.loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers, os_cache=True,
-                             order=PlanOrder(self.plan), drop_last=self.plan.drop_last,
+                             order=self.order, drop_last=self.plan.drop_last,
                              pipelines={"image": image, "label": label}, batches_ahead=batches_ahead, seed=0)
 
-    def iter_epoch(self, epoch: int, res: int):
-        """Batches of `epoch` at `res` (a new output size needs no recompilation)."""
+    def iter_epoch(self, epoch: int, res: int, start: int = 0):
+        """Batches start, start + 1, ... of `epoch` at `res` (a new output size needs no recompilation)."""
         import torch
 
+        if start >= self.plan.batches_per_epoch:
+            return
         self.decoder.output_size = (int(res), int(res))
+        self.order.start = int(start) * self.plan.batch_size  # FFCV batches the order it is given
         self.loader.next_epoch = int(epoch)
         it = iter(self.loader)
         cuda = self.device.type == "cuda"

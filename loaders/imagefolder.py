@@ -103,11 +103,57 @@ def worker_context():
 
 def use_worker_context(loader):
     """`loader` (a DataLoader, or a wrapper of one in `.loader`, as timm's PrefetchLoader) starts its
-    workers through `worker_context` (timm's create_loader takes no context); returns `loader`."""
+    workers through `worker_context` (timm's create_loader takes no context), and each worker ends
+    when the process that made the loader ends (`ExitWithMain`); returns `loader`."""
     inner = getattr(loader, "loader", loader)
     if inner.num_workers > 0:
         inner.multiprocessing_context = worker_context()
+        inner.worker_init_fn = ExitWithMain(os.getpid(), inner.worker_init_fn)
     return loader
+
+
+class ExitWithMain:
+    """A DataLoader worker_init_fn that makes the worker exit when the main process is gone.
+
+    torch's workers watch their parent, and a fork server's worker has the server as its parent, not
+    the process that reads the batches. Python keeps the server alive while any of its children live,
+    so after a kill -9 of the main process (a preemption's SIGKILL, the OOM killer) the workers and the
+    server would stay for ever, holding the main process's stdout and stderr open. A daemon thread in
+    each worker waits on a pidfd of the main process and ends the worker when it exits. `inner`: the
+    loader's own worker_init_fn, called after."""
+
+    def __init__(self, main_pid: int, inner=None):
+        self.main_pid = main_pid
+        self.inner = inner
+
+    def __call__(self, worker_id: int) -> None:
+        import threading
+
+        threading.Thread(target=_exit_with, args=(self.main_pid,), daemon=True, name="exit-with-main").start()
+        if self.inner is not None:
+            self.inner(worker_id)
+
+
+def _exit_with(pid: int) -> None:
+    import select
+    import time
+
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # no pidfd (Linux < 5.3): poll
+        fd = None
+    if fd is not None:
+        select.select([fd], [], [])  # readable once the process has exited
+    else:
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            except PermissionError:
+                pass
+            time.sleep(1.0)
+    os._exit(0)
 
 
 # ------------------------------------------------------------------ decoding
@@ -224,11 +270,11 @@ class _PlanBatchSampler:
 
     def __iter__(self):
         res = self.owner.res
-        for b in self.owner.plan.batches(self.owner.epoch):
+        for b in self.owner.plan.batches(self.owner.epoch)[self.owner.start:]:
             yield [(int(t), res) for t in b]
 
     def __len__(self):
-        return self.owner.plan.batches_per_epoch
+        return self.owner.plan.batches_per_epoch - self.owner.start
 
 
 class PILLoader:
@@ -258,6 +304,7 @@ class PILLoader:
         self.device = torch.device(device)
         self.res = res
         self.epoch = 0
+        self.start = 0  # the epoch's first batch (a run resumed mid-epoch skips the ones before)
         self.dataset = PlanDataset(read, labels, crop)
         cuda = self.device.type == "cuda"
         # batches in flight sized at the resolution the loader is made with (set_epoch may change it)
@@ -271,11 +318,12 @@ class PILLoader:
             generator=torch.Generator().manual_seed(crop.seed))
         use_worker_context(self.loader)
 
-    def iter_epoch(self, epoch: int, res: int):
-        """Batches of `epoch` at `res` (read by the batch sampler in the worker processes' tasks)."""
+    def iter_epoch(self, epoch: int, res: int, start: int = 0):
+        """Batches start, start + 1, ... of `epoch` at `res` (read by the batch sampler in the worker
+        processes' tasks)."""
         import torch
 
-        self.epoch, self.res = int(epoch), int(res)
+        self.epoch, self.res, self.start = int(epoch), int(res), int(start)
         if self.device.type != "cuda":
             for images, labels in self.loader:
                 yield images.permute(0, 3, 1, 2), labels

@@ -20,6 +20,9 @@ numba port of Pillow's resampling (`resample.py`; FFCV's own OpenCV INTER_AREA i
 `fastrsb bench parity` measures the gap. Reads (order, DDP shards, repeated
 augmentation, pads) and crops come from one `sampling.IndexPlan` and `sampling.CropSpec`, identical
 for all backends. Iterating twice without `set_epoch` repeats the epoch (as torch's DistributedSampler does).
+`set_epoch(epoch, start_batch=k)` starts the epoch at its batch k (a run resumed mid-epoch): the
+plan is a pure function of (seed, epoch), so the first k batches are skipped without being read, and
+batch k onwards are those of an epoch read from its start, bit for bit.
 """
 from __future__ import annotations
 
@@ -52,22 +55,27 @@ class Loader:
         self.device = impl.device
         self.res = res
         self.epoch = 0
+        self.start_batch = 0
         self.reason = reason
 
     def __len__(self) -> int:
         """Batches per epoch for this rank (the same on every rank)."""
         return self._impl.plan.batches_per_epoch
 
-    def set_epoch(self, epoch: int, res: int | None = None) -> None:
-        """Select the epoch's order (seed, epoch) and, for the train split, a new resolution."""
+    def set_epoch(self, epoch: int, res: int | None = None, start_batch: int = 0) -> None:
+        """Select the epoch's order (seed, epoch), for the train split a new resolution, and the batch
+        the epoch's iteration starts at (0: all of it; k: the epoch's batches k, k + 1, ...)."""
         if res is not None:
             check_res(res)
             self.res = int(res)
+        if isinstance(start_batch, bool) or not isinstance(start_batch, int) or not 0 <= start_batch <= len(self):
+            raise FastRSBError(f"start_batch {start_batch!r}: give a batch of the epoch, 0 to {len(self)}")
         self.epoch = int(epoch)
+        self.start_batch = start_batch
 
     def __iter__(self):
-        # The backends keep no epoch or resolution of their own: the wrapper hands both over.
-        return self._impl.iter_epoch(self.epoch, self.res)
+        # The backends keep no epoch, resolution or start of their own: the wrapper hands them over.
+        return self._impl.iter_epoch(self.epoch, self.res, start=self.start_batch)
 
     def __repr__(self):
         return (f"Loader(backend={self.backend!r}, num_samples={self.num_samples}, num_classes={self.num_classes}, "

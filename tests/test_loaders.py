@@ -373,7 +373,8 @@ def test_seeded_determinism(data, loaders, epoch0):
 
 def test_resume_is_exact_on_every_backend(data, loaders):
     """A fresh loader at epoch 1 yields the very batches (labels and pixels, bit for bit) of a loader
-    that has run epoch 0 first: `--resume` is exact (issue 12: DALI's own generator made it inexact)."""
+    that has run epoch 0 first: `--resume` is exact (issue 12: DALI's own generator made it inexact).
+    Started at batch k of the epoch (a run resumed mid-epoch), it yields batches k, k + 1, ... of it."""
     out = data / "out"
     for b in BACKENDS:
         first = loaders[b, "train"]
@@ -389,6 +390,16 @@ def test_resume_is_exact_on_every_backend(data, loaders):
         assert len(resumed) == len(ran)
         for (x0, y0), (x1, y1) in zip(ran, resumed):
             assert torch.equal(y0, y1) and torch.equal(x0, x1), b
+        for k in (len(ran) - 1, 1, len(ran)):
+            fresh.set_epoch(1, start_batch=k)
+            rest = run_epoch(fresh)
+            assert len(rest) == len(ran) - k, (b, k)
+            for (x0, y0), (x1, y1) in zip(ran[k:], rest):
+                assert torch.equal(y0, y1) and torch.equal(x0, x1), (b, k)
+        fresh.set_epoch(1)  # and from the start again
+        assert all(torch.equal(y0, y1) for (_, y0), (_, y1) in zip(ran, run_epoch(fresh)))
+        with pytest.raises(FastRSBError, match="start_batch"):
+            fresh.set_epoch(1, start_batch=len(ran) + 1)
 
 
 def test_interpolation_is_chosen_per_read_and_fixed_on_request(data, epoch0):
@@ -690,6 +701,33 @@ def test_pil_workers_come_from_a_fork_server(data):
     images, labels = cat(run_epoch(loader))
     ref_images, ref_labels = cat(run_epoch(make_loader("pil", data / "out", "val", **{**VAL, "num_workers": 0})))
     assert torch.equal(images, ref_images) and torch.equal(labels, ref_labels)
+
+
+KILLED_WITH_WORKERS = """
+import os, signal, sys
+from fastrsb.loaders import make_loader
+loader = make_loader("pil", sys.argv[1], "train", batch_size=8, res=32, device="cpu", num_workers=2)
+next(iter(loader))
+print(" ".join(str(p.pid) for p in loader._impl.loader._iterator._workers), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_pil_workers_end_when_the_main_process_is_killed(data):
+    """kill -9 of the process reading the batches (a preemption's SIGKILL, the OOM killer): its workers,
+    whose parent is the fork server, exit too, and so the server; nothing keeps its output open."""
+    import os
+    import time
+
+    proc = subprocess.run([sys.executable, "-c", KILLED_WITH_WORKERS, str(data / "out")], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)  # returns only once no process holds the pipes
+    assert proc.returncode == -9, proc.stderr
+    workers = [int(p) for p in proc.stdout.split()]
+    assert len(workers) == 2
+    deadline = time.time() + 10
+    while time.time() < deadline and any(os.path.exists(f"/proc/{p}") for p in workers):
+        time.sleep(0.1)
+    assert not any(os.path.exists(f"/proc/{p}") for p in workers)
 
 
 def test_pil_shared_memory_is_bounded():

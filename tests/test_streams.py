@@ -217,41 +217,43 @@ def test_dali_cuda_branch_binds_outputs_to_the_current_stream(monkeypatch):
     assert not [e for e in log if e[0] == "synchronize"]
 
 
-def test_prefetch_across_an_epoch_boundary_keeps_the_generator_state_of_the_boundary(monkeypatch):
-    """Spanning epochs, the next epoch's first batch is augmented (its random draws taken) before the
-    caller's last step of this epoch runs; the state a checkpoint at the boundary stores is the one
-    before that draw, so a run resumed from it draws exactly what the uninterrupted run drew."""
+def test_prefetch_keeps_the_generator_state_of_every_step_boundary(monkeypatch):
+    """The next batch is augmented (its random draws taken) before the caller's step on this one runs,
+    across epoch boundaries too; the state a checkpoint between two steps stores (at an epoch's end, or
+    mid-epoch on a signal) is the one before that draw, so a run resumed from it, counting its draws
+    from there (`start`), draws exactly what the uninterrupted run drew."""
     import torch
 
     from fastrsb.prefetch import AugmentedBatches
 
     log = Log()
     FakeCuda(monkeypatch, log)
-    per_epoch, epochs = 2, 3
+    total = 6
 
-    def batches():
-        for k in range(per_epoch * epochs):
+    def batches(first=0):
+        for k in range(first, total):
             yield FakeBatch(log, f"images{k}"), FakeBatch(log, f"labels{k}")
 
     def augment(images, labels, generator=None):
         draw = torch.rand(1, generator=generator).item()
         return FakeBatch(log, f"x{draw}"), FakeBatch(log, "target")
 
+    reference = torch.Generator().manual_seed(3)
+    full = [f"x{torch.rand(1, generator=reference).item()}" for _ in range(total)]
     gen = torch.Generator().manual_seed(3)
-    stream = AugmentedBatches(batches(), augment, gen, "cuda", count=per_epoch * epochs, epoch_draws=per_epoch)
+    stream = AugmentedBatches(batches(), augment, gen, "cuda", count=total)
     names = []
-    for epoch in range(epochs):
-        for _ in range(per_epoch):
-            names.append(next(stream)[0].name)
-        boundary = (epoch + 1) * per_epoch
-        if epoch + 1 < epochs:
-            assert stream.drawn == boundary + 1  # the next epoch's first batch is already augmented
-            assert not torch.equal(stream.generator_state_at(boundary), gen.get_state())
-        # resumed from the boundary's state: the next epoch's draws are the uninterrupted run's
+    for taken in range(1, total + 1):
+        names.append(next(stream)[0].name)
+        if taken < total:
+            assert stream.drawn == taken + 1  # the next batch is already augmented
+            assert not torch.equal(stream.generator_state_at(taken), gen.get_state())
+            with pytest.raises(ValueError, match="was not kept"):
+                stream.generator_state_at(taken - 1)  # only the draw in flight is kept
+        # resumed from this boundary's state: the rest of the draws are the uninterrupted run's
         resumed = torch.Generator()
-        resumed.set_state(stream.generator_state_at(boundary))
-        again = [f"x{torch.rand(1, generator=resumed).item()}" for _ in range(per_epoch * epochs - boundary)]
-        reference = torch.Generator().manual_seed(3)
-        full = [f"x{torch.rand(1, generator=reference).item()}" for _ in range(per_epoch * epochs)]
-        assert again == full[boundary:]
+        resumed.set_state(stream.generator_state_at(taken))
+        rest = AugmentedBatches(batches(taken), augment, resumed, "cuda", count=total - taken, start=taken)
+        assert [x.name for x, _ in rest] == full[taken:]
+        assert rest.drawn == total
     assert names == full
