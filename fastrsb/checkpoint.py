@@ -1,8 +1,11 @@
 """Checkpoints and the files a run leaves: what is saved, how it is read back, and when a resume is allowed.
 
-A checkpoint (`checkpoint.pt`, written atomically at every epoch's end) holds the model, EMA, optimizer,
-GradScaler, the optimizer step and the epochs done (checkpoints fall on epoch boundaries, so the epoch is
-where the loader restarts), every RNG state (one per process: their count is the run's world size) and
+A checkpoint (`checkpoint.pt`, written atomically at every epoch's end, and mid-epoch on SIGTERM/SIGUSR1
+or every --checkpoint-every-steps) holds the model, EMA, optimizer, GradScaler, the optimizer step and
+where in the schedule it falls: at an epoch's end `epoch` is the epochs done and `epoch_step` 0; mid-epoch
+`epoch` is the epoch in progress (0-based), `epoch_step` the optimizer steps of it done, `steps_per_epoch`
+the epoch's length, and `epoch_loss`, `interval_loss`, `interval_steps`, `epoch_train_s` its running sums
+(so its records come out as an uninterrupted run's). Also every RNG state (one per process: their count is the run's world size) and
 the resolved recipe, as tensors, lists and numbers only, so `torch.load(weights_only=True)` reads it: no
 pickled code is ever loaded.
 """
@@ -22,10 +25,10 @@ from .runtime import create_model
 CHECKPOINT = "checkpoint.pt"
 FINAL_WEIGHTS = "model.pt"
 EMA_WEIGHTS = "model_ema.pt"
-CHECKPOINT_FORMAT = 2
-# Format 1 also stored the epoch a second time (under "loader") and the world size; its other keys are
-# format 2's, so it still resumes.
-READABLE_FORMATS = (1, CHECKPOINT_FORMAT)
+CHECKPOINT_FORMAT = 3
+# Format 1 also stored the epoch a second time (under "loader") and the world size; format 2 had no
+# mid-epoch checkpoints (no epoch_step: every one is at an epoch's end). Both still resume.
+READABLE_FORMATS = (1, 2, CHECKPOINT_FORMAT)
 
 
 def capture_rng(augment_state: torch.Tensor) -> dict:

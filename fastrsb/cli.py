@@ -56,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = check_overrides(args.command, extra)
         return int(args.func(args) or 0)
     except FastRSBError as e:
+        from .preempt import Preempted, PREEMPTED_EXIT
+
+        if isinstance(e, Preempted):
+            print(f"fastrsb {args.command}: {e}", file=sys.stderr)
+            return PREEMPTED_EXIT
         print(f"fastrsb {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -136,7 +136,17 @@ def _train_args(p):
                         "max-autotune-no-cudagraphs (default: 'default' on CUDA, 'none' on the CPU)")
     p.add_argument("--eval-every", type=_positive_int, default=10, help="evaluate every N epochs (and at the end)")
     p.add_argument("--log-every", type=_positive_int, default=50, help="log every N optimizer steps")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint (at an epoch's end or mid-epoch)")
+    p.add_argument("--auto-resume", action="store_true",
+                   help="continue if --out holds a checkpoint, else start: the same command for the first "
+                        "launch and every relaunch (torchrun --max-restarts, requeued jobs)")
+    p.add_argument("--checkpoint-every-steps", type=_positive_int, default=None,
+                   help="also checkpoint every N optimizer steps within an epoch (SIGTERM and SIGUSR1 always "
+                        "checkpoint the step in progress and stop, exit status 75)")
+    p.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="seconds a collective waits for the other processes before the run stops (torchrun; "
+                        "default 600)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="loader threads/processes (default: all cores)")
     p.add_argument("--hw-decoder-load", type=float, default=None,
@@ -154,13 +164,19 @@ def _train(args) -> int:
 
     recipe = override(get_recipe(args.recipe), args.overrides)
     model_name = args.model or recipe.model
-    train(recipe, args.data, args.loader, model_name, args.out or f"runs/{recipe.name}-{model_name}",
+    summary = train(recipe, args.data, args.loader, model_name, args.out or f"runs/{recipe.name}-{model_name}",
           batch_per_gpu=args.batch_per_gpu, device=args.device, precision=args.precision,
           compile_mode=args.compile_mode, eval_every_epochs=args.eval_every, log_every_steps=args.log_every,
-          resume=args.resume, seed=args.seed, num_workers=args.workers, hw_decoder_load=args.hw_decoder_load,
+          resume="auto" if args.auto_resume else args.resume, seed=args.seed, num_workers=args.workers, hw_decoder_load=args.hw_decoder_load,
           lamb_max_grad_norm=args.lamb_max_grad_norm or None, warmup_lr=args.warmup_lr, min_lr=args.min_lr,
-          progress=not args.no_progress)
+          progress=not args.no_progress, checkpoint_every_steps=args.checkpoint_every_steps,
+          dist_timeout_s=args.dist_timeout)
+    if summary.get("stopped_by"):
+        from .preempt import PREEMPTED_EXIT
+
+        return PREEMPTED_EXIT
     return 0
+
 
 
 # ---------------------------------------------------------------------------------------------- eval

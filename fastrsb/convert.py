@@ -46,6 +46,7 @@ import numpy as np
 
 from . import runmeta
 from .errors import FastRSBError, missing_extra
+from .lock import OutputLock
 from .runmeta import write_atomic
 from .loaders import layout, wds
 from .loaders.layout import find_classes, shown
@@ -691,6 +692,7 @@ def convert(
     src_root = Path(os.path.realpath(src))
     scans = [scan_split(name, folder, classes, src_root) for name, folder in splits.items()]
     _check_writable(out)  # everything is checked: from here on, OUT is written
+    lock = OutputLock(out, "convert").acquire()  # one writer per OUT (fastrsb/lock.py)
     options = {
         "max_side": max_side,
         "quality": quality,
@@ -717,5 +719,7 @@ def convert(
         print(f"fastrsb convert: interrupted: {out} keeps every finished shard; run the same fastrsb convert again "
               "to resume", file=sys.stderr, flush=True)
         raise
+    finally:
+        lock.release()
     log(f"converted {', '.join(manifests)} into {out} in {time.perf_counter() - start:.1f} s")
     return manifests

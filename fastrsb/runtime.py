@@ -113,8 +113,13 @@ class DistInfo:
             dist.destroy_process_group()
 
 
-def setup_distributed(device: str | torch.device | None = None) -> DistInfo:
-    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK, pick the device and join the process group."""
+def setup_distributed(device: str | torch.device | None = None, timeout_s: float | None = None) -> DistInfo:
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK, pick the device and join the process group.
+
+    timeout_s: how long a collective waits for the others before it fails (None: torch's default, 10
+    minutes for NCCL, 30 for gloo). A process that dies closes its connections, which gloo notices at
+    once; NCCL's watchdog (TORCH_NCCL_ASYNC_ERROR_HANDLING, on by default: leave it on) notices within
+    the timeout and ends the process, so no rank waits forever."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -126,7 +131,10 @@ def setup_distributed(device: str | torch.device | None = None) -> DistInfo:
     device = prepare_device(device)
     initialized_here = False
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+        from datetime import timedelta
+
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=timeout_s) if timeout_s else None)
         initialized_here = True
     return DistInfo(rank, world_size, device, initialized_here)
 

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 from .errors import FastRSBError
+from .lock import OutputLock
+from .preempt import PREEMPTED_EXIT, Preempted, forward_stop_signals
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -79,8 +81,18 @@ def _gpu_count() -> int:
 def sweep(recipe: str, seeds: list[int], data: str, out: str | os.PathLike, *, loader: str = "auto",
           model: str | None = None, overrides: list[str] = (), train_args: list[str] = (),
           parallel: str = "auto", log=print) -> dict:
+    """Run every seed not yet finished (module docstring); returns sweep.json's content. OUT is held
+    for the whole sweep (fastrsb/lock.py). SIGTERM or SIGUSR1 reaches the runs in progress, which
+    checkpoint and stop (fastrsb/preempt.py); no new seed starts, and the sweep raises `Preempted`:
+    the same command resumes it."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    with OutputLock(out, "sweep"), forward_stop_signals() as stop:
+        return _sweep(recipe, seeds, data, out, loader=loader, model=model, overrides=overrides,
+                      train_args=train_args, parallel=parallel, log=log, stop=stop)
+
+
+def _sweep(recipe, seeds, data, out: Path, *, loader, model, overrides, train_args, parallel, log, stop) -> dict:
     gpus = _gpu_count()
     if parallel == "auto":
         parallel = "per-gpu" if gpus > 1 else "sequential"
@@ -103,8 +115,9 @@ def sweep(recipe: str, seeds: list[int], data: str, out: str | os.PathLike, *, l
     running: dict[int, tuple[subprocess.Popen, int, object]] = {}
     failed = []
     queue = list(todo)
+    preempted = []
     while queue or running:
-        while queue and len(running) < slots:
+        while queue and len(running) < slots and not stop.received:
             seed = queue.pop(0)
             slot = next(i for i in range(slots) if i not in {v[1] for v in running.values()})
             env = dict(os.environ)
@@ -118,13 +131,22 @@ def sweep(recipe: str, seeds: list[int], data: str, out: str | os.PathLike, *, l
             else:
                 cmd = command(seed)
             log(f"sweep: seed {seed}" + (f" on GPU {slot}" if parallel == "per-gpu" else "") + f": {' '.join(cmd[2:])}")
-            running[seed] = (subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env), slot, log_file)
+            proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+            stop.children.append(proc)
+            running[seed] = (proc, slot, log_file)
+        if stop.received and queue:
+            log(f"sweep: {stop.received}: the running seeds checkpoint and stop; seeds {queue} are not started")
+            queue.clear()
         time.sleep(0.5)
         for seed, (proc, _, log_file) in list(running.items()):
             if proc.poll() is not None:
                 log_file.close()
                 del running[seed]
-                if proc.returncode != 0:
+                stop.children.remove(proc)
+                if proc.returncode == PREEMPTED_EXIT:
+                    preempted.append(seed)
+                    log(f"sweep: seed {seed} checkpointed and stopped on a signal")
+                elif proc.returncode != 0:
                     failed.append(seed)
                     log(f"sweep: seed {seed} failed (exit {proc.returncode}); see {out / f'seed-{seed}' / 'train.out'}")
     runs = {s: _finished_summary(out / f"seed-{s}") for s in seeds}
@@ -141,4 +163,7 @@ def sweep(recipe: str, seeds: list[int], data: str, out: str | os.PathLike, *, l
             f"min {s['min']:.2f}, max {s['max']:.2f}")
     if failed:
         raise FastRSBError(f"seeds {failed} failed; the others are summarised in {out / 'sweep.json'}")
+    if stop.received or preempted:
+        raise Preempted(f"stopped by {stop.received or 'a signal to its runs'}: seeds {preempted} checkpointed "
+                        f"mid-run; run the same fastrsb sweep again to resume")
     return result

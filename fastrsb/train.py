@@ -5,6 +5,16 @@ resume) and then runs one flat loop: for every optimizer step set the lr from `s
 `accum_steps` augmented micro-batches to the one `TrainStep` (fastrsb/step.py, which the benchmarks
 time too), log; at every epoch's end evaluate when due and write an atomic checkpoint.
 
+Interruptions (README, "Reliability"): SIGTERM or SIGUSR1 makes every rank stop after the same step with
+a mid-epoch checkpoint (fastrsb/preempt.py; exit status 75), and `--checkpoint-every-steps N` writes one
+every N steps. A mid-epoch checkpoint holds the step within its epoch; `--resume` starts the loaders at
+the next batch (`Loader.set_epoch(start_batch=)`: the plan is a pure function of seed and epoch, so
+nothing before it is read) and ends bit-identical to a run never stopped. The run folder has one
+writer: rank 0 holds its lock (fastrsb/lock.py) for the whole run. Under torchrun a process that dies
+makes the others' next collective fail (gloo: at once; a hung one: after --dist-timeout); they stop
+with a message naming the last checkpoint, and `--auto-resume` lets `torchrun --max-restarts` relaunch
+the same command.
+
 Where the work happens (STYLE.md): the loader (`fastrsb.loaders.make_loader`) yields uint8 NCHW
 channels-last images and int64 labels already on the device, flipped and cropped; the augmentation
 (`fastrsb.augment.make_train_augment`: RandAugment, mixup/cutmix, normalise) runs as batch operations on
@@ -36,8 +46,10 @@ from .checkpoint import (CHECKPOINT, EMA_WEIGHTS, FINAL_WEIGHTS, CHECKPOINT_FORM
                          restore_rng)
 from .errors import FastRSBError
 from .evaluate import evaluate_model
+from .lock import FolderInUse, OutputLock
 from .loss import make_loss
 from .optim import Lamb, ModelEma, make_param_groups
+from .preempt import StopRequests
 from .prefetch import AugmentedBatches
 from .recipes import Recipe
 from .runtime import (BatchLayout, DistInfo, autocast, autocast_dtype, create_model, plan_batches, probe_batch_per_gpu,
@@ -74,6 +86,9 @@ class _Run:
     step: int
     history: list
     classes: list | None
+    lock: OutputLock | None
+    start_epoch_step: int = 0  # optimizer steps of start_epoch already done (a mid-epoch checkpoint)
+    partial: dict | None = None  # that epoch's running loss sums and train time, from the checkpoint
 
 
 def train(
@@ -98,6 +113,8 @@ def train(
     min_lr: float = 0.0,
     progress: bool = True,
     stop_after_epochs: int | None = None,
+    checkpoint_every_steps: int | None = None,
+    dist_timeout_s: float = 600.0,
     make_loader: Callable | None = None,
     make_augment: Callable | None = None,
     normalize: Callable | None = None,
@@ -111,11 +128,19 @@ def train(
     compile_mode: see fastrsb.step.COMPILE_MODES; default "default" on CUDA, "none" on the CPU.
     lamb_max_grad_norm: LAMB's global gradient-norm clip (timm's default 1.0; None or 0: off); see
         fastrsb/optim.py. `recipe.grad_clip > 0` adds timm's `--clip-grad` on top.
-    resume: True continues from out_dir/checkpoint.pt; a path names the checkpoint.
+    resume: True continues from out_dir/checkpoint.pt (at an epoch's end or mid-epoch); a path names the
+        checkpoint; "auto" continues when out_dir holds a checkpoint and starts afresh when it holds
+        nothing (for `torchrun --max-restarts` and requeued jobs, which rerun the same command).
     hw_decoder_load: DALI's share of JPEGs for the hardware decoder (mixed only; None: the loader's
         default, 1.0); other loaders ignore it.
     stop_after_epochs: stop (checkpoint written) after this many epochs of the schedule, as an
         interruption would; the run can then be resumed.
+    checkpoint_every_steps: also write the checkpoint every N optimizer steps within an epoch.
+    dist_timeout_s: how long a collective waits for the other processes before it fails (torchrun);
+        a process that died is noticed at once by gloo, by NCCL's watchdog within this time.
+
+    SIGTERM / SIGUSR1: the run stops after the current step with a checkpoint; the summary then has
+    "stopped_by" (the signal's name) and "finished" false (fastrsb/preempt.py).
     make_loader, make_augment, normalize: substitutes for fastrsb.loaders.make_loader,
         fastrsb.augment.make_train_augment and fastrsb.augment.normalize, with the same contracts.
     """
@@ -127,7 +152,12 @@ def train(
         raise FastRSBError(f"--hw-decoder-load {hw_decoder_load}: give a share of JPEGs between 0 and 1 (default 1.0)")
     if stop_after_epochs is not None and stop_after_epochs < 1:
         raise FastRSBError(f"stop_after_epochs {stop_after_epochs}: give at least 1")
-    dist_info = setup_distributed(device)
+    if checkpoint_every_steps is not None and (not isinstance(checkpoint_every_steps, int) or checkpoint_every_steps < 1):
+        raise FastRSBError(f"--checkpoint-every-steps {checkpoint_every_steps!r}: give a whole number of at least 1")
+    if isinstance(resume, str) and resume == "auto":
+        resume = (Path(out_dir) / CHECKPOINT).is_file()
+    dist_info = setup_distributed(device, timeout_s=dist_timeout_s)
+    run = None
     try:
         run = _build(recipe, data, loader_backend, model_name or recipe.model, Path(out_dir), dist_info,
                      batch_per_gpu=batch_per_gpu, precision=precision, compile_mode=compile_mode, resume=resume,
@@ -137,28 +167,88 @@ def train(
                      normalize=normalize)
         last_epoch = recipe.epochs if stop_after_epochs is None else min(recipe.epochs, stop_after_epochs)
         return _loop(run, last_epoch, eval_every_epochs=eval_every_epochs, log_every_steps=log_every_steps,
-                     progress=progress, min_lr=min_lr, warmup_lr=warmup_lr)
+                     progress=progress, min_lr=min_lr, warmup_lr=warmup_lr,
+                     checkpoint_every_steps=checkpoint_every_steps)
+    except RuntimeError as e:
+        if dist_info.enabled and _is_collective_failure(e):
+            raise FastRSBError(_lost_contact(e, dist_info, Path(out_dir))) from None
+        raise
     finally:
+        if run is not None and run.lock is not None:
+            run.lock.release()
         dist_info.close()
+
+
+def _is_collective_failure(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, dist.DistError) or any(w in text for w in ("gloo", "nccl", "connection", "timed out",
+                                                                      "timeout", "peer"))
+
+
+def _lost_contact(e: BaseException, dist_info: DistInfo, out: Path) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    ckpt = out / CHECKPOINT
+    where = "no checkpoint was written yet: relaunch without --resume (or with --auto-resume)"
+    if ckpt.is_file():
+        try:
+            saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+            at = f"epoch {saved['epoch'] + 1}, step {saved['step']}" if saved.get("epoch_step") else \
+                f"after epoch {saved['epoch']}, step {saved['step']}"
+        except Exception:  # noqa: BLE001 - the message must come out whatever the file holds
+            at = "unreadable"
+        where = f"the last checkpoint is {ckpt} ({at}): relaunch the same command with --resume (or --auto-resume)"
+    return (f"process {dist_info.rank} of {dist_info.world_size} lost contact with the others ({first[:200]}): "
+            f"another process died or hung (out of memory, an NCCL error, a lost node; see its output); {where}")
 
 
 def _build(recipe, data, loader_backend, model_name, out, dist_info, *, batch_per_gpu, precision, compile_mode,
            resume, seed, num_workers, hw_decoder_load, lamb_max_grad_norm, warmup_lr, min_lr, make_loader,
            make_augment, normalize) -> _Run:
-    device, rank, world_size = dist_info.device, dist_info.rank, dist_info.world_size
-
-    say = dist_info.say
-
     # --- where we start from
     ckpt_path = Path(resume) if isinstance(resume, (str, os.PathLike)) else out / CHECKPOINT
     if resume:
         if not ckpt_path.is_file():
             raise FastRSBError(f"--resume: no checkpoint at {ckpt_path}")
-    elif (out / CHECKPOINT).exists() or (out / FINAL_WEIGHTS).exists():
-        raise FastRSBError(f"{out} already holds a run (checkpoint.pt or model.pt); pass --resume to continue "
-                           f"it, or choose another --out")
+    lock = _lock_run_folder(out, dist_info)
+    try:
+        return _build_locked(recipe, data, loader_backend, model_name, out, dist_info, ckpt_path, lock,
+                             batch_per_gpu=batch_per_gpu, precision=precision, compile_mode=compile_mode,
+                             resume=resume, seed=seed, num_workers=num_workers, hw_decoder_load=hw_decoder_load,
+                             lamb_max_grad_norm=lamb_max_grad_norm, warmup_lr=warmup_lr, min_lr=min_lr,
+                             make_loader=make_loader, make_augment=make_augment, normalize=normalize)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _lock_run_folder(out: Path, dist_info: DistInfo) -> OutputLock | None:
+    """Rank 0 takes the run folder's lock (fastrsb/lock.py); under DDP every rank learns whether it did,
+    so a refused run stops on every rank with the same one-line message."""
+    lock, refusal = None, None
     if dist_info.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        try:
+            lock = OutputLock(out, "train").acquire()
+        except FolderInUse as e:
+            refusal = str(e)
+    if dist_info.enabled:
+        shared = [refusal]
+        dist.broadcast_object_list(shared, src=0)
+        refusal = shared[0]
+    if refusal is not None:
+        raise FolderInUse(refusal)
+    return lock
+
+
+def _build_locked(recipe, data, loader_backend, model_name, out, dist_info, ckpt_path, lock, *, batch_per_gpu,
+                  precision, compile_mode, resume, seed, num_workers, hw_decoder_load, lamb_max_grad_norm,
+                  warmup_lr, min_lr, make_loader, make_augment, normalize) -> _Run:
+    device, rank, world_size = dist_info.device, dist_info.rank, dist_info.world_size
+    say = dist_info.say
+    if not resume and ((out / CHECKPOINT).exists() or (out / FINAL_WEIGHTS).exists()):
+        raise FastRSBError(f"{out} already holds a run (checkpoint.pt or model.pt); pass --resume to continue "
+                           f"it, or choose another --out")
 
     # --- precision, compilation, batch layout
     precision = resolve_precision(precision, device, recipe.mixed_precision)
@@ -237,7 +327,7 @@ def _build(recipe, data, loader_backend, model_name, out, dist_info, *, batch_pe
                         accum_steps=layout.accum_steps, grad_clip=recipe.grad_clip, compile_mode=compile_mode,
                         ddp=dist_info.enabled, ema=ema)
 
-    start_epoch, step, history = 0, 0, []
+    start_epoch, step, history, start_epoch_step, partial = 0, 0, [], 0, None
     if resume:
         ckpt = load_checkpoint(ckpt_path, recipe.to_dict(), model_name)
         model.load_state_dict(ckpt["model"])
@@ -247,6 +337,13 @@ def _build(recipe, data, loader_backend, model_name, out, dist_info, *, batch_pe
         if ema is not None and ckpt.get("ema") is not None:
             ema.module.load_state_dict(ckpt["ema"])
         start_epoch, step = ckpt["epoch"], ckpt["step"]
+        start_epoch_step = int(ckpt.get("epoch_step", 0))  # 0: an epoch's end (formats 1 and 2 are)
+        if start_epoch_step:
+            if ckpt.get("steps_per_epoch") != steps_per_epoch:
+                raise FastRSBError(f"{ckpt_path} stopped at step {start_epoch_step} of an epoch of "
+                                   f"{ckpt.get('steps_per_epoch')} steps; this run's epochs have {steps_per_epoch} "
+                                   f"(another dataset or batch layout): resume with the same data and layout")
+            partial = {k: ckpt[k] for k in ("epoch_loss", "interval_loss", "interval_steps", "epoch_train_s")}
         history = list(ckpt.get("history", []))
         if len(ckpt["rng"]) == world_size:
             restore_rng(ckpt["rng"][rank], augment_generator)
@@ -255,7 +352,9 @@ def _build(recipe, data, loader_backend, model_name, out, dist_info, *, batch_pe
                 f"from the seed, so the continuation is equivalent but not identical")
             seed_everything(seed + 7919 * start_epoch + rank)
             augment_generator.manual_seed(seed * 1_000_003 + 7919 * start_epoch + rank + 1)
-        say(f"  resumed from {ckpt_path}: epoch {start_epoch}, step {step}")
+        say(f"  resumed from {ckpt_path}: " + (f"epoch {start_epoch + 1}, its step {start_epoch_step} of "
+                                                 f"{steps_per_epoch} (step {step})" if start_epoch_step else
+                                                 f"after epoch {start_epoch}, step {step}"))
         del ckpt
         if dist_info.is_main:
             _truncate_log(out / "log.jsonl", step)
@@ -273,11 +372,23 @@ def _build(recipe, data, loader_backend, model_name, out, dist_info, *, batch_pe
             indent=2, default=str) + "\n")
     return _Run(recipe, model_name, out, dist_info, layout, precision, train_loader, val_loader, augment,
                 augment_generator, normalize, model, ema, step_fn, base_lr, steps_per_epoch, total_steps,
-                warmup_steps, start_epoch, step, history, classes)
+                warmup_steps, start_epoch, step, history, classes, lock, start_epoch_step, partial)
 
 
 def _loop(run: _Run, last_epoch: int, *, eval_every_epochs: int, log_every_steps: int, progress: bool,
-          min_lr: float, warmup_lr: float) -> dict:
+          min_lr: float, warmup_lr: float, checkpoint_every_steps: int | None = None) -> dict:
+    stops = StopRequests(run.dist)
+    stops.install()
+    try:
+        return _steps(run, last_epoch, stops, eval_every_epochs=eval_every_epochs, log_every_steps=log_every_steps,
+                      progress=progress, min_lr=min_lr, warmup_lr=warmup_lr,
+                      checkpoint_every_steps=checkpoint_every_steps)
+    finally:
+        stops.close()
+
+
+def _steps(run: _Run, last_epoch: int, stops: StopRequests, *, eval_every_epochs: int, log_every_steps: int,
+           progress: bool, min_lr: float, warmup_lr: float, checkpoint_every_steps: int | None) -> dict:
     recipe, device, dist_info, layout = run.recipe, run.dist.device, run.dist, run.layout
     t_start = time.perf_counter()
     images_per_step = recipe.global_batch
@@ -301,26 +412,46 @@ def _loop(run: _Run, last_epoch: int, *, eval_every_epochs: int, log_every_steps
     def res_of(epoch: int) -> int:
         return res_at(epoch, recipe.train_res, recipe.progressive_res, recipe.progressive_epochs)
 
+    first_step = run.start_epoch_step  # of run.start_epoch: a mid-epoch checkpoint's
+    skipped = first_step * layout.accum_steps  # micro-batches of that epoch already trained on
+
     def loader_batches():
         # the epochs' loaders chained: the next epoch is opened when its first batch is prefetched
         for epoch in range(run.start_epoch, last_epoch):
-            run.train_loader.set_epoch(epoch, res=res_of(epoch))
+            start = skipped if epoch == run.start_epoch else 0
+            if start:  # the plan is a pure function of (seed, epoch): the batches before are not read
+                run.train_loader.set_epoch(epoch, res=res_of(epoch), start_batch=start)
+            else:
+                run.train_loader.set_epoch(epoch, res=res_of(epoch))
             epoch_batches = iter(run.train_loader)
-            for _ in range(draws_per_epoch):
+            for _ in range(draws_per_epoch - start):
                 yield next(epoch_batches)
+
+    def draw_at(epoch: int, epoch_step: int) -> int:
+        """The draw (micro-batch, numbered from the start of run.start_epoch) after this step."""
+        return (epoch - run.start_epoch) * draws_per_epoch + epoch_step * layout.accum_steps
 
     # loader -> augmentation, batch k+1 prepared on a side CUDA stream while step k runs, across epochs too
     batches = AugmentedBatches(loader_batches(), run.augment, run.augment_generator, device,
-                               count=(last_epoch - run.start_epoch) * draws_per_epoch, epoch_draws=draws_per_epoch)
+                               count=(last_epoch - run.start_epoch) * draws_per_epoch - skipped, start=skipped)
+    stopped_by, epochs_done = None, run.start_epoch
     for epoch in range(run.start_epoch, last_epoch):
         res = res_of(epoch)
-
-        epoch_loss = torch.zeros((), device=device)
-        interval_loss = torch.zeros((), device=device)
-        interval_steps, interval_t0 = 0, time.perf_counter()
+        resumed = epoch == run.start_epoch and run.partial is not None
+        if resumed:  # the sums of the steps before the checkpoint, so the epoch's records are the same
+            epoch_loss = run.partial["epoch_loss"].to(device)
+            interval_loss = run.partial["interval_loss"].to(device)
+            interval_steps, train_before = int(run.partial["interval_steps"]), float(run.partial["epoch_train_s"])
+        else:
+            epoch_loss = torch.zeros((), device=device)
+            interval_loss = torch.zeros((), device=device)
+            interval_steps, train_before = 0, 0.0
+        interval_t0 = time.perf_counter()
         timer = Timer(device).start()
         bar = _progress_bar(run.steps_per_epoch, f"epoch {epoch + 1}/{recipe.epochs}", progress and dist_info.is_main)
-        for _ in range(run.steps_per_epoch):
+        first = first_step if epoch == run.start_epoch else 0
+        bar.update(first)
+        for epoch_step in range(first + 1, run.steps_per_epoch + 1):
             lr = lr_at(step, run.total_steps, run.warmup_steps, run.base_lr, min_lr, warmup_lr)
             for group in run.step_fn.optimizer.param_groups:
                 group["lr"] = lr
@@ -339,13 +470,30 @@ def _loop(run: _Run, last_epoch: int, *, eval_every_epochs: int, log_every_steps
                 epoch_loss += interval_loss
                 interval_loss.zero_()
                 interval_steps, interval_t0 = 0, time.perf_counter()
+            stop = stops.should_stop()  # the same answer on every rank (fastrsb/preempt.py)
+            periodic = checkpoint_every_steps is not None and step % checkpoint_every_steps == 0
+            if (stop or periodic) and epoch_step < run.steps_per_epoch:  # else the epoch's end checkpoints
+                partial = {"epoch_loss": epoch_loss.detach().cpu(), "interval_loss": interval_loss.detach().cpu(),
+                           "interval_steps": interval_steps, "epoch_train_s": train_before + timer.stop()}  # sync
+                _save_checkpoint(run, epoch, step, batches.generator_state_at(draw_at(epoch, epoch_step)),
+                                 epoch_step=epoch_step, partial=partial)
+                log({"kind": "checkpoint", "epoch": epoch, "step": step, "epoch_step": epoch_step,
+                     "reason": stops.received if stop else f"every {checkpoint_every_steps} steps"})
+            if stop:
+                stopped_by = stops.received or "a signal to another process"
+                break
         bar.close()
+        images_seen += (epoch_step - first) * images_per_step  # by this process (a resumed epoch: since then)
+        if stopped_by is not None and epoch_step < run.steps_per_epoch:
+            train_time_s += partial["epoch_train_s"] - train_before
+            say(f"stopped by {stopped_by} at step {epoch_step} of epoch {epoch + 1} (step {step}); checkpoint "
+                f"written to {run.out / CHECKPOINT}: rerun with --resume to continue")
+            break
         epoch_loss += interval_loss
-        epoch_train_s = timer.stop()  # sync: end of epoch (inside Timer)
+        epoch_train_s = train_before + timer.stop()  # sync: end of epoch (inside Timer)
         loss_value = _all_mean(epoch_loss, dist_info).item() / run.steps_per_epoch  # sync: end of epoch
         _check_finite(loss_value, step, epoch, run.out)
-        train_time_s += epoch_train_s
-        images_seen += run.steps_per_epoch * images_per_step
+        train_time_s += epoch_train_s - train_before
 
         record = {"kind": "epoch", "epoch": epoch, "step": step, "loss": loss_value, "lr": lr,
                   "res": res, "train_time_s": epoch_train_s,
@@ -361,11 +509,15 @@ def _loop(run: _Run, last_epoch: int, *, eval_every_epochs: int, log_every_steps
         log(record)
         say(f"epoch {epoch + 1}/{recipe.epochs}: loss {loss_value:.4f}, {record['img_per_s']:,.0f} img/s"
             + (f", top-1 {record['top1']:.2f}%, top-5 {record['top5']:.2f}%" if "top1" in record else ""))
-        _save_checkpoint(run, epoch + 1, step,
-                         batches.generator_state_at((epoch + 1 - run.start_epoch) * draws_per_epoch))
+        _save_checkpoint(run, epoch + 1, step, batches.generator_state_at(draw_at(epoch + 1, 0)))
+        epochs_done = epoch + 1
+        if stopped_by is not None:
+            say(f"stopped by {stopped_by} at the end of epoch {epoch + 1} (step {step}); checkpoint written to "
+                f"{run.out / CHECKPOINT}: rerun with --resume to continue")
+            break
 
     # --- the end
-    finished = last_epoch == recipe.epochs
+    finished = epochs_done == recipe.epochs
     if finished and dist_info.is_main:
         runmeta.save_atomic(run.model.state_dict(), run.out / FINAL_WEIGHTS)
         if run.ema is not None:
@@ -374,12 +526,13 @@ def _loop(run: _Run, last_epoch: int, *, eval_every_epochs: int, log_every_steps
         metrics = evaluate(run.model)
     summary = {
         "kind": "summary", "recipe": recipe.name, "model_name": run.model_name, "finished": finished,
-        "epochs_done": last_epoch, "epochs": recipe.epochs, "steps": step, "layout": dataclasses.asdict(layout),
+        "epochs_done": epochs_done, "epochs": recipe.epochs, "steps": step, "layout": dataclasses.asdict(layout),
         "train_time_s": train_time_s, "wall_time_s": time.perf_counter() - t_start,
         "img_per_s": images_seen / train_time_s if train_time_s > 0 else None,
         "top1": metrics.get("top1"), "top5": metrics.get("top5"),
         "ema_top1": metrics.get("ema_top1"), "ema_top5": metrics.get("ema_top5"),
         "out_dir": str(run.out), "weights": str(run.out / FINAL_WEIGHTS) if finished else None,
+        "stopped_by": stopped_by,
     }
     log(summary)
     if log_file is not None:
@@ -392,7 +545,10 @@ def _loop(run: _Run, last_epoch: int, *, eval_every_epochs: int, log_every_steps
     return summary
 
 
-def _save_checkpoint(run: _Run, epochs_done: int, step: int, augment_state: torch.Tensor) -> None:
+def _save_checkpoint(run: _Run, epoch: int, step: int, augment_state: torch.Tensor, *, epoch_step: int = 0,
+                     partial: dict | None = None) -> None:
+    """The checkpoint after `step`: at an epoch's end (epoch_step 0, `epoch` = the epochs done), or after
+    step `epoch_step` of epoch `epoch` (0-based) with `partial`, that epoch's running sums."""
     rng = capture_rng(augment_state)
     if run.dist.enabled:
         gathered = [None] * run.dist.world_size
@@ -405,7 +561,8 @@ def _save_checkpoint(run: _Run, epochs_done: int, step: int, augment_state: torc
             "format": CHECKPOINT_FORMAT, "model": run.model.state_dict(),
             "ema": run.ema.module.state_dict() if run.ema is not None else None,
             "optimizer": run.step_fn.optimizer.state_dict(), "scaler": run.step_fn.scaler.state_dict(),
-            "step": step, "epoch": epochs_done,  # checkpoints fall on epoch boundaries
+            "step": step, "epoch": epoch, "epoch_step": epoch_step, "steps_per_epoch": run.steps_per_epoch,
+            **(partial or {}),
             "rng": rng, "recipe": run.recipe.to_dict(), "model_name": run.model_name,
             "num_classes": run.train_loader.num_classes, "classes": run.classes, "history": run.history,
         }, run.out / CHECKPOINT)

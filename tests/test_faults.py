@@ -14,6 +14,7 @@ import pytest
 
 from conftest import REPO, run_cli, tree_bytes, wait_for
 from fastrsb.demo_data import make_demo_data
+from fastrsb.lock import LOCK_NAME
 from fastrsb.loaders import layout
 
 pytestmark = pytest.mark.timeout(600)
@@ -55,7 +56,8 @@ def finish(proc: subprocess.Popen, what: str, timeout=60) -> str:
 
 def finished_files(out: Path) -> dict:
     """Files a conversion has finished (no temporary names): these must survive any fault."""
-    return {k: v for k, v in tree_bytes(out).items() if not k.endswith(".tmp") and "state" not in k}
+    # the lock names its holder while a run is in progress and is emptied when it ends (fastrsb/lock.py)
+    return {k: v for k, v in tree_bytes(out).items() if not k.endswith((".tmp", LOCK_NAME)) and "state" not in k}
 
 
 STAGES = {  # each names the files whose appearance marks the stage (a new one: earlier runs left some)

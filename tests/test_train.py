@@ -57,9 +57,10 @@ class MemoryLoader:
         self.batch_size, self.device, self.rank, self.world_size = batch_size, torch.device(device), rank, world_size
         self.seed, self.drop_last, self.shuffle = seed, drop_last, split == "train"
         self.epoch = 0
+        self.start_batch = 0
 
-    def set_epoch(self, epoch, res=None):
-        self.epoch = epoch
+    def set_epoch(self, epoch, res=None, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
 
     def _indices(self):
         n = self.num_samples
@@ -73,7 +74,7 @@ class MemoryLoader:
 
     def __iter__(self):
         idx = self._indices()
-        for b in range(len(self)):
+        for b in range(self.start_batch, len(self)):
             sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
             yield (self.images[sel].to(self.device).contiguous(memory_format=torch.channels_last),
                    self.labels[sel].to(self.device))
@@ -330,9 +331,10 @@ def test_cli_train_and_eval(demo_data, tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
 
 
-def test_checkpoint_stores_each_fact_once_and_reads_format_1(tmp_path):
+def test_checkpoint_stores_each_fact_once_and_reads_formats_1_and_2(tmp_path):
     """The epoch is stored once and the world size is the number of RNG states; a format-1 checkpoint (which
-    stored both twice) still resumes exactly, and a format this fastrsb does not know is refused by name."""
+    stored both twice) and a format-2 one (no mid-epoch fields) still resume exactly, and a format this
+    fastrsb does not know is refused by name."""
     import shutil
 
     from fastrsb.checkpoint import CHECKPOINT_FORMAT
@@ -342,16 +344,19 @@ def test_checkpoint_stores_each_fact_once_and_reads_format_1(tmp_path):
     train(recipe, "unused", "memory", out_dir=tmp_path / "full", **kw)
     train(recipe, "unused", "memory", out_dir=tmp_path / "part", stop_after_epochs=1, **kw)
     ckpt = _state(tmp_path / "part" / "checkpoint.pt")
-    assert ckpt["format"] == CHECKPOINT_FORMAT == 2
-    assert ckpt["epoch"] == 1 and ckpt["step"] == 120 // 16 and len(ckpt["rng"]) == 1
-    assert "loader" not in ckpt and "world_size" not in ckpt
+    assert ckpt["format"] == CHECKPOINT_FORMAT == 3
+    assert ckpt["epoch"] == 1 and ckpt["step"] == 120 // 16 and len(ckpt["rng"]) == 1 and ckpt["epoch_step"] == 0
+    assert "loader" not in ckpt and "world_size" not in ckpt and "epoch_loss" not in ckpt
     assert not list((tmp_path / "part").glob("*.tmp"))  # the atomic write left no temporary behind
 
-    old = tmp_path / "old"
-    shutil.copytree(tmp_path / "part", old)
-    torch.save({**ckpt, "format": 1, "loader": {"epoch": 1, "batch": 0}, "world_size": 1}, old / "checkpoint.pt")
-    assert train(recipe, "unused", "memory", out_dir=old, resume=True, **kw)["finished"]
-    _assert_same_weights(tmp_path / "full" / "model.pt", old / "model.pt")
+    format_2 = {k: v for k, v in ckpt.items() if k not in ("epoch_step", "steps_per_epoch")}
+    for name, old_ckpt in (("old1", {**format_2, "format": 1, "loader": {"epoch": 1, "batch": 0}, "world_size": 1}),
+                           ("old2", {**format_2, "format": 2})):
+        old = tmp_path / name
+        shutil.copytree(tmp_path / "part", old)
+        torch.save(old_ckpt, old / "checkpoint.pt")
+        assert train(recipe, "unused", "memory", out_dir=old, resume=True, **kw)["finished"]
+        _assert_same_weights(tmp_path / "full" / "model.pt", old / "model.pt")
 
     future = tmp_path / "future"
     future.mkdir()
