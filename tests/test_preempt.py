@@ -288,20 +288,51 @@ def _launch_two(argv, port, **popen):
     return [subprocess.Popen(argv, cwd=REPO, env=_rank_env(r, port), **popen) for r in range(2)]
 
 
-def test_a_killed_rank_never_hangs_the_other_and_a_relaunch_resumes(demo_data, tmp_path):
+def _ddp_argv(src, out):
+    return _train_argv(src, out, "--auto-resume", "--dist-timeout", "60", epochs=3, global_batch=16)
+
+
+@pytest.fixture(scope="module")
+def ddp_full(demo_data, tmp_path_factory):
+    """A pair of gloo processes never interrupted: 7 steps per epoch, 3 epochs."""
+    out = tmp_path_factory.mktemp("ddp") / "full"
+    for proc in _launch_two(_ddp_argv(demo_data.parent / "src", out), _free_port(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL):
+        assert proc.wait(timeout=600) == 0
+    return out
+
+
+def test_sigterm_to_one_rank_stops_both_after_the_same_step(demo_data, ddp_full, tmp_path):
+    """The signal reaches rank 1 only; both ranks agree at a step boundary, stop after the same step
+    with one checkpoint and exit 75; relaunched, the pair ends as the pair never stopped."""
+    cut = tmp_path / "cut"
+    procs = _launch_two(_ddp_argv(demo_data.parent / "src", cut), _free_port(), stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: _steps_logged(cut) >= 9, procs[0], timeout=300)
+        procs[1].send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert [p.returncode for p in procs] == [75, 75], outs
+    assert "SIGTERM received" in outs[1][1] and "SIGTERM received" not in outs[0][1]
+    ckpt = _state(cut / "checkpoint.pt")
+    assert ckpt["step"] > 9 and len(ckpt["rng"]) == 2
+    for proc in _launch_two(_ddp_argv(demo_data.parent / "src", cut), _free_port(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL):
+        assert proc.wait(timeout=600) == 0
+    _assert_same_weights(ddp_full / "model.pt", cut / "model.pt")
+
+
+def test_a_killed_rank_never_hangs_the_other_and_a_relaunch_resumes(demo_data, ddp_full, tmp_path):
     """2 gloo processes: rank 1 is killed mid-epoch after the first checkpoint; rank 0 stops within a
     bounded time with a message naming the checkpoint; relaunched with --auto-resume (the same command
     for every launch), the pair ends with the weights of a pair never interrupted."""
     src = demo_data.parent / "src"
-
-    def argv(out):
-        return _train_argv(src, out, "--auto-resume", "--dist-timeout", "60", epochs=3, global_batch=16)
-
-    for proc in _launch_two(argv(tmp_path / "full"), _free_port(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL):
-        assert proc.wait(timeout=600) == 0
     cut = tmp_path / "cut"
-    procs = _launch_two(argv(cut), _free_port(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = _launch_two(_ddp_argv(src, cut), _free_port(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert wait_for(lambda: (cut / "checkpoint.pt").exists() and _steps_logged(cut) >= 9, procs[0], timeout=300)
         procs[1].send_signal(signal.SIGKILL)
@@ -317,6 +348,6 @@ def test_a_killed_rank_never_hangs_the_other_and_a_relaunch_resumes(demo_data, t
     assert "lost contact with the others" in err and f"the last checkpoint is {cut / 'checkpoint.pt'}" in err, err
     assert "--resume" in err and "Traceback" not in err, err
     assert "Aborted" not in err and "terminate called" not in err, err
-    for proc in _launch_two(argv(cut), _free_port(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
+    for proc in _launch_two(_ddp_argv(src, cut), _free_port(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
         assert proc.wait(timeout=600) == 0
-    _assert_same_weights(tmp_path / "full" / "model.pt", cut / "model.pt")
+    _assert_same_weights(ddp_full / "model.pt", cut / "model.pt")
