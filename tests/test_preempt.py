@@ -351,3 +351,24 @@ def test_a_killed_rank_never_hangs_the_other_and_a_relaunch_resumes(demo_data, d
     for proc in _launch_two(_ddp_argv(src, cut), _free_port(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
         assert proc.wait(timeout=600) == 0
     _assert_same_weights(ddp_full / "model.pt", cut / "model.pt")
+
+
+def test_sigterm_to_a_sweep_reaches_its_run_and_the_same_command_resumes(demo_data, tmp_path):
+    """The sweep passes the signal to the run in progress, which checkpoints and stops; no later seed
+    starts; the sweep exits 75, and the same command finishes every seed."""
+    out = tmp_path / "sweep"
+    argv = [sys.executable, "-m", "fastrsb", "sweep", "--recipe", "a3", "--seeds", "1-2", "--data",
+            str(demo_data.parent / "src"), "--loader", "pil", "--model", "test_resnet", "--out", str(out),
+            "--batch-per-gpu", "8", "--device", "cpu", "--parallel", "sequential", "epochs=4", "train_res=32",
+            "test_res=32", "global_batch=8", "warmup_epochs=1"]
+    proc = subprocess.Popen(argv, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert wait_for((out / "seed-1" / "checkpoint.pt").exists, proc, timeout=300), proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 75, (stdout, stderr)
+    assert "stopped by SIGTERM" in stderr and "seeds [1] checkpointed" in stderr, stderr
+    assert not (out / "seed-2").exists()
+    assert not (out / "seed-1" / "model.pt").exists() and "SIGTERM received" in (out / "seed-1" / "train.out").read_text()
+    again = subprocess.run(argv, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert sorted(json.loads((out / "sweep.json").read_text())["runs"]) == ["1", "2"]
