@@ -14,7 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Lower layers first; a module may import its own layer or lower ones. Prefixes match module names.
 LAYERS = [
-    ["fastrsb.errors", "fastrsb.runmeta", "fastrsb.recipes", "fastrsb.schedule", "fastrsb.images",
+    ["fastrsb.errors", "fastrsb.lock", "fastrsb.preempt", "fastrsb.runmeta", "fastrsb.recipes", "fastrsb.schedule",
+     "fastrsb.images",
      "fastrsb.loaders.wds", "fastrsb.loaders.sampling", "fastrsb.loaders.layout", "fastrsb.loaders.source",
      "fastrsb.loaders.registry", "fastrsb.loaders.beton", "fastrsb.loaders.resample", "fastrsb.benchlog"],
     ["fastrsb.loaders", "fastrsb.augment", "fastrsb.loss", "fastrsb.optim"],
