@@ -165,18 +165,17 @@ def _train(args) -> int:
     recipe = override(get_recipe(args.recipe), args.overrides)
     model_name = args.model or recipe.model
     summary = train(recipe, args.data, args.loader, model_name, args.out or f"runs/{recipe.name}-{model_name}",
-          batch_per_gpu=args.batch_per_gpu, device=args.device, precision=args.precision,
-          compile_mode=args.compile_mode, eval_every_epochs=args.eval_every, log_every_steps=args.log_every,
-          resume="auto" if args.auto_resume else args.resume, seed=args.seed, num_workers=args.workers, hw_decoder_load=args.hw_decoder_load,
-          lamb_max_grad_norm=args.lamb_max_grad_norm or None, warmup_lr=args.warmup_lr, min_lr=args.min_lr,
-          progress=not args.no_progress, checkpoint_every_steps=args.checkpoint_every_steps,
-          dist_timeout_s=args.dist_timeout)
+                    batch_per_gpu=args.batch_per_gpu, device=args.device, precision=args.precision,
+                    compile_mode=args.compile_mode, eval_every_epochs=args.eval_every, log_every_steps=args.log_every,
+                    resume="auto" if args.auto_resume else args.resume, seed=args.seed, num_workers=args.workers,
+                    hw_decoder_load=args.hw_decoder_load, lamb_max_grad_norm=args.lamb_max_grad_norm or None,
+                    warmup_lr=args.warmup_lr, min_lr=args.min_lr, progress=not args.no_progress,
+                    checkpoint_every_steps=args.checkpoint_every_steps, dist_timeout_s=args.dist_timeout)
     if summary.get("stopped_by"):
         from .preempt import PREEMPTED_EXIT
 
         return PREEMPTED_EXIT
     return 0
-
 
 
 # ---------------------------------------------------------------------------------------------- eval

@@ -9,9 +9,9 @@ never stopped.
 Under torchrun the signal may reach only some ranks, so they agree at a step boundary
 (`StopRequests.should_stop`): at every boundary each rank posts its flag in an asynchronous
 all-reduce (MAX) over a small gloo group of its own and reads the one it posted at the previous
-boundary, which has long arrived. Every rank therefore sees the same answer at the same step, one
-step after the first signal, and no step waits on the GPU or the network for it (the flag is a CPU
-tensor; a step of the run takes far longer than a one-int all-reduce).
+boundary. Every rank therefore sees the same answer at the same step, one step after the first
+signal. The flag is a CPU tensor, so no device synchronisation is added; the wait is for an all-reduce
+issued a whole step earlier (its cost on a GPU run is not measured yet).
 
 A second signal changes nothing: it is often the same warning again (SLURM signals every process of
 the job, and a sweep passes it on to its run as well), and the stop is already under way. Ctrl-C

@@ -86,9 +86,9 @@ class _Run:
     step: int
     history: list
     classes: list | None
-    lock: OutputLock | None
     start_epoch_step: int = 0  # optimizer steps of start_epoch already done (a mid-epoch checkpoint)
     partial: dict | None = None  # that epoch's running loss sums and train time, from the checkpoint
+    checkpoint_at: str | None = None  # where the latest checkpoint of out/ falls (`_checkpoint_at`), once known
 
 
 def train(
@@ -152,16 +152,19 @@ def train(
         raise FastRSBError(f"--hw-decoder-load {hw_decoder_load}: give a share of JPEGs between 0 and 1 (default 1.0)")
     if stop_after_epochs is not None and stop_after_epochs < 1:
         raise FastRSBError(f"stop_after_epochs {stop_after_epochs}: give at least 1")
-    if checkpoint_every_steps is not None and (not isinstance(checkpoint_every_steps, int) or checkpoint_every_steps < 1):
+    every = checkpoint_every_steps
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
         raise FastRSBError(f"--checkpoint-every-steps {checkpoint_every_steps!r}: give a whole number of at least 1")
-    if isinstance(resume, str) and resume == "auto":
+    if resume == "auto":
         resume = (Path(out_dir) / CHECKPOINT).is_file()
     dist_info = setup_distributed(device, timeout_s=dist_timeout_s)
-    run = None
+    run, lock = None, None
     try:
+        ckpt_path = _start_point(Path(out_dir), resume)  # before the lock, which makes the folder
+        lock = _lock_run_folder(Path(out_dir), dist_info)  # held for the whole run
         run = _build(recipe, data, loader_backend, model_name or recipe.model, Path(out_dir), dist_info,
-                     batch_per_gpu=batch_per_gpu, precision=precision, compile_mode=compile_mode, resume=resume,
-                     seed=seed, num_workers=num_workers, hw_decoder_load=hw_decoder_load,
+                     ckpt_path, batch_per_gpu=batch_per_gpu, precision=precision, compile_mode=compile_mode,
+                     resume=resume, seed=seed, num_workers=num_workers, hw_decoder_load=hw_decoder_load,
                      lamb_max_grad_norm=lamb_max_grad_norm,
                      warmup_lr=warmup_lr, min_lr=min_lr, make_loader=make_loader, make_augment=make_augment,
                      normalize=normalize)
@@ -170,56 +173,44 @@ def train(
                      progress=progress, min_lr=min_lr, warmup_lr=warmup_lr,
                      checkpoint_every_steps=checkpoint_every_steps)
     except RuntimeError as e:
-        if dist_info.enabled and _is_collective_failure(e):
-            raise FastRSBError(_lost_contact(e, dist_info, Path(out_dir))) from None
+        # NCCL raises DistError; gloo a RuntimeError from its transport (its source path in the message)
+        if dist_info.enabled and (isinstance(e, dist.DistError) or "gloo" in str(e).lower()):
+            raise FastRSBError(_lost_contact(e, dist_info, Path(out_dir), run)) from None
         raise
     finally:
-        if run is not None and run.lock is not None:
-            run.lock.release()
+        if lock is not None:
+            lock.release()
         dist_info.close()
 
 
-def _is_collective_failure(e: BaseException) -> bool:
-    text = str(e).lower()
-    return isinstance(e, dist.DistError) or any(w in text for w in ("gloo", "nccl", "connection", "timed out",
-                                                                      "timeout", "peer"))
-
-
-def _lost_contact(e: BaseException, dist_info: DistInfo, out: Path) -> str:
+def _lost_contact(e: BaseException, dist_info: DistInfo, out: Path, run: _Run | None) -> str:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     ckpt = out / CHECKPOINT
-    where = "no checkpoint was written yet: relaunch without --resume (or with --auto-resume)"
-    if ckpt.is_file():
-        try:
-            saved = torch.load(ckpt, map_location="cpu", weights_only=True)
-            at = f"epoch {saved['epoch'] + 1}, step {saved['step']}" if saved.get("epoch_step") else \
-                f"after epoch {saved['epoch']}, step {saved['step']}"
-        except Exception:  # noqa: BLE001 - the message must come out whatever the file holds
-            at = "unreadable"
-        where = f"the last checkpoint is {ckpt} ({at}): relaunch the same command with --resume (or --auto-resume)"
+    if not ckpt.is_file():
+        where = "no checkpoint was written yet: relaunch without --resume (or with --auto-resume)"
+    else:
+        at = f" ({run.checkpoint_at})" if run is not None and run.checkpoint_at else ""
+        where = f"the last checkpoint is {ckpt}{at}: relaunch the same command with --resume (or --auto-resume)"
     return (f"process {dist_info.rank} of {dist_info.world_size} lost contact with the others ({first[:200]}): "
             f"another process died or hung (out of memory, an NCCL error, a lost node; see its output); {where}")
 
 
-def _build(recipe, data, loader_backend, model_name, out, dist_info, *, batch_per_gpu, precision, compile_mode,
-           resume, seed, num_workers, hw_decoder_load, lamb_max_grad_norm, warmup_lr, min_lr, make_loader,
-           make_augment, normalize) -> _Run:
-    # --- where we start from
+def _checkpoint_at(epoch: int, step: int, epoch_step: int) -> str:
+    """Where a checkpoint falls, in words (`epoch` and `epoch_step` as stored: see fastrsb/checkpoint.py)."""
+    return f"epoch {epoch + 1}, step {step}" if epoch_step else f"after epoch {epoch}, step {step}"
+
+
+def _start_point(out: Path, resume) -> Path:
+    """The checkpoint a run resumes from (`resume`: True, or a path), refusing a missing one, and a new
+    run into a folder that already holds one."""
     ckpt_path = Path(resume) if isinstance(resume, (str, os.PathLike)) else out / CHECKPOINT
     if resume:
         if not ckpt_path.is_file():
             raise FastRSBError(f"--resume: no checkpoint at {ckpt_path}")
-    lock = _lock_run_folder(out, dist_info)
-    try:
-        return _build_locked(recipe, data, loader_backend, model_name, out, dist_info, ckpt_path, lock,
-                             batch_per_gpu=batch_per_gpu, precision=precision, compile_mode=compile_mode,
-                             resume=resume, seed=seed, num_workers=num_workers, hw_decoder_load=hw_decoder_load,
-                             lamb_max_grad_norm=lamb_max_grad_norm, warmup_lr=warmup_lr, min_lr=min_lr,
-                             make_loader=make_loader, make_augment=make_augment, normalize=normalize)
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        raise
+    elif (out / CHECKPOINT).exists() or (out / FINAL_WEIGHTS).exists():
+        raise FastRSBError(f"{out} already holds a run (checkpoint.pt or model.pt); pass --resume to continue "
+                           f"it, or choose another --out")
+    return ckpt_path
 
 
 def _lock_run_folder(out: Path, dist_info: DistInfo) -> OutputLock | None:
@@ -241,14 +232,11 @@ def _lock_run_folder(out: Path, dist_info: DistInfo) -> OutputLock | None:
     return lock
 
 
-def _build_locked(recipe, data, loader_backend, model_name, out, dist_info, ckpt_path, lock, *, batch_per_gpu,
-                  precision, compile_mode, resume, seed, num_workers, hw_decoder_load, lamb_max_grad_norm,
-                  warmup_lr, min_lr, make_loader, make_augment, normalize) -> _Run:
+def _build(recipe, data, loader_backend, model_name, out, dist_info, ckpt_path, *, batch_per_gpu, precision,
+           compile_mode, resume, seed, num_workers, hw_decoder_load, lamb_max_grad_norm, warmup_lr, min_lr, make_loader,
+           make_augment, normalize) -> _Run:
     device, rank, world_size = dist_info.device, dist_info.rank, dist_info.world_size
     say = dist_info.say
-    if not resume and ((out / CHECKPOINT).exists() or (out / FINAL_WEIGHTS).exists()):
-        raise FastRSBError(f"{out} already holds a run (checkpoint.pt or model.pt); pass --resume to continue "
-                           f"it, or choose another --out")
 
     # --- precision, compilation, batch layout
     precision = resolve_precision(precision, device, recipe.mixed_precision)
@@ -352,9 +340,8 @@ def _build_locked(recipe, data, loader_backend, model_name, out, dist_info, ckpt
                 f"from the seed, so the continuation is equivalent but not identical")
             seed_everything(seed + 7919 * start_epoch + rank)
             augment_generator.manual_seed(seed * 1_000_003 + 7919 * start_epoch + rank + 1)
-        say(f"  resumed from {ckpt_path}: " + (f"epoch {start_epoch + 1}, its step {start_epoch_step} of "
-                                                 f"{steps_per_epoch} (step {step})" if start_epoch_step else
-                                                 f"after epoch {start_epoch}, step {step}"))
+        say(f"  resumed from {ckpt_path}: {_checkpoint_at(start_epoch, step, start_epoch_step)}"
+            + (f" (its step {start_epoch_step} of {steps_per_epoch})" if start_epoch_step else ""))
         del ckpt
         if dist_info.is_main:
             _truncate_log(out / "log.jsonl", step)
@@ -372,7 +359,8 @@ def _build_locked(recipe, data, loader_backend, model_name, out, dist_info, ckpt
             indent=2, default=str) + "\n")
     return _Run(recipe, model_name, out, dist_info, layout, precision, train_loader, val_loader, augment,
                 augment_generator, normalize, model, ema, step_fn, base_lr, steps_per_epoch, total_steps,
-                warmup_steps, start_epoch, step, history, classes, lock, start_epoch_step, partial)
+                warmup_steps, start_epoch, step, history, classes, start_epoch_step, partial,
+                _checkpoint_at(start_epoch, step, start_epoch_step) if resume else None)
 
 
 def _loop(run: _Run, last_epoch: int, *, eval_every_epochs: int, log_every_steps: int, progress: bool,
@@ -419,10 +407,8 @@ def _steps(run: _Run, last_epoch: int, stops: StopRequests, *, eval_every_epochs
         # the epochs' loaders chained: the next epoch is opened when its first batch is prefetched
         for epoch in range(run.start_epoch, last_epoch):
             start = skipped if epoch == run.start_epoch else 0
-            if start:  # the plan is a pure function of (seed, epoch): the batches before are not read
-                run.train_loader.set_epoch(epoch, res=res_of(epoch), start_batch=start)
-            else:
-                run.train_loader.set_epoch(epoch, res=res_of(epoch))
+            # the plan is a pure function of (seed, epoch): the batches before `start` are not read
+            run.train_loader.set_epoch(epoch, res=res_of(epoch), start_batch=start)
             epoch_batches = iter(run.train_loader)
             for _ in range(draws_per_epoch - start):
                 yield next(epoch_batches)
@@ -485,7 +471,7 @@ def _steps(run: _Run, last_epoch: int, stops: StopRequests, *, eval_every_epochs
         bar.close()
         images_seen += (epoch_step - first) * images_per_step  # by this process (a resumed epoch: since then)
         if stopped_by is not None and epoch_step < run.steps_per_epoch:
-            train_time_s += partial["epoch_train_s"] - train_before
+            train_time_s += timer.stop()  # sync: the run is stopping
             say(f"stopped by {stopped_by} at step {epoch_step} of epoch {epoch + 1} (step {step}); checkpoint "
                 f"written to {run.out / CHECKPOINT}: rerun with --resume to continue")
             break
@@ -566,6 +552,7 @@ def _save_checkpoint(run: _Run, epoch: int, step: int, augment_state: torch.Tens
             "rng": rng, "recipe": run.recipe.to_dict(), "model_name": run.model_name,
             "num_classes": run.train_loader.num_classes, "classes": run.classes, "history": run.history,
         }, run.out / CHECKPOINT)
+    run.checkpoint_at = _checkpoint_at(epoch, step, epoch_step)
 
 
 def loader_reserve(backend: str, recipe: Recipe, num_workers: int | None, data=None):

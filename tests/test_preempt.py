@@ -18,7 +18,8 @@ from fastrsb.cli import main as fastrsb_main
 from fastrsb.errors import FastRSBError
 from fastrsb.lock import LOCK_NAME, FolderInUse, OutputLock
 from fastrsb.train import train
-from test_train import MEMORY, _assert_same_weights, _free_port, _state, make_memory_augment, real_recipe, tiny_recipe
+from test_train import (MEMORY, _assert_same_weights, _free_port, _state, demo_data,  # noqa: F401 (a fixture)
+                        make_memory_augment, real_recipe, tiny_recipe)
 
 TIMING = ("img_per_s", "train_time_s", "time_s", "wall_time_s")
 
@@ -128,17 +129,7 @@ def test_checkpoint_every_steps_writes_mid_epoch_checkpoints(tmp_path):
         train(recipe, "unused", "memory", out_dir=tmp_path / "other", checkpoint_every_steps=0, **kw)
 
 
-# ---------------------------------------------------------------------- every backend, real augmentation
-
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("preempt")
-    assert fastrsb_main(["demo-data", str(root / "src"), "--classes", "4", "--train-per-class", "30",
-                         "--val-per-class", "5", "--max-size", "64", "--min-size", "48"]) == 0
-    assert fastrsb_main(["convert", str(root / "src"), str(root / "data"), "--format", "beton,dali",
-                         "--no-progress", "--workers", "1"]) == 0
-    return root / "data"
-
+# ------------------------------------------- every backend, real augmentation (test_train's demo_data)
 
 @pytest.mark.parametrize("backend,accum,repeats", [("pil", 2, 3), ("pil", 1, 0), ("dali", 2, 3), ("dali", 1, 0),
                                                    ("ffcv", 2, 3)])
