@@ -40,6 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import kernels
+
 LEVEL_DENOM = 10.0  # timm's magnitude scale: 0..10
 TIMM_FILL = (124, 116, 104)  # timm's create_transform: img_mean, the ImageNet mean as uint8
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "random")
@@ -132,6 +134,7 @@ def device_constants(device: torch.device, height: int, width: int, fill: Sequen
             "centre_y": (torch.arange(height, dtype=torch.float64) + 0.5).view(1, height, 1).to(device),
             "smooth": smooth.expand(3, 1, 3, 3).contiguous().to(device),
             "zero": torch.zeros((), dtype=torch.float32).to(device),
+            "no_image": torch.zeros((1,), dtype=torch.bool).to(device),  # `cubic` where one interpolation serves all
             "gray_weights": torch.tensor([19595, 38470, 7471], dtype=torch.int32).view(1, 3, 1, 1).to(device),
             "fill_u8": torch.tensor(fill, dtype=torch.float32).to(torch.uint8).view(1, 1, 1, 3).to(device),
             # column offsets of a row's interpolation taps in the warp's edge-padded rows
@@ -393,7 +396,12 @@ def _grayscale_pil(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 def _histogram(x: torch.Tensor) -> torch.Tensor:
-    """(b, 3, 256) int64 pixel counts per image and channel."""
+    """(b, 3, 256) int64 pixel counts per image and channel (one kernel: `histogram_reference` in torch ops)."""
+    return kernels.histogram(x).long()
+
+
+def histogram_reference(x: torch.Tensor) -> torch.Tensor:
+    """The definition of `kernels.histogram` in torch ops (the tests' oracle), as int64."""
     b, c, h, w = x.shape
     flat = x.reshape(b * c, h * w).long()
     # scatter, not bincount (bincount syncs on CUDA); int32 counts (exact: h * w < 2**31) and a
@@ -424,8 +432,9 @@ def _equalize_lut(hist: torch.Tensor, levels: torch.Tensor, pixels: int) -> torc
     return torch.where((step > 0) & (distinct > 1), lut.clamp(max=255), levels).to(torch.uint8)
 
 
-def _apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
-    """Per-(image, channel) lookup: lut is (b, 3, 256) uint8. One uint8 gather with int32 indices
+def apply_lut_reference(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """The definition of `kernels.apply_lut` (which the layer runs: one kernel, uint8 in and out) in torch
+    ops, and the tests' oracle. Per-(image, channel) lookup: lut is (b, 3, 256) uint8. One uint8 gather with int32 indices
     (uint8 pixel + int32 table offset: one op, no int64 copy), in x's memory order (a channels_last
     batch stays so)."""
     b, c, h, w = x.shape
@@ -483,7 +492,16 @@ def _lut_stage(x, cols, stages: Stages, consts, hist_cap: int):
         lut = lut.contiguous()
         keep = (picked_kind == LUT_AUTOCONTRAST) | (picked_kind == LUT_EQUALIZE)
         lut = _put_back(lut, index, keep, own, lut.index_select(0, index))
-    return _apply_lut(x, lut)
+    return kernels.apply_lut(x, lut)
+
+
+def enhance_reference(x: torch.Tensor, kind: torch.Tensor, factor: torch.Tensor, consts: dict) -> torch.Tensor:
+    """The definition of `kernels.enhance` in torch ops (the tests' oracle): each uint8 image blended with
+    its grey self (kind BLEND_COLOR) or its SMOOTH-filtered self (BLEND_SHARPNESS) at its float32 factor."""
+    kind = _col(kind)
+    degenerate = torch.where(kind == BLEND_SHARPNESS, _smooth_pil(x, consts["smooth"]), x)
+    degenerate = torch.where(kind == BLEND_COLOR, _grayscale_pil(x, consts["gray_weights"]), degenerate)
+    return _blend(degenerate, x, _col(factor).float())
 
 
 def _smooth_pil(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
@@ -525,10 +543,12 @@ def _one_axis(rows, base, along_x, taps_at, stride: int, dx, dy, flag, interpola
     return interpolate(taps, torch.where(along.view(one, 1, 1, 1), dx, dy), flag)
 
 
-def warp(x: torch.Tensor, mats: torch.Tensor, consts: dict, interpolation: str,
-         bicubic: torch.Tensor | None = None, two_d: int | None = None,
-         along_x: torch.Tensor | None = None) -> torch.Tensor:
-    """PIL's Image.transform(AFFINE) for a batch, one matrix per image (b, 2, 3) float64.
+def warp_reference(x: torch.Tensor, mats: torch.Tensor, consts: dict, interpolation: str,
+                   bicubic: torch.Tensor | None = None, two_d: int | None = None,
+                   along_x: torch.Tensor | None = None) -> torch.Tensor:
+    """PIL's Image.transform(AFFINE) for a batch, one matrix per image (b, 2, 3) float64, in torch ops: the
+    definition of `kernels.warp_affine` (which the layer runs: one kernel, uint8 in and out, the same
+    bytes) and the tests' oracle.
 
     PIL maps each output pixel centre to a source point in double precision, fills the pixel when
     that point lies outside the image, and otherwise interpolates between edge-clamped neighbours
@@ -617,24 +637,24 @@ def apply_layer(x: torch.Tensor, cols: torch.Tensor, stages: Stages, consts: dic
     if stages.color or stages.sharpness:  # Color, Sharpness: on the listed images only
         index, picked_cols = _listed(cols, "blend", blend_cap)
         picked = out.index_select(0, index)  # = x's rows: an image that draws a blend has an identity LUT
-        kind = _col(picked_cols[:, _C["blend"]])
-        degenerate = _smooth_pil(picked, consts["smooth"]) if stages.sharpness else picked
-        if stages.color:
-            degenerate = torch.where(kind == BLEND_COLOR, _grayscale_pil(picked, consts["gray_weights"]), degenerate)
-        blended = _blend(degenerate, picked, _col(picked_cols[:, _C["factor"]]).float())
+        kind = picked_cols[:, _C["blend"]]
+        # one kernel: each image blended with its grey (Color) or smoothed (Sharpness) self, as
+        # `enhance_reference` defines it
+        blended = kernels.enhance(picked, kind.to(torch.int8), picked_cols[:, _C["factor"]].float())
         out = _put_back(out, index, kind != BLEND_NONE, blended, picked)
     if stages.warp:  # geometric ops: on the listed images only (an image with a geometric op has an identity LUT)
         index, picked_cols = _listed(cols, "warp", warp_cap)
         picked = out.index_select(0, index)
         mats = picked_cols[:, _C["a00"]:_C["a12"] + 1].reshape(-1, 2, 3)
         bicubic = picked_cols[:, _C["bicubic"]] > 0.5 if interpolation == "random" else None
-        # the images that need the 2-d warp are listed first; the rest move along one axis (or are pad
-        # rows that `stage_indices` made exact there); the 1-d part runs on no image when the 2-d part
-        # takes every row, so the kernels are the same for every batch size and draw
-        two_d = warp_2d_capacity(stages.warp_2d_p, x.shape[0], warp_cap)
+        # one kernel: each image's map says whether it needs the 2-d interpolation (Rotate) or the 1-d one
+        # along the axis its pixels move (Shear, Translate), which gives the same bytes from a quarter of the taps
         geometric = picked_cols[:, _C["geometric"]]
-        warped = warp(picked, mats, consts, interpolation, bicubic, two_d,
-                      geometric.narrow(0, two_d, warp_cap - two_d) == GEOM_X)
+        axes = torch.where(geometric == GEOM_X, kernels.AXIS_X, torch.where(geometric == GEOM_Y, kernels.AXIS_Y,
+                                                                             kernels.AXIS_2D)).to(torch.int8)
+        cubic = bicubic if bicubic is not None else consts["no_image"].expand(picked.shape[0])
+        warped = kernels.warp_affine(picked, mats.reshape(-1, 6), cubic, axes, consts["fill_u8"].view(3),
+                                     kernels.MODES[interpolation])
         out = _put_back(out, index, geometric > 0.5, warped, picked)
     return out
 

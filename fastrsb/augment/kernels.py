@@ -1,0 +1,574 @@
+"""Fused kernels for RandAugment's two pixel-heavy steps: the affine warp and the per-image lookup table.
+
+Written out as eager torch ops (`ops.warp_reference`, `ops.apply_lut_reference`, which stay the readable
+definitions and the tests' oracles), the warp materialises a float32 copy of every tap and every
+partial sum: about two thirds of the augmentation's 29 MiB per image at batch 512 (`fastrsb bench aug`,
+benchmarks/results/cpu-2core-aug-11aa6ab-2026-12-03.jsonl). Here each step is one kernel that reads
+uint8 pixels and writes uint8 pixels, and does the same arithmetic in the same order and precision:
+float64 source coordinates, float32 interpolation, clamp and truncation (PIL's `Geometry.c`), so
+its bytes equal the reference's bit for bit (tests/test_kernels.py).
+
+Each step is a torch custom op (`torch.library.custom_op`), so eager calls, `torch.compile` and the
+traffic trace all see one op with uint8 inputs and outputs:
+  * CPU: numba, compiled once and cached on disk, run over row blocks in torch's intra-op thread
+    count (numba's own threading layer is not used: it warns when a process forks after it ran);
+  * CUDA: Triton, one program per image and block of pixels, with floating-point contraction off
+    (`enable_fp_fusion=False`), since a fused multiply-add rounds once where PIL rounds twice.
+"""
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from torch import Tensor
+
+NEAREST, BILINEAR, BICUBIC, RANDOM = range(4)  # the warp's `interpolation`
+MODES = {"nearest": NEAREST, "bilinear": BILINEAR, "bicubic": BICUBIC, "random": RANDOM}
+AXIS_2D, AXIS_X, AXIS_Y = range(3)  # a map that moves pixels along both axes, x only, y only
+
+
+# ---------------------------------------------------------------------------------------------- CPU
+
+try:
+    import numba
+except ImportError:  # numba comes with fastrsb's requirements; say so when a kernel is first needed
+    numba = None
+
+
+def _njit(**options):
+    """numba.njit (nogil, cached on disk) where numba is installed; else a function that says what is missing."""
+    def wrap(fn):
+        if numba is not None:
+            return numba.njit(nogil=True, cache=True, **options)(fn)
+
+        def missing(*args, **kwargs):
+            raise ImportError("fastrsb's CPU augmentation kernels need numba: pip install numba")
+        return missing
+    return wrap
+
+
+@_njit(inline="always")
+def _interp(v1, v2, v3, v4, d, cubic):
+    """PIL's BICUBIC (a = -1) and BILINEAR macros in float32, each operation rounded as in the reference."""
+    if cubic:
+        two = np.float32(2.0)
+        p3 = two * (v1 - v2) + v3 - v4
+        p4 = v2 - v1 - v3 + v4
+        return v2 + d * ((v3 - v1) + d * (p3 + d * p4))
+    return v2 + d * (v3 - v2)
+
+
+@_njit(inline="always")
+def _clamp(v, hi):
+    return 0 if v < 0 else (hi if v > hi else v)
+
+
+@_njit(inline="always")
+def _to_u8(v):
+    return np.uint8(0.0 if v < 0.0 else (255.0 if v > 255.0 else v))  # clamp, then truncate
+
+
+@_njit()
+def _warp_rows(src, mats, cubic_flags, axes, fill, nearest, out, start, stop):
+    _, h, w, c = src.shape
+    for t in range(start, stop):  # (image, output row) pairs
+        i = t // h
+        y = t - i * h
+        a0, a1, a2, a3, a4, a5 = mats[i, 0], mats[i, 1], mats[i, 2], mats[i, 3], mats[i, 4], mats[i, 5]
+        cubic = cubic_flags[i]
+        axis = axes[i]
+        cy = y + 0.5
+        for x in range(w):
+            cx = x + 0.5
+            sx = a0 * cx + a1 * cy + a2 - 0.5
+            sy = a3 * cx + a4 * cy + a5 - 0.5
+            if not (sx >= -0.5 and sy >= -0.5 and sx < w - 0.5 and sy < h - 0.5):
+                for ch in range(c):
+                    out[i, y, x, ch] = fill[ch]
+                continue
+            if nearest:
+                px = _clamp(int(math.floor(sx + 0.5)), w - 1)
+                py = _clamp(int(math.floor(sy + 0.5)), h - 1)
+                for ch in range(c):
+                    out[i, y, x, ch] = src[i, py, px, ch]
+                continue
+            fx = math.floor(sx)
+            fy = math.floor(sy)
+            dx = np.float32(sx - fx)
+            dy = np.float32(sy - fy)
+            ix = int(fx)
+            iy = int(fy)
+            x0, x1, x2, x3 = _clamp(ix - 1, w - 1), _clamp(ix, w - 1), _clamp(ix + 1, w - 1), _clamp(ix + 2, w - 1)
+            y0, y1, y2, y3 = _clamp(iy - 1, h - 1), _clamp(iy, h - 1), _clamp(iy + 1, h - 1), _clamp(iy + 2, h - 1)
+            for ch in range(c):
+                if axis == 1:  # along x in the row the map keeps (the 2-d result, bit for bit: dy is 0)
+                    v = _interp(np.float32(src[i, y1, x0, ch]), np.float32(src[i, y1, x1, ch]),
+                                np.float32(src[i, y1, x2, ch]), np.float32(src[i, y1, x3, ch]), dx, cubic)
+                elif axis == 2:  # along y
+                    v = _interp(np.float32(src[i, y0, x1, ch]), np.float32(src[i, y1, x1, ch]),
+                                np.float32(src[i, y2, x1, ch]), np.float32(src[i, y3, x1, ch]), dy, cubic)
+                else:
+                    r0 = _interp(np.float32(src[i, y0, x0, ch]), np.float32(src[i, y0, x1, ch]),
+                                 np.float32(src[i, y0, x2, ch]), np.float32(src[i, y0, x3, ch]), dx, cubic)
+                    r1 = _interp(np.float32(src[i, y1, x0, ch]), np.float32(src[i, y1, x1, ch]),
+                                 np.float32(src[i, y1, x2, ch]), np.float32(src[i, y1, x3, ch]), dx, cubic)
+                    r2 = _interp(np.float32(src[i, y2, x0, ch]), np.float32(src[i, y2, x1, ch]),
+                                 np.float32(src[i, y2, x2, ch]), np.float32(src[i, y2, x3, ch]), dx, cubic)
+                    r3 = _interp(np.float32(src[i, y3, x0, ch]), np.float32(src[i, y3, x1, ch]),
+                                 np.float32(src[i, y3, x2, ch]), np.float32(src[i, y3, x3, ch]), dx, cubic)
+                    v = _interp(r0, r1, r2, r3, dy, cubic)
+                out[i, y, x, ch] = _to_u8(v)
+
+
+@_njit()
+def _lut_rows(src, lut, out, start, stop):
+    _, h, w, c = src.shape
+    for t in range(start, stop):
+        i = t // h
+        y = t - i * h
+        for x in range(w):
+            for ch in range(c):
+                out[i, y, x, ch] = lut[i, ch, src[i, y, x, ch]]
+
+
+@_njit()
+def _hist_rows(src, hist, start, stop):
+    _, h, w, c = src.shape
+    for i in range(start, stop):  # whole images: each owns its counts
+        for y in range(h):
+            for x in range(w):
+                for ch in range(c):
+                    hist[i, ch, src[i, y, x, ch]] += 1
+
+
+@_njit(inline="always")
+def _gray(src, i, y, x):
+    # PIL's RGB -> L: ITU-R 601-2 luma in 16-bit fixed point, rounded
+    return (np.int32(src[i, y, x, 0]) * 19595 + np.int32(src[i, y, x, 1]) * 38470
+            + np.int32(src[i, y, x, 2]) * 7471 + 0x8000) >> 16
+
+
+@_njit()
+def _enhance_rows(src, kinds, factors, out, start, stop):
+    _, h, w, c = src.shape
+    thirteen = np.float32(13.0)
+    half = np.float32(0.5)
+    for t in range(start, stop):
+        i = t // h
+        y = t - i * h
+        kind = kinds[i]
+        f = factors[i]
+        for x in range(w):
+            g = _gray(src, i, y, x) if kind == 1 else 0
+            for ch in range(c):
+                v = np.int32(src[i, y, x, ch])
+                if kind == 1:  # Color: a blend with the grey image
+                    deg = g
+                elif kind == 2 and 0 < y < h - 1 and 0 < x < w - 1:  # Sharpness: with PIL's SMOOTH filter
+                    total = np.int32(0)
+                    for yy in range(y - 1, y + 2):
+                        for xx in range(x - 1, x + 2):
+                            total += np.int32(src[i, yy, xx, ch])
+                    total += 4 * v  # the centre weighs 5
+                    smooth = math.floor(np.float32(total) / thirteen + half)
+                    deg = np.int32(0 if smooth < 0 else (255 if smooth > 255 else smooth))
+                else:  # the border keeps its pixels (and an image without a blend stays as it is)
+                    deg = v
+                d = np.float32(deg)
+                # PIL's blend: deg + f (x - deg), the product and the sum each rounded to float32
+                product = f * np.float32(v - deg)
+                out[i, y, x, ch] = _to_u8(product + d)
+
+
+_POOL: dict = {}
+
+
+def _run_rows(kernel, rows: int, *args, min_rows: int = 64) -> None:
+    """kernel(*args, start, stop) over `rows` (image, row) pairs, split across torch's thread count."""
+    threads = max(1, min(torch.get_num_threads(), rows // min_rows or 1))
+    if threads == 1:
+        kernel(*args, 0, rows)
+        return
+    pool = _POOL.get((os.getpid(), threads))
+    if pool is None:  # one pool per process (a forked child makes its own) and thread count
+        pool = _POOL[(os.getpid(), threads)] = ThreadPoolExecutor(threads, thread_name_prefix="fastrsb-aug")
+    bounds = np.linspace(0, rows, threads + 1).astype(int)
+    for f in [pool.submit(kernel, *args, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]:
+        f.result()
+
+
+def _nhwc(t: Tensor) -> np.ndarray:
+    return t.permute(0, 2, 3, 1).numpy()
+
+
+def _warp_cpu(x: Tensor, mats: Tensor, cubic: Tensor, axes: Tensor, fill: Tensor, interpolation: int) -> Tensor:
+    n, c, h, w = x.shape
+    out = torch.empty((n, c, h, w), dtype=torch.uint8, memory_format=torch.channels_last)
+    if n:
+        _run_rows(_warp_rows, n * h, _nhwc(x), mats.numpy(), cubic.numpy(), axes.numpy(),
+                  fill.numpy(), interpolation == NEAREST, _nhwc(out))
+    return out
+
+
+def _lut_cpu(x: Tensor, lut: Tensor) -> Tensor:
+    n, _, h, _ = x.shape
+    out = torch.empty_like(x)  # x's memory format
+    if n:
+        _run_rows(_lut_rows, n * h, _nhwc(x), lut.numpy(), _nhwc(out))
+    return out
+
+
+def _hist_cpu(x: Tensor) -> Tensor:
+    n = x.shape[0]
+    hist = torch.zeros((n, 3, 256), dtype=torch.int32)
+    if n:
+        _run_rows(_hist_rows, n, _nhwc(x), hist.numpy(), min_rows=1)
+    return hist
+
+
+def _enhance_cpu(x: Tensor, kinds: Tensor, factors: Tensor) -> Tensor:
+    n, _, h, _ = x.shape
+    out = torch.empty_like(x)
+    if n:
+        _run_rows(_enhance_rows, n * h, _nhwc(x), kinds.numpy(), factors.numpy(), _nhwc(out))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- CUDA
+
+_TRITON = None
+
+
+def _triton_kernels():
+    global _TRITON
+    if _TRITON is not None:
+        return _TRITON
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def interp(v1, v2, v3, v4, d, cubic):
+        p3 = 2.0 * (v1 - v2) + v3 - v4
+        p4 = v2 - v1 - v3 + v4
+        return tl.where(cubic, v2 + d * ((v3 - v1) + d * (p3 + d * p4)), v2 + d * (v3 - v2))
+
+    @triton.jit
+    def tap(base, yy, xx, s_h, s_w, mask):
+        return tl.load(base + yy * s_h + xx * s_w, mask=mask, other=0).to(tl.float32)
+
+    @triton.jit
+    def warp_kernel(src, out, mats, cubic_flags, fill, h, w, s_n, s_h, s_w, s_c, o_n, o_h, o_w, o_c,
+                    NEAREST_: tl.constexpr, BLOCK: tl.constexpr):
+        # every image gets the 2-d interpolation: for a one-axis map it gives the 1-d result bit for bit
+        i = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        valid = offs < h * w
+        y = offs // w
+        x = offs - y * w
+        a0 = tl.load(mats + i * 6)
+        a1 = tl.load(mats + i * 6 + 1)
+        a2 = tl.load(mats + i * 6 + 2)
+        a3 = tl.load(mats + i * 6 + 3)
+        a4 = tl.load(mats + i * 6 + 4)
+        a5 = tl.load(mats + i * 6 + 5)
+        cx = x.to(tl.float64) + 0.5
+        cy = y.to(tl.float64) + 0.5
+        sx = a0 * cx + a1 * cy + a2 - 0.5
+        sy = a3 * cx + a4 * cy + a5 - 0.5
+        inside = (sx >= -0.5) & (sy >= -0.5) & (sx < w - 0.5) & (sy < h - 0.5)
+        load = valid & inside
+        cubic = tl.load(cubic_flags + i) != 0
+        src_i = src + i * s_n
+        out_i = out + i * o_n + y * o_h + x * o_w
+        if NEAREST_:
+            px = tl.minimum(tl.maximum(tl.floor(sx + 0.5).to(tl.int32), 0), w - 1)
+            py = tl.minimum(tl.maximum(tl.floor(sy + 0.5).to(tl.int32), 0), h - 1)
+            for ch in tl.static_range(3):
+                v = tl.load(src_i + ch * s_c + py * s_h + px * s_w, mask=load, other=0)
+                v = tl.where(inside, v, tl.load(fill + ch))
+                tl.store(out_i + ch * o_c, v, mask=valid)
+        else:
+            fx = tl.floor(sx)
+            fy = tl.floor(sy)
+            dx = (sx - fx).to(tl.float32)
+            dy = (sy - fy).to(tl.float32)
+            ix = fx.to(tl.int32)
+            iy = fy.to(tl.int32)
+            x0 = tl.minimum(tl.maximum(ix - 1, 0), w - 1)
+            x1 = tl.minimum(tl.maximum(ix, 0), w - 1)
+            x2 = tl.minimum(tl.maximum(ix + 1, 0), w - 1)
+            x3 = tl.minimum(tl.maximum(ix + 2, 0), w - 1)
+            y0 = tl.minimum(tl.maximum(iy - 1, 0), h - 1)
+            y1 = tl.minimum(tl.maximum(iy, 0), h - 1)
+            y2 = tl.minimum(tl.maximum(iy + 1, 0), h - 1)
+            y3 = tl.minimum(tl.maximum(iy + 2, 0), h - 1)
+            for ch in tl.static_range(3):
+                base = src_i + ch * s_c
+                r0 = interp(tap(base, y0, x0, s_h, s_w, load), tap(base, y0, x1, s_h, s_w, load),
+                            tap(base, y0, x2, s_h, s_w, load), tap(base, y0, x3, s_h, s_w, load), dx, cubic)
+                r1 = interp(tap(base, y1, x0, s_h, s_w, load), tap(base, y1, x1, s_h, s_w, load),
+                            tap(base, y1, x2, s_h, s_w, load), tap(base, y1, x3, s_h, s_w, load), dx, cubic)
+                r2 = interp(tap(base, y2, x0, s_h, s_w, load), tap(base, y2, x1, s_h, s_w, load),
+                            tap(base, y2, x2, s_h, s_w, load), tap(base, y2, x3, s_h, s_w, load), dx, cubic)
+                r3 = interp(tap(base, y3, x0, s_h, s_w, load), tap(base, y3, x1, s_h, s_w, load),
+                            tap(base, y3, x2, s_h, s_w, load), tap(base, y3, x3, s_h, s_w, load), dx, cubic)
+                v = interp(r0, r1, r2, r3, dy, cubic)
+                v = tl.minimum(tl.maximum(v, 0.0), 255.0).to(tl.uint8)  # clamp, then truncate
+                v = tl.where(inside, v, tl.load(fill + ch))
+                tl.store(out_i + ch * o_c, v, mask=valid)
+
+    @triton.jit
+    def lut_kernel(src, lut, out, h, w, s_n, s_h, s_w, s_c, o_n, o_h, o_w, o_c, BLOCK: tl.constexpr):
+        i = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        valid = offs < h * w
+        y = offs // w
+        x = offs - y * w
+        for ch in tl.static_range(3):
+            v = tl.load(src + i * s_n + ch * s_c + y * s_h + x * s_w, mask=valid, other=0).to(tl.int32)
+            mapped = tl.load(lut + (i * 3 + ch) * 256 + v, mask=valid, other=0)
+            tl.store(out + i * o_n + ch * o_c + y * o_h + x * o_w, mapped, mask=valid)
+
+    @triton.jit
+    def hist_kernel(src, hist, h, w, s_n, s_h, s_w, s_c, BLOCK: tl.constexpr):
+        i = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        valid = offs < h * w
+        y = offs // w
+        x = offs - y * w
+        for ch in tl.static_range(3):
+            v = tl.load(src + i * s_n + ch * s_c + y * s_h + x * s_w, mask=valid, other=0).to(tl.int32)
+            tl.atomic_add(hist + (i * 3 + ch) * 256 + v, 1, mask=valid)
+
+    @triton.jit
+    def enhance_kernel(src, kinds, factors, out, h, w, s_n, s_h, s_w, s_c, o_n, o_h, o_w, o_c,
+                       BLOCK: tl.constexpr):
+        i = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        valid = offs < h * w
+        y = offs // w
+        x = offs - y * w
+        kind = tl.load(kinds + i).to(tl.int32)
+        f = tl.load(factors + i)
+        src_i = src + i * s_n
+        r = tl.load(src_i + y * s_h + x * s_w, mask=valid, other=0).to(tl.int32)
+        g = tl.load(src_i + s_c + y * s_h + x * s_w, mask=valid, other=0).to(tl.int32)
+        b = tl.load(src_i + 2 * s_c + y * s_h + x * s_w, mask=valid, other=0).to(tl.int32)
+        gray = (r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16
+        interior = (y > 0) & (y < h - 1) & (x > 0) & (x < w - 1)
+        for ch in tl.static_range(3):
+            base = src_i + ch * s_c
+            v = tl.load(base + y * s_h + x * s_w, mask=valid, other=0).to(tl.int32)
+            near = valid & interior & (kind == 2)
+            total = 4 * v
+            for dy in tl.static_range(3):
+                for dx in tl.static_range(3):
+                    total += tl.load(base + (y + dy - 1) * s_h + (x + dx - 1) * s_w, mask=near, other=0).to(tl.int32)
+            smooth = tl.floor(total.to(tl.float32) / 13.0 + 0.5)
+            smooth = tl.minimum(tl.maximum(smooth, 0.0), 255.0).to(tl.int32)
+            deg = tl.where(kind == 1, gray, tl.where(near, smooth, v))
+            d = deg.to(tl.float32)
+            product = f * (v - deg).to(tl.float32)
+            mixed = tl.minimum(tl.maximum(product + d, 0.0), 255.0).to(tl.uint8)
+            tl.store(out + i * o_n + ch * o_c + y * o_h + x * o_w, mixed, mask=valid)
+
+    _TRITON = {"warp": warp_kernel, "lut": lut_kernel, "hist": hist_kernel, "enhance": enhance_kernel,
+               "cdiv": triton.cdiv}
+    return _TRITON
+
+
+BLOCK = 256
+
+
+def _launch_warp(x: Tensor, mats: Tensor, cubic: Tensor, fill: Tensor, interpolation: int) -> Tensor:
+    n, c, h, w = x.shape
+    out = torch.empty((n, c, h, w), dtype=torch.uint8, device=x.device, memory_format=torch.channels_last)
+    if n:
+        k = _triton_kernels()
+        k["warp"][(n, k["cdiv"](h * w, BLOCK))](
+            x, out, mats.contiguous(), cubic.contiguous(), fill.contiguous(), h, w, *x.stride(), *_nchw_strides(out),
+            NEAREST_=interpolation == NEAREST, BLOCK=BLOCK, enable_fp_fusion=False)
+    return out
+
+
+def _launch_lut(x: Tensor, lut: Tensor) -> Tensor:
+    n, c, h, w = x.shape
+    out = torch.empty_like(x)
+    if n:
+        k = _triton_kernels()
+        k["lut"][(n, k["cdiv"](h * w, BLOCK))](x, lut.contiguous(), out, h, w, *_nchw_strides(x),
+                                               *_nchw_strides(out), BLOCK=BLOCK)
+    return out
+
+
+def _launch_hist(x: Tensor) -> Tensor:
+    n, _, h, w = x.shape
+    hist = torch.zeros((n, 3, 256), dtype=torch.int32, device=x.device)
+    if n:
+        k = _triton_kernels()
+        k["hist"][(n, k["cdiv"](h * w, BLOCK))](x, hist, h, w, *_nchw_strides(x), BLOCK=BLOCK)
+    return hist
+
+
+def _launch_enhance(x: Tensor, kinds: Tensor, factors: Tensor) -> Tensor:
+    n, _, h, w = x.shape
+    out = torch.empty_like(x)
+    if n:
+        k = _triton_kernels()
+        k["enhance"][(n, k["cdiv"](h * w, BLOCK))](x, kinds.contiguous(), factors.contiguous(), out, h, w,
+                                                   *_nchw_strides(x), *_nchw_strides(out), BLOCK=BLOCK,
+                                                   enable_fp_fusion=False)
+    return out
+
+
+def _nchw_strides(t: Tensor) -> tuple[int, int, int, int]:
+    """(image, row, column, channel) strides in elements of an NCHW tensor."""
+    s_n, s_c, s_h, s_w = t.stride()
+    return s_n, s_h, s_w, s_c
+
+
+# ---------------------------------------------------------------------------------------------- the ops
+
+def _check_warp(x, mats, cubic, axes, fill):
+    n = x.shape[0]
+    torch._check(x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3, lambda: "warp: uint8 (n, 3, h, w)")
+    torch._check(mats.dtype == torch.float64 and tuple(mats.shape) == (n, 6), lambda: "warp: mats float64 (n, 6)")
+    torch._check(cubic.dtype == torch.bool and tuple(cubic.shape) == (n,), lambda: "warp: cubic bool (n,)")
+    torch._check(axes.dtype == torch.int8 and tuple(axes.shape) == (n,), lambda: "warp: axes int8 (n,)")
+    torch._check(fill.dtype == torch.uint8 and tuple(fill.shape) == (3,), lambda: "warp: fill uint8 (3,)")
+
+
+@torch.library.custom_op("fastrsb::warp_affine", mutates_args=())
+def warp_affine(x: Tensor, mats: Tensor, cubic: Tensor, axes: Tensor, fill: Tensor, interpolation: int) -> Tensor:
+    """PIL's Image.transform(AFFINE) of each uint8 image (n, 3, h, w) by its map `mats` (n, 6) float64
+    (source = A @ (x, y, 1) at pixel centres): `cubic` (n,) bool picks bicubic per image when
+    `interpolation` is RANDOM (BICUBIC: every image, BILINEAR: none; NEAREST ignores it); `axes` (n,)
+    int8 says which maps move pixels along one axis only (AXIS_X, AXIS_Y: the 1-d interpolation, equal
+    bit for bit), `fill` (3,) uint8 is the colour outside the source. -> uint8, channels_last."""
+    raise NotImplementedError(f"fastrsb::warp_affine has no kernel for {x.device.type} tensors (CPU and CUDA only)")
+
+
+@warp_affine.register_fake
+def _(x, mats, cubic, axes, fill, interpolation):
+    _check_warp(x, mats, cubic, axes, fill)
+    return torch.empty(x.shape, dtype=torch.uint8, device=x.device, memory_format=torch.channels_last)
+
+
+@warp_affine.register_kernel("cpu")
+def _(x, mats, cubic, axes, fill, interpolation):
+    _check_warp(x, mats, cubic, axes, fill)
+    if interpolation == BICUBIC:
+        cubic = torch.ones_like(cubic)
+    elif interpolation != RANDOM:
+        cubic = torch.zeros_like(cubic)
+    return _warp_cpu(x, mats, cubic, axes, fill, interpolation)
+
+
+@warp_affine.register_kernel("cuda")
+def _(x, mats, cubic, axes, fill, interpolation):
+    _check_warp(x, mats, cubic, axes, fill)
+    if interpolation == BICUBIC:
+        cubic = torch.ones_like(cubic)
+    elif interpolation != RANDOM:
+        cubic = torch.zeros_like(cubic)
+    return _launch_warp(x, mats, cubic, fill, interpolation)
+
+
+@torch.library.custom_op("fastrsb::apply_lut", mutates_args=())
+def apply_lut(x: Tensor, lut: Tensor) -> Tensor:
+    """out[i, c, y, x] = lut[i, c, x[i, c, y, x]] for uint8 images (n, 3, h, w) and tables (n, 3, 256)
+    uint8; the result has x's memory format."""
+    raise NotImplementedError(f"fastrsb::apply_lut has no kernel for {x.device.type} tensors (CPU and CUDA only)")
+
+
+def _check_lut(x, lut):
+    torch._check(x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3, lambda: "lut: uint8 (n, 3, h, w)")
+    torch._check(lut.dtype == torch.uint8 and tuple(lut.shape) == (x.shape[0], 3, 256),
+                 lambda: "lut: tables uint8 (n, 3, 256)")
+
+
+@apply_lut.register_fake
+def _(x, lut):
+    _check_lut(x, lut)
+    return torch.empty_like(x)
+
+
+@apply_lut.register_kernel("cpu")
+def _(x, lut):
+    _check_lut(x, lut)
+    return _lut_cpu(x, lut.contiguous())
+
+
+@apply_lut.register_kernel("cuda")
+def _(x, lut):
+    _check_lut(x, lut)
+    return _launch_lut(x, lut)
+
+
+@torch.library.custom_op("fastrsb::histogram", mutates_args=())
+def histogram(x: Tensor) -> Tensor:
+    """(n, 3, 256) int32 pixel counts of each uint8 image (n, 3, h, w) and channel."""
+    raise NotImplementedError(f"fastrsb::histogram has no kernel for {x.device.type} tensors (CPU and CUDA only)")
+
+
+def _check_hist(x):
+    torch._check(x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3, lambda: "histogram: uint8 (n, 3, h, w)")
+
+
+@histogram.register_fake
+def _(x):
+    _check_hist(x)
+    return torch.empty((x.shape[0], 3, 256), dtype=torch.int32, device=x.device)
+
+
+@histogram.register_kernel("cpu")
+def _(x):
+    _check_hist(x)
+    return _hist_cpu(x)
+
+
+@histogram.register_kernel("cuda")
+def _(x):
+    _check_hist(x)
+    return _launch_hist(x)
+
+
+ENHANCE_NONE, ENHANCE_COLOR, ENHANCE_SHARPNESS = range(3)
+
+
+@torch.library.custom_op("fastrsb::enhance", mutates_args=())
+def enhance(x: Tensor, kinds: Tensor, factors: Tensor) -> Tensor:
+    """PIL's ImageEnhance.Color (kind 1) and Sharpness (kind 2) of each uint8 image (n, 3, h, w) at its
+    float32 factor: Image.blend(degenerate, image, factor), with the grey image (PIL's fixed-point luma)
+    or the SMOOTH-filtered image (its one-pixel border unfiltered) as the degenerate one; kind 0 keeps
+    the image. `kinds` (n,) int8, `factors` (n,) float32; the result has x's memory format."""
+    raise NotImplementedError(f"fastrsb::enhance has no kernel for {x.device.type} tensors (CPU and CUDA only)")
+
+
+def _check_enhance(x, kinds, factors):
+    n = x.shape[0]
+    torch._check(x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3, lambda: "enhance: uint8 (n, 3, h, w)")
+    torch._check(kinds.dtype == torch.int8 and tuple(kinds.shape) == (n,), lambda: "enhance: kinds int8 (n,)")
+    torch._check(factors.dtype == torch.float32 and tuple(factors.shape) == (n,),
+                 lambda: "enhance: factors float32 (n,)")
+
+
+@enhance.register_fake
+def _(x, kinds, factors):
+    _check_enhance(x, kinds, factors)
+    return torch.empty_like(x)
+
+
+@enhance.register_kernel("cpu")
+def _(x, kinds, factors):
+    _check_enhance(x, kinds, factors)
+    return _enhance_cpu(x, kinds.contiguous(), factors.contiguous())
+
+
+@enhance.register_kernel("cuda")
+def _(x, kinds, factors):
+    _check_enhance(x, kinds, factors)
+    return _launch_enhance(x, kinds, factors)
