@@ -14,7 +14,7 @@ setup(
     package_dir={"fastrsb": "fastrsb", "fastrsb.loaders": "loaders"},
     python_requires=">=3.10",
     # opencv-python: the converter encodes JPEGs exactly as FFCV does (ffcv itself requires it too)
-    install_requires=["torch>=2.1", "torchvision", "timm>=1.0", "numpy", "pillow", "tqdm", "opencv-python"],
+    install_requires=["torch>=2.1", "torchvision", "timm>=1.0", "numpy", "pillow", "tqdm", "opencv-python", "numba"],
     extras_require={
         # FFCV compiles against libturbojpeg and OpenCV: setup.sh installs the Debian packages first.
         "ffcv": ["ffcv>=1.0.2"],

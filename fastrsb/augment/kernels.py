@@ -183,6 +183,47 @@ def _enhance_rows(src, kinds, factors, out, start, stop):
                 out[i, y, x, ch] = _to_u8(product + d)
 
 
+@_njit()
+def _mix_normalize_rows(src, mix, scale, shift, out, bf16, start, stop):
+    n, h, w, c = src.shape
+    row = np.empty(w * c, dtype=np.float32)  # one output row in float32
+    bits = row.view(np.uint32)
+    for t in range(start, stop):
+        i = t // h
+        y = t - i * h
+        j = n - 1 - i  # the partner: the batch flipped
+        lam = np.float64(np.float32(mix[i, 0]))
+        cut = mix[i, 1] > 0.5
+        row_in = mix[i, 2] <= y < mix[i, 3]
+        for x in range(w):
+            if cut:  # the box comes from the partner
+                weight = 0.0 if (row_in and mix[i, 4] <= x < mix[i, 5]) else 1.0
+            else:
+                weight = lam
+            for ch in range(c):
+                start_v = np.float64(src[j, y, x, ch])
+                end_v = np.float64(src[i, y, x, ch])
+                # torch.lerp(partner, image, weight) as its vectorised CPU kernel computes it, one fused
+                # multiply-add: exact in float64 here (small integers times a float32), then rounded once
+                if weight < 0.5:
+                    mixed = np.float32(start_v + weight * (end_v - start_v))
+                else:
+                    mixed = np.float32(end_v + (weight - 1.0) * (end_v - start_v))
+                # torch.addcmul(shift, mixed, scale), also one fused multiply-add (the product is exact in
+                # float64; the sum is rounded to float64, then to float32)
+                row[x * c + ch] = np.float32(np.float64(shift[ch]) + np.float64(mixed) * np.float64(scale[ch]))
+        if bf16:  # float32 -> bfloat16 bits, rounded to nearest even (as torch's .to(torch.bfloat16))
+            for x in range(w):
+                for ch in range(c):
+                    b = bits[x * c + ch]
+                    out[i, y, x, ch] = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1)))
+                                                 >> np.uint32(16))
+        else:
+            for x in range(w):
+                for ch in range(c):
+                    out[i, y, x, ch] = row[x * c + ch]
+
+
 _POOL: dict = {}
 
 
@@ -237,30 +278,47 @@ def _enhance_cpu(x: Tensor, kinds: Tensor, factors: Tensor) -> Tensor:
     return out
 
 
+def _mix_normalize_cpu(x: Tensor, mix: Tensor, scale: Tensor, shift: Tensor, dtype: torch.dtype) -> Tensor:
+    n, c, h, w = x.shape
+    native = dtype in (torch.float32, torch.bfloat16)
+    out = torch.empty((n, c, h, w), dtype=dtype if native else torch.float32, memory_format=torch.channels_last)
+    if n:
+        target = _nhwc(out.view(torch.uint16) if dtype == torch.bfloat16 else out)
+        _run_rows(_mix_normalize_rows, n * h, _nhwc(x), mix.numpy(), scale.numpy(), shift.numpy(), target,
+                  dtype == torch.bfloat16)
+    return out if native else out.to(dtype)
+
+
 # ---------------------------------------------------------------------------------------------- CUDA
 
-_TRITON = None
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU-only torch build: the CPU kernels serve
+    triton = None
 
 
 def _triton_kernels():
-    global _TRITON
-    if _TRITON is not None:
-        return _TRITON
-    import triton
-    import triton.language as tl
+    if triton is None:
+        raise ImportError("fastrsb's CUDA augmentation kernels need triton (it comes with torch's CUDA builds)")
+    return {"warp": _warp_kernel, "lut": _lut_kernel, "hist": _hist_kernel, "enhance": _enhance_kernel,
+            "mix_normalize": _mix_normalize_kernel, "cdiv": triton.cdiv}
+
+
+if triton is not None:
 
     @triton.jit
-    def interp(v1, v2, v3, v4, d, cubic):
+    def _tl_interp(v1, v2, v3, v4, d, cubic):
         p3 = 2.0 * (v1 - v2) + v3 - v4
         p4 = v2 - v1 - v3 + v4
         return tl.where(cubic, v2 + d * ((v3 - v1) + d * (p3 + d * p4)), v2 + d * (v3 - v2))
 
     @triton.jit
-    def tap(base, yy, xx, s_h, s_w, mask):
+    def _tl_tap(base, yy, xx, s_h, s_w, mask):
         return tl.load(base + yy * s_h + xx * s_w, mask=mask, other=0).to(tl.float32)
 
     @triton.jit
-    def warp_kernel(src, out, mats, cubic_flags, fill, h, w, s_n, s_h, s_w, s_c, o_n, o_h, o_w, o_c,
+    def _warp_kernel(src, out, mats, cubic_flags, fill, h, w, s_n, s_h, s_w, s_c, o_n, o_h, o_w, o_c,
                     NEAREST_: tl.constexpr, BLOCK: tl.constexpr):
         # every image gets the 2-d interpolation: for a one-axis map it gives the 1-d result bit for bit
         i = tl.program_id(0)
@@ -307,21 +365,21 @@ def _triton_kernels():
             y3 = tl.minimum(tl.maximum(iy + 2, 0), h - 1)
             for ch in tl.static_range(3):
                 base = src_i + ch * s_c
-                r0 = interp(tap(base, y0, x0, s_h, s_w, load), tap(base, y0, x1, s_h, s_w, load),
-                            tap(base, y0, x2, s_h, s_w, load), tap(base, y0, x3, s_h, s_w, load), dx, cubic)
-                r1 = interp(tap(base, y1, x0, s_h, s_w, load), tap(base, y1, x1, s_h, s_w, load),
-                            tap(base, y1, x2, s_h, s_w, load), tap(base, y1, x3, s_h, s_w, load), dx, cubic)
-                r2 = interp(tap(base, y2, x0, s_h, s_w, load), tap(base, y2, x1, s_h, s_w, load),
-                            tap(base, y2, x2, s_h, s_w, load), tap(base, y2, x3, s_h, s_w, load), dx, cubic)
-                r3 = interp(tap(base, y3, x0, s_h, s_w, load), tap(base, y3, x1, s_h, s_w, load),
-                            tap(base, y3, x2, s_h, s_w, load), tap(base, y3, x3, s_h, s_w, load), dx, cubic)
-                v = interp(r0, r1, r2, r3, dy, cubic)
+                r0 = _tl_interp(_tl_tap(base, y0, x0, s_h, s_w, load), _tl_tap(base, y0, x1, s_h, s_w, load),
+                            _tl_tap(base, y0, x2, s_h, s_w, load), _tl_tap(base, y0, x3, s_h, s_w, load), dx, cubic)
+                r1 = _tl_interp(_tl_tap(base, y1, x0, s_h, s_w, load), _tl_tap(base, y1, x1, s_h, s_w, load),
+                            _tl_tap(base, y1, x2, s_h, s_w, load), _tl_tap(base, y1, x3, s_h, s_w, load), dx, cubic)
+                r2 = _tl_interp(_tl_tap(base, y2, x0, s_h, s_w, load), _tl_tap(base, y2, x1, s_h, s_w, load),
+                            _tl_tap(base, y2, x2, s_h, s_w, load), _tl_tap(base, y2, x3, s_h, s_w, load), dx, cubic)
+                r3 = _tl_interp(_tl_tap(base, y3, x0, s_h, s_w, load), _tl_tap(base, y3, x1, s_h, s_w, load),
+                            _tl_tap(base, y3, x2, s_h, s_w, load), _tl_tap(base, y3, x3, s_h, s_w, load), dx, cubic)
+                v = _tl_interp(r0, r1, r2, r3, dy, cubic)
                 v = tl.minimum(tl.maximum(v, 0.0), 255.0).to(tl.uint8)  # clamp, then truncate
                 v = tl.where(inside, v, tl.load(fill + ch))
                 tl.store(out_i + ch * o_c, v, mask=valid)
 
     @triton.jit
-    def lut_kernel(src, lut, out, h, w, s_n, s_h, s_w, s_c, o_n, o_h, o_w, o_c, BLOCK: tl.constexpr):
+    def _lut_kernel(src, lut, out, h, w, s_n, s_h, s_w, s_c, o_n, o_h, o_w, o_c, BLOCK: tl.constexpr):
         i = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         valid = offs < h * w
@@ -333,7 +391,7 @@ def _triton_kernels():
             tl.store(out + i * o_n + ch * o_c + y * o_h + x * o_w, mapped, mask=valid)
 
     @triton.jit
-    def hist_kernel(src, hist, h, w, s_n, s_h, s_w, s_c, BLOCK: tl.constexpr):
+    def _hist_kernel(src, hist, h, w, s_n, s_h, s_w, s_c, BLOCK: tl.constexpr):
         i = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         valid = offs < h * w
@@ -344,7 +402,7 @@ def _triton_kernels():
             tl.atomic_add(hist + (i * 3 + ch) * 256 + v, 1, mask=valid)
 
     @triton.jit
-    def enhance_kernel(src, kinds, factors, out, h, w, s_n, s_h, s_w, s_c, o_n, o_h, o_w, o_c,
+    def _enhance_kernel(src, kinds, factors, out, h, w, s_n, s_h, s_w, s_c, o_n, o_h, o_w, o_c,
                        BLOCK: tl.constexpr):
         i = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -375,10 +433,30 @@ def _triton_kernels():
             mixed = tl.minimum(tl.maximum(product + d, 0.0), 255.0).to(tl.uint8)
             tl.store(out + i * o_n + ch * o_c + y * o_h + x * o_w, mixed, mask=valid)
 
-    _TRITON = {"warp": warp_kernel, "lut": lut_kernel, "hist": hist_kernel, "enhance": enhance_kernel,
-               "cdiv": triton.cdiv}
-    return _TRITON
 
+    @triton.jit
+    def _mix_normalize_kernel(src, mix, scale, shift, out, n, h, w, s_n, s_h, s_w, s_c, o_n, o_h, o_w, o_c,
+                              BLOCK: tl.constexpr):
+        i = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        valid = offs < h * w
+        y = offs // w
+        x = offs - y * w
+        j = n - 1 - i
+        lam = tl.load(mix + i * 6).to(tl.float32)
+        cut = tl.load(mix + i * 6 + 1) > 0.5
+        yf = y.to(tl.float64)
+        xf = x.to(tl.float64)
+        in_box = (tl.load(mix + i * 6 + 2) <= yf) & (yf < tl.load(mix + i * 6 + 3)) & \
+            (tl.load(mix + i * 6 + 4) <= xf) & (xf < tl.load(mix + i * 6 + 5))
+        weight = tl.where(cut, tl.where(in_box, 0.0, 1.0), lam)
+        for ch in tl.static_range(3):
+            s = tl.load(src + j * s_n + ch * s_c + y * s_h + x * s_w, mask=valid, other=0).to(tl.float32)
+            e = tl.load(src + i * s_n + ch * s_c + y * s_h + x * s_w, mask=valid, other=0).to(tl.float32)
+            # torch.lerp's formula, one fused multiply-add either side of 0.5, then addcmul's
+            mixed = tl.where(weight < 0.5, tl.fma(weight, e - s, s), tl.fma(weight - 1.0, e - s, e))
+            v = tl.fma(mixed, tl.load(scale + ch), tl.load(shift + ch))
+            tl.store(out + i * o_n + ch * o_c + y * o_h + x * o_w, v.to(out.dtype.element_ty), mask=valid)
 
 BLOCK = 256
 
@@ -389,7 +467,7 @@ def _launch_warp(x: Tensor, mats: Tensor, cubic: Tensor, fill: Tensor, interpola
     if n:
         k = _triton_kernels()
         k["warp"][(n, k["cdiv"](h * w, BLOCK))](
-            x, out, mats.contiguous(), cubic.contiguous(), fill.contiguous(), h, w, *x.stride(), *_nchw_strides(out),
+            x, out, mats.contiguous(), cubic.contiguous(), fill.contiguous(), h, w, *_nchw_strides(x), *_nchw_strides(out),
             NEAREST_=interpolation == NEAREST, BLOCK=BLOCK, enable_fp_fusion=False)
     return out
 
@@ -421,6 +499,17 @@ def _launch_enhance(x: Tensor, kinds: Tensor, factors: Tensor) -> Tensor:
         k["enhance"][(n, k["cdiv"](h * w, BLOCK))](x, kinds.contiguous(), factors.contiguous(), out, h, w,
                                                    *_nchw_strides(x), *_nchw_strides(out), BLOCK=BLOCK,
                                                    enable_fp_fusion=False)
+    return out
+
+
+def _launch_mix_normalize(x: Tensor, mix: Tensor, scale: Tensor, shift: Tensor, dtype: torch.dtype) -> Tensor:
+    n, c, h, w = x.shape
+    out = torch.empty((n, c, h, w), dtype=dtype, device=x.device, memory_format=torch.channels_last)
+    if n:
+        k = _triton_kernels()
+        k["mix_normalize"][(n, k["cdiv"](h * w, BLOCK))](
+            x, mix.contiguous(), scale.contiguous(), shift.contiguous(), out, n, h, w, *_nchw_strides(x),
+            *_nchw_strides(out), BLOCK=BLOCK, enable_fp_fusion=False)
     return out
 
 
@@ -572,3 +661,40 @@ def _(x, kinds, factors):
 def _(x, kinds, factors):
     _check_enhance(x, kinds, factors)
     return _launch_enhance(x, kinds, factors)
+
+
+@torch.library.custom_op("fastrsb::mix_normalize", mutates_args=())
+def mix_normalize(x: Tensor, mix: Tensor, scale: Tensor, shift: Tensor, dtype: torch.dtype) -> Tensor:
+    """Mixup/CutMix and normalisation of uint8 images (n, 3, h, w) in one pass: image i mixed with image
+    n-1-i by its row of `mix` (n, 6) float64 (lam, use_cutmix, yl, yh, xl, xh: `MixupCutmix.pack`), as
+    `torch.lerp(partner, image, weight)` with weight lam (float32), or 0 inside the box and 1 outside;
+    then `mixed * scale + shift` per channel (`scale`, `shift` (3,) float32), as `torch.addcmul`, in
+    `dtype`, channels_last. Each of the two is one fused multiply-add, as torch's CPU kernels round them."""
+    raise NotImplementedError(f"fastrsb::mix_normalize has no kernel for {x.device.type} tensors (CPU and CUDA only)")
+
+
+def _check_mix(x, mix, scale, shift, dtype):
+    n = x.shape[0]
+    torch._check(x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3, lambda: "mix: uint8 (n, 3, h, w)")
+    torch._check(mix.dtype == torch.float64 and tuple(mix.shape) == (n, 6), lambda: "mix: params float64 (n, 6)")
+    torch._check(scale.dtype == torch.float32 and scale.numel() == 3 and shift.dtype == torch.float32
+                 and shift.numel() == 3, lambda: "mix: scale and shift float32 (3,)")
+    torch._check(dtype.is_floating_point, lambda: "mix: a floating-point dtype")
+
+
+@mix_normalize.register_fake
+def _(x, mix, scale, shift, dtype):
+    _check_mix(x, mix, scale, shift, dtype)
+    return torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=torch.channels_last)
+
+
+@mix_normalize.register_kernel("cpu")
+def _(x, mix, scale, shift, dtype):
+    _check_mix(x, mix, scale, shift, dtype)
+    return _mix_normalize_cpu(x, mix.contiguous(), scale.reshape(3).contiguous(), shift.reshape(3).contiguous(), dtype)
+
+
+@mix_normalize.register_kernel("cuda")
+def _(x, mix, scale, shift, dtype):
+    _check_mix(x, mix, scale, shift, dtype)
+    return _launch_mix_normalize(x, mix, scale.reshape(3), shift.reshape(3), dtype)

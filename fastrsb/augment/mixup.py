@@ -134,10 +134,13 @@ class MixupCutmix:
         in_box = (ys >= yl) & (ys < yh) & (xs >= xl) & (xs < xh)  # (b, 1, h, w)
         keep = torch.where(packed[:, 1].view(b, 1, 1, 1) > 0.5, (~in_box).to(x.dtype), lam.view(b, 1, 1, 1).to(x.dtype))
         out = torch.lerp(x.flip(0), x, keep)  # cutmix weight is 0/1 per pixel, mixup weight λ
+        return out.contiguous(memory_format=memory_format(images)), self.targets(labels, packed)
+
+    def targets(self, labels: Tensor, packed: Tensor) -> Tensor:
+        """The mixed soft targets (B, num_classes) float32 for `pack`'s array on the labels' device."""
+        lam = packed[:, 0].to(torch.float32).view(-1, 1)
         targets = smooth_one_hot(labels, self.num_classes, self.label_smoothing)
-        lam = lam.view(b, 1)
-        targets = targets * lam + targets.flip(0) * (1.0 - lam)
-        return out.contiguous(memory_format=memory_format(images)), targets
+        return targets * lam + targets.flip(0) * (1.0 - lam)
 
     def _check(self, images: Tensor, labels: Tensor) -> None:
         check_images(images, "MixupCutmix", uint8=False)

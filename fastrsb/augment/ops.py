@@ -454,6 +454,14 @@ def _listed(cols: torch.Tensor, stage: str, cap: int) -> tuple[torch.Tensor, tor
     return index, cols.index_select(0, index)
 
 
+def _pick(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Images `index` of a batch, in its memory format (index_select alone returns NCHW, and mixing
+    formats makes every later op stride across channels)."""
+    if memory_format(x) == torch.channels_last:
+        return x.permute(0, 2, 3, 1).index_select(0, index).permute(0, 3, 1, 2)
+    return x.index_select(0, index)
+
+
 def _put_back(out: torch.Tensor, index: torch.Tensor, keep: torch.Tensor, result: torch.Tensor,
               before: torch.Tensor) -> torch.Tensor:
     """Rows `index` of `out` (a tensor this layer made; `before` = those rows) replaced in place by
@@ -474,7 +482,7 @@ def _lut_stage(x, cols, stages: Stages, consts, hist_cap: int):
     own = None
     if stages.histogram or stages.contrast:  # statistics of the listed images only (`STAGES`' "hist")
         index, picked_cols = _listed(cols, "hist", hist_cap)
-        picked = x.index_select(0, index)
+        picked = _pick(x, index)
         picked_kind = picked_cols[:, _C["lut"]].view(-1, 1, 1)
         if stages.histogram:  # AutoContrast, Equalize: LUTs from the histograms
             hist = _histogram(picked)
@@ -636,7 +644,7 @@ def apply_layer(x: torch.Tensor, cols: torch.Tensor, stages: Stages, consts: dic
     out = _lut_stage(x, cols, stages, consts, hist_cap)
     if stages.color or stages.sharpness:  # Color, Sharpness: on the listed images only
         index, picked_cols = _listed(cols, "blend", blend_cap)
-        picked = out.index_select(0, index)  # = x's rows: an image that draws a blend has an identity LUT
+        picked = _pick(out, index)  # = x's rows: an image that draws a blend has an identity LUT
         kind = picked_cols[:, _C["blend"]]
         # one kernel: each image blended with its grey (Color) or smoothed (Sharpness) self, as
         # `enhance_reference` defines it
@@ -644,7 +652,7 @@ def apply_layer(x: torch.Tensor, cols: torch.Tensor, stages: Stages, consts: dic
         out = _put_back(out, index, kind != BLEND_NONE, blended, picked)
     if stages.warp:  # geometric ops: on the listed images only (an image with a geometric op has an identity LUT)
         index, picked_cols = _listed(cols, "warp", warp_cap)
-        picked = out.index_select(0, index)
+        picked = _pick(out, index)
         mats = picked_cols[:, _C["a00"]:_C["a12"] + 1].reshape(-1, 2, 3)
         bicubic = picked_cols[:, _C["bicubic"]] > 0.5 if interpolation == "random" else None
         # one kernel: each image's map says whether it needs the 2-d interpolation (Rotate) or the 1-d one

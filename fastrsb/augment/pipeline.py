@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .mixup import NUM_COLUMNS as MIX_COLUMNS, MixupCutmix, smooth_one_hot
+from . import kernels
 from .ops import TIMM_FILL, check_images, host_rng, memory_format, to_device
 from .rand_augment import RandAugment
 
@@ -130,10 +131,11 @@ class TrainAugment:
         if self.rand_augment is not None:
             x = self.rand_augment.apply_packed(x, packed[:, :self.rand_augment.num_columns], caps,
                                                consts["rand_augment"])
-        if self.mixup is not None:
-            x, targets = self.mixup.apply_packed(x, labels, packed[:, packed.shape[1] - MIX_COLUMNS:])
-        else:
-            targets = smooth_one_hot(labels, self.num_classes, self.label_smoothing)
+        if self.mixup is not None:  # one kernel: `MixupCutmix.apply_packed`, then `normalize`, in one pass
+            mix = packed[:, packed.shape[1] - MIX_COLUMNS:]
+            scale, shift = consts["normalize"]
+            return kernels.mix_normalize(x, mix, scale, shift, self.dtype), self.mixup.targets(labels, mix)
+        targets = smooth_one_hot(labels, self.num_classes, self.label_smoothing)
         out = _normalized(x, self.mean, self.std, self.dtype, consts["normalize"])
         return out.contiguous(memory_format=torch.channels_last), targets
 
