@@ -71,11 +71,18 @@ def _to_u8(v):
     return np.uint8(0.0 if v < 0.0 else (255.0 if v > 255.0 else v))  # clamp, then truncate
 
 
+@_njit(inline="always")
+def _tap(src, i, y, x, ch):
+    return np.float32(src[i, y, x, ch])
+
+
 @_njit()
-def _warp_rows(src, mats, cubic_flags, axes, fill, nearest, out, start, stop):
+def _warp_rows(src, mats, cubic_flags, axes, active, fill, nearest, out, start, stop):
     _, h, w, c = src.shape
     for t in range(start, stop):  # (image, output row) pairs
         i = t // h
+        if not active[i]:
+            continue
         y = t - i * h
         a0, a1, a2, a3, a4, a5 = mats[i, 0], mats[i, 1], mats[i, 2], mats[i, 3], mats[i, 4], mats[i, 5]
         cubic = cubic_flags[i]
@@ -97,30 +104,57 @@ def _warp_rows(src, mats, cubic_flags, axes, fill, nearest, out, start, stop):
                 continue
             fx = math.floor(sx)
             fy = math.floor(sy)
-            dx = np.float32(sx - fx)
-            dy = np.float32(sy - fy)
             ix = int(fx)
             iy = int(fy)
-            x0, x1, x2, x3 = _clamp(ix - 1, w - 1), _clamp(ix, w - 1), _clamp(ix + 1, w - 1), _clamp(ix + 2, w - 1)
-            y0, y1, y2, y3 = _clamp(iy - 1, h - 1), _clamp(iy, h - 1), _clamp(iy + 1, h - 1), _clamp(iy + 2, h - 1)
-            for ch in range(c):
-                if axis == 1:  # along x in the row the map keeps (the 2-d result, bit for bit: dy is 0)
-                    v = _interp(np.float32(src[i, y1, x0, ch]), np.float32(src[i, y1, x1, ch]),
-                                np.float32(src[i, y1, x2, ch]), np.float32(src[i, y1, x3, ch]), dx, cubic)
-                elif axis == 2:  # along y
-                    v = _interp(np.float32(src[i, y0, x1, ch]), np.float32(src[i, y1, x1, ch]),
-                                np.float32(src[i, y2, x1, ch]), np.float32(src[i, y3, x1, ch]), dy, cubic)
+            x1, x2 = _clamp(ix, w - 1), _clamp(ix + 1, w - 1)
+            y1, y2 = _clamp(iy, h - 1), _clamp(iy + 1, h - 1)
+            if axis == 1:  # along x in the row the map keeps (the 2-d result, bit for bit: dy is 0)
+                dx = np.float32(sx - fx)
+                if cubic:
+                    x0, x3 = _clamp(ix - 1, w - 1), _clamp(ix + 2, w - 1)
+                    for ch in range(c):
+                        out[i, y, x, ch] = _to_u8(_interp(_tap(src, i, y1, x0, ch), _tap(src, i, y1, x1, ch),
+                                                          _tap(src, i, y1, x2, ch), _tap(src, i, y1, x3, ch), dx,
+                                                          True))
                 else:
-                    r0 = _interp(np.float32(src[i, y0, x0, ch]), np.float32(src[i, y0, x1, ch]),
-                                 np.float32(src[i, y0, x2, ch]), np.float32(src[i, y0, x3, ch]), dx, cubic)
-                    r1 = _interp(np.float32(src[i, y1, x0, ch]), np.float32(src[i, y1, x1, ch]),
-                                 np.float32(src[i, y1, x2, ch]), np.float32(src[i, y1, x3, ch]), dx, cubic)
-                    r2 = _interp(np.float32(src[i, y2, x0, ch]), np.float32(src[i, y2, x1, ch]),
-                                 np.float32(src[i, y2, x2, ch]), np.float32(src[i, y2, x3, ch]), dx, cubic)
-                    r3 = _interp(np.float32(src[i, y3, x0, ch]), np.float32(src[i, y3, x1, ch]),
-                                 np.float32(src[i, y3, x2, ch]), np.float32(src[i, y3, x3, ch]), dx, cubic)
-                    v = _interp(r0, r1, r2, r3, dy, cubic)
-                out[i, y, x, ch] = _to_u8(v)
+                    for ch in range(c):
+                        v2 = _tap(src, i, y1, x1, ch)
+                        out[i, y, x, ch] = _to_u8(v2 + dx * (_tap(src, i, y1, x2, ch) - v2))
+            elif axis == 2:  # along y
+                dy = np.float32(sy - fy)
+                if cubic:
+                    y0, y3 = _clamp(iy - 1, h - 1), _clamp(iy + 2, h - 1)
+                    for ch in range(c):
+                        out[i, y, x, ch] = _to_u8(_interp(_tap(src, i, y0, x1, ch), _tap(src, i, y1, x1, ch),
+                                                          _tap(src, i, y2, x1, ch), _tap(src, i, y3, x1, ch), dy,
+                                                          True))
+                else:
+                    for ch in range(c):
+                        v2 = _tap(src, i, y1, x1, ch)
+                        out[i, y, x, ch] = _to_u8(v2 + dy * (_tap(src, i, y2, x1, ch) - v2))
+            else:
+                dx = np.float32(sx - fx)
+                dy = np.float32(sy - fy)
+                if cubic:
+                    x0, x3 = _clamp(ix - 1, w - 1), _clamp(ix + 2, w - 1)
+                    y0, y3 = _clamp(iy - 1, h - 1), _clamp(iy + 2, h - 1)
+                    for ch in range(c):
+                        r0 = _interp(_tap(src, i, y0, x0, ch), _tap(src, i, y0, x1, ch), _tap(src, i, y0, x2, ch),
+                                     _tap(src, i, y0, x3, ch), dx, True)
+                        r1 = _interp(_tap(src, i, y1, x0, ch), _tap(src, i, y1, x1, ch), _tap(src, i, y1, x2, ch),
+                                     _tap(src, i, y1, x3, ch), dx, True)
+                        r2 = _interp(_tap(src, i, y2, x0, ch), _tap(src, i, y2, x1, ch), _tap(src, i, y2, x2, ch),
+                                     _tap(src, i, y2, x3, ch), dx, True)
+                        r3 = _interp(_tap(src, i, y3, x0, ch), _tap(src, i, y3, x1, ch), _tap(src, i, y3, x2, ch),
+                                     _tap(src, i, y3, x3, ch), dx, True)
+                        out[i, y, x, ch] = _to_u8(_interp(r0, r1, r2, r3, dy, True))
+                else:
+                    for ch in range(c):
+                        v1 = _tap(src, i, y1, x1, ch)
+                        r1 = v1 + dx * (_tap(src, i, y1, x2, ch) - v1)
+                        v2 = _tap(src, i, y2, x1, ch)
+                        r2 = v2 + dx * (_tap(src, i, y2, x2, ch) - v2)
+                        out[i, y, x, ch] = _to_u8(r1 + dy * (r2 - r1))
 
 
 @_njit()
@@ -245,11 +279,12 @@ def _nhwc(t: Tensor) -> np.ndarray:
     return t.permute(0, 2, 3, 1).numpy()
 
 
-def _warp_cpu(x: Tensor, mats: Tensor, cubic: Tensor, axes: Tensor, fill: Tensor, interpolation: int) -> Tensor:
+def _warp_cpu(x: Tensor, mats: Tensor, cubic: Tensor, axes: Tensor, active: Tensor, fill: Tensor,
+              interpolation: int) -> Tensor:
     n, c, h, w = x.shape
     out = torch.empty((n, c, h, w), dtype=torch.uint8, memory_format=torch.channels_last)
     if n:
-        _run_rows(_warp_rows, n * h, _nhwc(x), mats.numpy(), cubic.numpy(), axes.numpy(),
+        _run_rows(_warp_rows, n * h, _nhwc(x), mats.numpy(), cubic.numpy(), axes.numpy(), active.numpy(),
                   fill.numpy(), interpolation == NEAREST, _nhwc(out))
     return out
 
@@ -318,12 +353,12 @@ if triton is not None:
         return tl.load(base + yy * s_h + xx * s_w, mask=mask, other=0).to(tl.float32)
 
     @triton.jit
-    def _warp_kernel(src, out, mats, cubic_flags, fill, h, w, s_n, s_h, s_w, s_c, o_n, o_h, o_w, o_c,
+    def _warp_kernel(src, out, mats, cubic_flags, active, fill, h, w, s_n, s_h, s_w, s_c, o_n, o_h, o_w, o_c,
                     NEAREST_: tl.constexpr, BLOCK: tl.constexpr):
         # every image gets the 2-d interpolation: for a one-axis map it gives the 1-d result bit for bit
         i = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        valid = offs < h * w
+        valid = (offs < h * w) & (tl.load(active + i) != 0)  # an inactive image is left as it is
         y = offs // w
         x = offs - y * w
         a0 = tl.load(mats + i * 6)
@@ -461,13 +496,13 @@ if triton is not None:
 BLOCK = 256
 
 
-def _launch_warp(x: Tensor, mats: Tensor, cubic: Tensor, fill: Tensor, interpolation: int) -> Tensor:
+def _launch_warp(x: Tensor, mats: Tensor, cubic: Tensor, active: Tensor, fill: Tensor, interpolation: int) -> Tensor:
     n, c, h, w = x.shape
     out = torch.empty((n, c, h, w), dtype=torch.uint8, device=x.device, memory_format=torch.channels_last)
     if n:
         k = _triton_kernels()
         k["warp"][(n, k["cdiv"](h * w, BLOCK))](
-            x, out, mats.contiguous(), cubic.contiguous(), fill.contiguous(), h, w, *_nchw_strides(x), *_nchw_strides(out),
+            x, out, mats.contiguous(), cubic.contiguous(), active.contiguous(), fill.contiguous(), h, w, *_nchw_strides(x), *_nchw_strides(out),
             NEAREST_=interpolation == NEAREST, BLOCK=BLOCK, enable_fp_fusion=False)
     return out
 
@@ -521,49 +556,53 @@ def _nchw_strides(t: Tensor) -> tuple[int, int, int, int]:
 
 # ---------------------------------------------------------------------------------------------- the ops
 
-def _check_warp(x, mats, cubic, axes, fill):
+def _check_warp(x, mats, cubic, axes, active, fill):
     n = x.shape[0]
     torch._check(x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3, lambda: "warp: uint8 (n, 3, h, w)")
     torch._check(mats.dtype == torch.float64 and tuple(mats.shape) == (n, 6), lambda: "warp: mats float64 (n, 6)")
     torch._check(cubic.dtype == torch.bool and tuple(cubic.shape) == (n,), lambda: "warp: cubic bool (n,)")
     torch._check(axes.dtype == torch.int8 and tuple(axes.shape) == (n,), lambda: "warp: axes int8 (n,)")
+    torch._check(active.dtype == torch.bool and tuple(active.shape) == (n,), lambda: "warp: active bool (n,)")
     torch._check(fill.dtype == torch.uint8 and tuple(fill.shape) == (3,), lambda: "warp: fill uint8 (3,)")
 
 
 @torch.library.custom_op("fastrsb::warp_affine", mutates_args=())
-def warp_affine(x: Tensor, mats: Tensor, cubic: Tensor, axes: Tensor, fill: Tensor, interpolation: int) -> Tensor:
+def warp_affine(x: Tensor, mats: Tensor, cubic: Tensor, axes: Tensor, active: Tensor, fill: Tensor,
+                interpolation: int) -> Tensor:
     """PIL's Image.transform(AFFINE) of each uint8 image (n, 3, h, w) by its map `mats` (n, 6) float64
     (source = A @ (x, y, 1) at pixel centres): `cubic` (n,) bool picks bicubic per image when
     `interpolation` is RANDOM (BICUBIC: every image, BILINEAR: none; NEAREST ignores it); `axes` (n,)
     int8 says which maps move pixels along one axis only (AXIS_X, AXIS_Y: the 1-d interpolation, equal
-    bit for bit), `fill` (3,) uint8 is the colour outside the source. -> uint8, channels_last."""
+    bit for bit), `fill` (3,) uint8 is the colour outside the source. -> uint8, channels_last; the
+    images where `active` (n,) is False are not computed (their pixels are undefined: a caller that
+    passes False throws them away)."""
     raise NotImplementedError(f"fastrsb::warp_affine has no kernel for {x.device.type} tensors (CPU and CUDA only)")
 
 
 @warp_affine.register_fake
-def _(x, mats, cubic, axes, fill, interpolation):
-    _check_warp(x, mats, cubic, axes, fill)
+def _(x, mats, cubic, axes, active, fill, interpolation):
+    _check_warp(x, mats, cubic, axes, active, fill)
     return torch.empty(x.shape, dtype=torch.uint8, device=x.device, memory_format=torch.channels_last)
 
 
 @warp_affine.register_kernel("cpu")
-def _(x, mats, cubic, axes, fill, interpolation):
-    _check_warp(x, mats, cubic, axes, fill)
+def _(x, mats, cubic, axes, active, fill, interpolation):
+    _check_warp(x, mats, cubic, axes, active, fill)
     if interpolation == BICUBIC:
         cubic = torch.ones_like(cubic)
     elif interpolation != RANDOM:
         cubic = torch.zeros_like(cubic)
-    return _warp_cpu(x, mats, cubic, axes, fill, interpolation)
+    return _warp_cpu(x, mats, cubic, axes, active, fill, interpolation)
 
 
 @warp_affine.register_kernel("cuda")
-def _(x, mats, cubic, axes, fill, interpolation):
-    _check_warp(x, mats, cubic, axes, fill)
+def _(x, mats, cubic, axes, active, fill, interpolation):
+    _check_warp(x, mats, cubic, axes, active, fill)
     if interpolation == BICUBIC:
         cubic = torch.ones_like(cubic)
     elif interpolation != RANDOM:
         cubic = torch.zeros_like(cubic)
-    return _launch_warp(x, mats, cubic, fill, interpolation)
+    return _launch_warp(x, mats, cubic, active, fill, interpolation)
 
 
 @torch.library.custom_op("fastrsb::apply_lut", mutates_args=())

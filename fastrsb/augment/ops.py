@@ -23,11 +23,12 @@ the costly parts (the statistics of stage 1, stage 2, stage 3) run only on a fix
 a function of the batch size and the op set that such a list exceeds with probability about 1e-9
 (`stage_capacity`); when one does, that call uses the whole batch for that stage (exact either way,
 one more compile if compiled). In A3's RandAugment a sixth of the images draw a geometric op in a
-layer, and the warp runs on cap = 83 of 256 images, or 447 of 2048; of those, the first 30 (122 of
-2048) are reserved for the Rotate draws (a thirtieth of the images; 16 taps per pixel) and the rest
-get the 1-d warp (4 taps).
-Pad rows repeat the first listed image, so their identical writes collide harmlessly; when nobody is
-listed, row 0 is a placeholder whose result is thrown away (the stage's own column says who needs it).
+layer, and the warp runs on cap = 83 of 256 images, or 447 of 2048.
+Pad rows list an image that needs nothing from the stage (its own columns say so): the warp's kernel
+skips them, and each is written back as it was, by every pad row alike.
+The pixel work of each stage is one fused kernel (`kernels`: numba on the CPU, Triton on CUDA), whose
+bytes equal those of the torch-op definitions kept here (`warp_reference`, `apply_lut_reference`,
+`histogram_reference`, `enhance_reference`).
 Only the stages that the op set can need are issued (decided at construction, not per call).
 """
 from __future__ import annotations
@@ -295,42 +296,21 @@ def stage_capacity(batch: int, p: float) -> int:
     return min(batch, int(math.ceil(batch * p + 6.0 * math.sqrt(batch * p * (1.0 - p)) + 4.0)))
 
 
-def warp_2d_capacity(warp_2d_p: float, batch: int, warp_cap: int) -> int:
-    """How many of the warp stage's `warp_cap` listed images get the 2-d warp (the rest get the 1-d one,
-    see `warp`): the images that need it (Rotate; each with probability `warp_2d_p`) are listed first, and
-    `stage_capacity(batch, warp_2d_p)` holds them with probability about 1e-9 (else that call's warp
-    stage takes the whole batch, all 2-d)."""
-    if warp_cap >= batch:
-        return warp_cap
-    return min(warp_cap, stage_capacity(batch, warp_2d_p))
-
-
-def stage_indices(rows: np.ndarray, nominal: Sequence[int], warp_2d_p: float = 1.0) -> tuple[int, ...]:
+def stage_indices(rows: np.ndarray, nominal: Sequence[int]) -> tuple[int, ...]:
     """Write each costly stage's image list into `rows` (in place); returns the caps of this call.
 
     nominal: the cap per stage of `STAGES` (`stage_capacity`); a stage with more members than its cap
-    takes the whole batch in this call. Rows 0..cap-1 of `<stage>_idx` list the members, padded with the
-    first member (or with image 0, a placeholder, when nothing is listed). The warp's list has the
-    images that need the 2-d warp first, in its first `warp_2d_capacity(warp_2d_p, ...)` rows (more of
-    them than that also takes the whole batch); its pad rows after those hold a one-axis member, whose
-    1-d warp is exact, or else an image without a warp (which its row leaves as it is)."""
+    takes the whole batch in this call. Rows 0..cap-1 of `<stage>_idx` list the members in order, padded
+    with an image that is no member: its own columns say it needs nothing, so its row is skipped or
+    written back unchanged (by every pad row alike), and never collides with a member's."""
     batch = rows.shape[0]
     caps = []
     for stage, cap, members in zip(STAGES, nominal, stage_members(rows).values()):
         listed = np.flatnonzero(members)
-        overflow = listed.size > cap
-        if stage == "warp":
-            flat = rows[listed, _C["geometric"]] != GEOM_2D
-            one_axis = listed[flat]
-            listed = np.concatenate([listed[~flat], one_axis])
-            two_d = warp_2d_capacity(warp_2d_p, batch, cap)
-            overflow |= int((~flat).sum()) > two_d
-        cap = batch if overflow else cap
-        index = np.full(cap, listed[0] if listed.size else 0, dtype=np.float64)
+        cap = batch if listed.size > cap else cap
+        pad = np.flatnonzero(~members)[0] if listed.size < cap else 0  # fewer members than rows: some image is none
+        index = np.full(cap, pad, dtype=np.float64)
         index[:listed.size] = listed
-        start = max(listed.size, two_d) if stage == "warp" and not overflow else cap
-        if start < cap:  # pad rows of the 1-d part: a one-axis member (exact there), or an image without a warp
-            index[start:] = one_axis[0] if one_axis.size else np.flatnonzero(~members)[0]
         rows[:cap, _C[f"{stage}_idx"]] = index
         caps.append(cap)
     return tuple(caps)
@@ -345,7 +325,6 @@ class Stages:
     color: bool
     sharpness: bool
     warp: bool
-    warp_2d_p: float = 1.0  # the chance that an image needs the 2-d warp in a layer (Rotate)
 
     @classmethod
     def of(cls, names: Sequence[str], prob: float = 1.0) -> "Stages":
@@ -356,8 +335,7 @@ class Stages:
                    lut_blend=any(op.lut in (LUT_CONTRAST, LUT_BRIGHTNESS) for op in ops),
                    color=any(op.blend == BLEND_COLOR for op in ops),
                    sharpness=any(op.blend == BLEND_SHARPNESS for op in ops),
-                   warp=any(op.geometric for op in ops),
-                   warp_2d_p=prob * sum(op.geometric and not op.one_axis for op in ops) / max(len(ops), 1))
+                   warp=any(op.geometric for op in ops))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -540,20 +518,8 @@ def _cubic(v1, v2, v3, v4, d, bicubic: torch.Tensor | None, zero: torch.Tensor |
     return v2 + d * (p2 + d * torch.where(bicubic, p3 + d * p4, zero))
 
 
-def _one_axis(rows, base, along_x, taps_at, stride: int, dx, dy, flag, interpolate, hwc) -> torch.Tensor:
-    """`warp`'s 1-d part: for each image, k taps from `base` along x (step 1) or y (step one padded
-    row, `stride`) and one interpolation with that axis' fraction."""
-    (h, w, c), k, one = hwc, taps_at.shape[0], base.shape[0]
-    along, taps_at = along_x.view(1, one, 1, 1), taps_at.view(k, 1, 1, 1)
-    steps = torch.where(along, taps_at, taps_at * stride)
-    index = (base.unsqueeze(0) + steps).view(-1)
-    taps = rows.index_select(0, index).view(k, one, h, w, c).to(torch.int16).unbind(0)
-    return interpolate(taps, torch.where(along.view(one, 1, 1, 1), dx, dy), flag)
-
-
 def warp_reference(x: torch.Tensor, mats: torch.Tensor, consts: dict, interpolation: str,
-                   bicubic: torch.Tensor | None = None, two_d: int | None = None,
-                   along_x: torch.Tensor | None = None) -> torch.Tensor:
+                   bicubic: torch.Tensor | None = None) -> torch.Tensor:
     """PIL's Image.transform(AFFINE) for a batch, one matrix per image (b, 2, 3) float64, in torch ops: the
     definition of `kernels.warp_affine` (which the layer runs: one kernel, uint8 in and out, the same
     bytes) and the tests' oracle.
@@ -565,13 +531,6 @@ def warp_reference(x: torch.Tensor, mats: torch.Tensor, consts: dict, interpolat
     normalised coordinates put exact pixel centres a hair off, and truncation turns that into
     off-by-one pixels even for the identity.) `interpolation` 'random' takes a per-image bool
     `bicubic` (b,): bicubic where True, bilinear elsewhere. The result is channels_last in memory.
-
-    Images `two_d` onwards (default: none) have maps that move pixels along one axis only (GEOM_X,
-    GEOM_Y): `along_x` (b - two_d,) bool says which. For them the 2-d interpolation would compute the
-    other axis' fraction as exactly 0.0 and return, bit for bit, its 1-d interpolation through the
-    output's own row (column), so they get only that: a quarter of the taps and a fifth of the
-    arithmetic. (A row there whose map moves both axes gets a wrong 1-d result: its caller must not
-    keep it.)
     """
     b, c, h, w = x.shape
     a = mats.view(b, 6, 1, 1).unbind(1)
@@ -596,8 +555,6 @@ def warp_reference(x: torch.Tensor, mats: torch.Tensor, consts: dict, interpolat
     iy = corner_y.clamp(-1, h - 1).to(torch.int32) + pad
     first_row = torch.arange(b, dtype=torch.int32, device=x.device).view(b, 1, 1) * (h + 2 * pad)
     base = (first_row + iy) * stride + ix  # (b, h, w) int32: the top-left tap in the padded rows
-    two_d = b if two_d is None else two_d
-    one = b - two_d  # the one-axis images
 
     if interpolation == "nearest":
         out = rows.index_select(0, base.view(-1)).view(b, h, w, c)
@@ -610,25 +567,15 @@ def warp_reference(x: torch.Tensor, mats: torch.Tensor, consts: dict, interpolat
         def interpolate(taps, d, part_flag):
             return _cubic(*taps, d, part_flag, consts["zero"]) if cubic else _linear(*taps, d)
 
-        def part(t, start, size):
-            return None if t is None else t.narrow(0, start, size)
-
-        base_2d = base.narrow(0, 0, two_d).reshape(1, -1)
-        dx_2d, flag_2d = part(dx, 0, two_d), part(flag, 0, two_d)
-
         # all k x k neighbours in one uint8 gather: rows iy - 1 .. iy + 2 (or iy, iy + 1), each k columns
         offsets = taps_at.view(1, k) + taps_at * stride  # (row, column)
-        index = (base_2d + offsets.view(k * k, 1)).view(-1)
-        gathered = rows.index_select(0, index).view(k, k, two_d, h, w, c).unbind(0)
+        index = (base.reshape(1, -1) + offsets.view(k * k, 1)).view(-1)
+        gathered = rows.index_select(0, index).view(k, k, b, h, w, c).unbind(0)
         # int16 taps: the sums and differences of the polynomials are exact integers either way, in
         # half the bytes of float32; the products with the fraction promote to float32 as before
-        rows_2d = [interpolate(taps.to(torch.int16).unbind(0), dx_2d, flag_2d) for taps in gathered]
-        # to uint8 as PIL does: clamped, truncated (each part before they join: a quarter of the bytes)
-        out = interpolate(rows_2d, part(dy, 0, two_d), flag_2d).clamp_(0, 255).to(torch.uint8)
-        if along_x is not None:  # one-axis images: k taps along x (step 1) or y (step one padded row), 1-d
-            out_1d = _one_axis(rows, base.narrow(0, two_d, one), along_x, taps_at, stride, part(dx, two_d, one),
-                               part(dy, two_d, one), part(flag, two_d, one), interpolate, (h, w, c))
-            out = torch.cat([out, out_1d.clamp_(0, 255).to(torch.uint8)])
+        rows_2d = [interpolate(taps.to(torch.int16).unbind(0), dx, flag) for taps in gathered]
+        # to uint8 as PIL does: clamped, truncated
+        out = interpolate(rows_2d, dy, flag).clamp_(0, 255).to(torch.uint8)
     # the fill outside the source image (a whole number: choosing it after the truncation is the same)
     return torch.where(inside, out, consts["fill_u8"]).permute(0, 3, 1, 2)
 
@@ -658,12 +605,13 @@ def apply_layer(x: torch.Tensor, cols: torch.Tensor, stages: Stages, consts: dic
         # one kernel: each image's map says whether it needs the 2-d interpolation (Rotate) or the 1-d one
         # along the axis its pixels move (Shear, Translate), which gives the same bytes from a quarter of the taps
         geometric = picked_cols[:, _C["geometric"]]
+        active = geometric > 0.5  # not the pad rows, whose results are thrown away
         axes = torch.where(geometric == GEOM_X, kernels.AXIS_X, torch.where(geometric == GEOM_Y, kernels.AXIS_Y,
                                                                              kernels.AXIS_2D)).to(torch.int8)
         cubic = bicubic if bicubic is not None else consts["no_image"].expand(picked.shape[0])
-        warped = kernels.warp_affine(picked, mats.reshape(-1, 6), cubic, axes, consts["fill_u8"].view(3),
+        warped = kernels.warp_affine(picked, mats.reshape(-1, 6), cubic, axes, active, consts["fill_u8"].view(3),
                                      kernels.MODES[interpolation])
-        out = _put_back(out, index, geometric > 0.5, warped, picked)
+        out = _put_back(out, index, active, warped, picked)
     return out
 
 

@@ -175,7 +175,7 @@ class RandAugment:
         for i in range(self.num_ops):
             rows = layer_columns(self.ops, op_index[:, i], params["applied"][:, i], params["magnitude"][:, i],
                                  params["bicubic"][:, i], height, width, self.translate_pct)
-            caps.append(stage_indices(rows, nominal, self.stages.warp_2d_p))
+            caps.append(stage_indices(rows, nominal))
             layers.append(rows)
         return (np.concatenate(layers, axis=1) if layers else np.zeros((batch, 0))), tuple(caps)
 
