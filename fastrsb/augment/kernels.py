@@ -219,43 +219,53 @@ def _enhance_rows(src, kinds, factors, out, start, stop):
 
 @_njit()
 def _mix_normalize_rows(src, mix, scale, shift, out, bf16, start, stop):
+    """src (n, h, w, c) uint8 and out (n, h, w, c) float32 (or bfloat16's bits as uint16), both contiguous;
+    scale and shift float64 (w * c,): the channels' constants repeated along a row."""
     n, h, w, c = src.shape
-    row = np.empty(w * c, dtype=np.float32)  # one output row in float32
+    m = w * c
+    row = np.empty(m, dtype=np.float32)  # one output row in float32
     bits = row.view(np.uint32)
+    # torch.addcmul(shift, v, scale) is one fused multiply-add on the CPU: for a float32 v the product is
+    # exact in float64, and the float64 sum rounded to float32 gives its result. Whole grey levels (a
+    # cutmix pixel is one image's or the other's) take it from a table.
+    table = np.empty((c, 256), dtype=np.float32)
+    for ch in range(c):
+        for v in range(256):
+            table[ch, v] = np.float32(shift[ch] + np.float64(v) * scale[ch])
     for t in range(start, stop):
         i = t // h
         y = t - i * h
         j = n - 1 - i  # the partner: the batch flipped
-        lam = np.float64(np.float32(mix[i, 0]))
-        cut = mix[i, 1] > 0.5
-        row_in = mix[i, 2] <= y < mix[i, 3]
-        for x in range(w):
-            if cut:  # the box comes from the partner
-                weight = 0.0 if (row_in and mix[i, 4] <= x < mix[i, 5]) else 1.0
-            else:
-                weight = lam
-            for ch in range(c):
-                start_v = np.float64(src[j, y, x, ch])
-                end_v = np.float64(src[i, y, x, ch])
-                # torch.lerp(partner, image, weight) as its vectorised CPU kernel computes it, one fused
-                # multiply-add: exact in float64 here (small integers times a float32), then rounded once
-                if weight < 0.5:
-                    mixed = np.float32(start_v + weight * (end_v - start_v))
-                else:
-                    mixed = np.float32(end_v + (weight - 1.0) * (end_v - start_v))
-                # torch.addcmul(shift, mixed, scale), also one fused multiply-add (the product is exact in
-                # float64; the sum is rounded to float64, then to float32)
-                row[x * c + ch] = np.float32(np.float64(shift[ch]) + np.float64(mixed) * np.float64(scale[ch]))
-        if bf16:  # float32 -> bfloat16 bits, rounded to nearest even (as torch's .to(torch.bfloat16))
+        own = src[i, y].reshape(m)
+        partner = src[j, y].reshape(m)
+        if mix[i, 1] > 0.5:  # cutmix: the partner's pixels inside the box, the image's own outside
+            row_in = mix[i, 2] <= y < mix[i, 3]
             for x in range(w):
+                from_partner = row_in and mix[i, 4] <= x < mix[i, 5]
                 for ch in range(c):
-                    b = bits[x * c + ch]
-                    out[i, y, x, ch] = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1)))
-                                                 >> np.uint32(16))
+                    row[x * c + ch] = table[ch, partner[x * c + ch] if from_partner else own[x * c + ch]]
         else:
-            for x in range(w):
-                for ch in range(c):
-                    out[i, y, x, ch] = row[x * c + ch]
+            # torch.lerp(partner, image, lam) as its vectorised CPU kernel computes it, one fused
+            # multiply-add either side of 0.5: exact in float64 (small integers times a float32), rounded once
+            lam = np.float64(np.float32(mix[i, 0]))
+            if lam < 0.5:
+                for k in range(m):
+                    s = np.float64(partner[k])
+                    mixed = np.float32(s + lam * (np.float64(own[k]) - s))
+                    row[k] = np.float32(shift[k] + np.float64(mixed) * scale[k])
+            else:
+                for k in range(m):
+                    e = np.float64(own[k])
+                    mixed = np.float32(e + (lam - 1.0) * (e - np.float64(partner[k])))
+                    row[k] = np.float32(shift[k] + np.float64(mixed) * scale[k])
+        target = out[i, y].reshape(m)
+        if bf16:  # float32 -> bfloat16 bits, rounded to nearest even (as torch's .to(torch.bfloat16))
+            for k in range(m):
+                b = bits[k]
+                target[k] = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+        else:
+            for k in range(m):
+                target[k] = row[k]
 
 
 _POOL: dict = {}
@@ -319,8 +329,9 @@ def _mix_normalize_cpu(x: Tensor, mix: Tensor, scale: Tensor, shift: Tensor, dty
     out = torch.empty((n, c, h, w), dtype=dtype if native else torch.float32, memory_format=torch.channels_last)
     if n:
         target = _nhwc(out.view(torch.uint16) if dtype == torch.bfloat16 else out)
-        _run_rows(_mix_normalize_rows, n * h, _nhwc(x), mix.numpy(), scale.numpy(), shift.numpy(), target,
-                  dtype == torch.bfloat16)
+        along_row = np.tile(np.stack([scale.numpy(), shift.numpy()]).astype(np.float64), (1, w))  # (2, w * c)
+        _run_rows(_mix_normalize_rows, n * h, _nhwc(x.contiguous(memory_format=torch.channels_last)), mix.numpy(),
+                  along_row[0], along_row[1], target, dtype == torch.bfloat16)
     return out if native else out.to(dtype)
 
 

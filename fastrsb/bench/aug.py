@@ -6,9 +6,10 @@ Both sides do the same work on the same uint8 batch (default A3: `rand-m6-mstd0.
 cutmix 1.0, normalise to bf16 on CUDA, float32 on the CPU):
   * fastrsb: `fastrsb.augment.make_train_augment` on the device batch, eager and compiled
     (`.compile()`: torch.compile of the device part; compile time excluded, reported beside);
-  * baseline: timm's RandAugment (PIL, image by image, one CPU core, as in one loader worker; timed on
-    `--per-image` images and scaled to the batch) + timm's `Mixup` on the device batch + the
-    normalisation of timm's prefetcher. Its figure is the sum of the two measured parts.
+  * baseline: timm's RandAugment (PIL, image by image, as in timm's loader workers: timed on one core on
+    `--per-image` images, scaled to the batch and divided by the workers, one per core, so perfect
+    scaling in timm's favour) + timm's `Mixup` on the device batch + the normalisation of timm's
+    prefetcher. Its figure is the sum of the two measured parts.
 Each line gives images/s, ms per batch and ms per 256 images. Warm-up, several repeats, median; timed
 with the one `benchlog.Timer` (the compile too).
 
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from fastrsb.augment import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, make_train_augment
 from fastrsb.augment.ops import to_device
 from fastrsb.benchlog import Timer, emit, record, time_call
+from fastrsb.loaders.loader import default_workers
 from fastrsb.recipes import A3
 from fastrsb.runtime import PRECISIONS, autocast_dtype, prepare_device, resolve_precision
 
@@ -53,6 +55,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled fastrsb line")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: torch's default); 1 compares per core with the PIL baseline")
+    parser.add_argument("--timm-workers", type=int, default=0,
+                        help="worker processes timm's per-image RandAugment is shared by (0: one per core, as timm's "
+                             "loader would run it on this machine); its one-core time is divided by them")
     parser.add_argument("--quick", action="store_true", help="1 warm-up, 3 repeats, 16 per-image calls")
 
 
@@ -65,8 +70,9 @@ def make_batch(batch: int, res: int, device) -> torch.Tensor:
     return x.clamp(0, 255).to(torch.uint8).contiguous(memory_format=torch.channels_last).to(device)
 
 
-def _timm_seconds_per_batch(args, x, labels, device, dtype, warmup, repeats, per_image_n) -> float:
-    """timm: PIL RandAugment per image (scaled to the batch) + Mixup + prefetcher normalisation on the batch."""
+def _timm_seconds_per_batch(args, x, labels, device, dtype, warmup, repeats, per_image_n, workers) -> float:
+    """timm: PIL RandAugment per image (scaled to the batch and shared by `workers` worker processes, one
+    per core, as timm's loader runs it, with perfect scaling) + Mixup + prefetcher normalisation on the batch."""
     from PIL import Image
     from timm.data.auto_augment import rand_augment_transform
     from timm.data.mixup import Mixup
@@ -86,7 +92,7 @@ def _timm_seconds_per_batch(args, x, labels, device, dtype, warmup, repeats, per
         images = x.float().sub_(mean).div_(std).to(dtype)
         return mixup(images, labels)
 
-    return per_image_s * x.shape[0] + time_call(mix_and_normalise, device, warmup, repeats)
+    return per_image_s * x.shape[0] / workers + time_call(mix_and_normalise, device, warmup, repeats)
 
 
 def device_part_traffic(augment, x, labels, seed: int = 1) -> traffic.Traffic:
@@ -118,8 +124,11 @@ def run(args) -> list[dict]:
         config = {"batch": batch, "res": args.res, "rand_augment": args.rand_augment, "mixup_alpha": MIXUP_ALPHA,
                   "cutmix_alpha": CUTMIX_ALPHA, "dtype": str(dtype).replace("torch.", ""), "repeats": repeats,
                   "torch_threads": torch.get_num_threads(), "timm_per_image_timed": per_image_n}
-        timm_s = _timm_seconds_per_batch(args, x, labels, device, dtype, warmup, repeats, per_image_n)
-        base = ("timm RandAugment (PIL, per image, 1 CPU core) + timm Mixup + normalise", batch / timm_s)
+        workers = args.timm_workers or default_workers()
+        config["timm_workers"] = workers
+        timm_s = _timm_seconds_per_batch(args, x, labels, device, dtype, warmup, repeats, per_image_n, workers)
+        base = (f"timm RandAugment (PIL, per image, {workers} worker process{'es' if workers > 1 else ''}, one per "
+                f"core) + timm Mixup + normalise", batch / timm_s)
 
         def report(name: str, seconds: float, **extra) -> None:
             rec = record("aug", name, batch / seconds, config={**config, **extra}, baseline=base,
