@@ -128,6 +128,21 @@ def test_mix_normalize_equals_mixup_then_normalize(dtype, mode):
     assert cut == {True, False} or mode != "batch"
 
 
+def test_put_rows_writes_the_kept_rows_in_place():
+    out = images(12, 9, 14, seed=1)
+    rows = images(5, 9, 14, seed=2)
+    index = torch.tensor([7, 2, 11, 0, 2])  # the last row repeats image 2 but is not kept
+    keep = torch.tensor([True, True, False, True, False])
+    expected = out.clone()
+    for r in range(5):
+        if keep[r]:
+            expected[index[r]] = rows[r]
+    before = out.data_ptr()
+    kernels.put_rows_(out, index, keep, rows)
+    assert torch.equal(out, expected) and out.data_ptr() == before
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_kernels_split_across_threads_give_the_same_bytes():
     n, h, w = 16, 96, 80
     rng = np.random.default_rng(9)
@@ -232,6 +247,11 @@ TRITON_SCRIPT = textwrap.dedent("""
     for dtype in (torch.float32, torch.bfloat16):
         ref = kernels.mix_normalize(x, packed, scale, shift, dtype)
         assert torch.equal(ref, kernels._launch_mix_normalize(x, packed, scale.view(3), shift.view(3), dtype)), dtype
+    out_cpu, out_tri = images(9, h, w, seed=5), images(9, h, w, seed=5)
+    index, keep = torch.tensor([4, 0, 7, 4]), torch.tensor([True, True, False, False])
+    kernels.put_rows_(out_cpu, index, keep, x[:4])
+    kernels._launch_put_rows(out_tri, index, keep, x[:4])
+    assert torch.equal(out_cpu, out_tri)
     print("triton kernels equal the CPU kernels")
 """)
 

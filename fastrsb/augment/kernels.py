@@ -268,6 +268,13 @@ def _mix_normalize_rows(src, mix, scale, shift, out, bf16, start, stop):
                 target[k] = row[k]
 
 
+@_njit()
+def _put_rows(out, index, keep, rows, start, stop):
+    for r in range(start, stop):
+        if keep[r]:
+            out[index[r]] = rows[r]
+
+
 _POOL: dict = {}
 
 
@@ -335,6 +342,11 @@ def _mix_normalize_cpu(x: Tensor, mix: Tensor, scale: Tensor, shift: Tensor, dty
     return out if native else out.to(dtype)
 
 
+def _put_rows_cpu(out: Tensor, index: Tensor, keep: Tensor, rows: Tensor) -> None:
+    if rows.shape[0]:
+        _run_rows(_put_rows, rows.shape[0], _nhwc(out), index.numpy(), keep.numpy(), _nhwc(rows), min_rows=1)
+
+
 # ---------------------------------------------------------------------------------------------- CUDA
 
 try:
@@ -348,7 +360,7 @@ def _triton_kernels():
     if triton is None:
         raise ImportError("fastrsb's CUDA augmentation kernels need triton (it comes with torch's CUDA builds)")
     return {"warp": _warp_kernel, "lut": _lut_kernel, "hist": _hist_kernel, "enhance": _enhance_kernel,
-            "mix_normalize": _mix_normalize_kernel, "cdiv": triton.cdiv}
+            "mix_normalize": _mix_normalize_kernel, "put_rows": _put_rows_kernel, "cdiv": triton.cdiv}
 
 
 if triton is not None:
@@ -504,6 +516,18 @@ if triton is not None:
             v = tl.fma(mixed, tl.load(scale + ch), tl.load(shift + ch))
             tl.store(out + i * o_n + ch * o_c + y * o_h + x * o_w, v.to(out.dtype.element_ty), mask=valid)
 
+    @triton.jit
+    def _put_rows_kernel(out, index, keep, rows, h, w, s_n, s_h, s_w, s_c, r_n, r_h, r_w, r_c, BLOCK: tl.constexpr):
+        r = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        valid = (offs < h * w) & (tl.load(keep + r) != 0)
+        y = offs // w
+        x = offs - y * w
+        k = tl.load(index + r)
+        for ch in tl.static_range(3):
+            v = tl.load(rows + r * r_n + ch * r_c + y * r_h + x * r_w, mask=valid, other=0)
+            tl.store(out + k * s_n + ch * s_c + y * s_h + x * s_w, v, mask=valid)
+
 BLOCK = 256
 
 
@@ -557,6 +581,14 @@ def _launch_mix_normalize(x: Tensor, mix: Tensor, scale: Tensor, shift: Tensor, 
             x, mix.contiguous(), scale.contiguous(), shift.contiguous(), out, n, h, w, *_nchw_strides(x),
             *_nchw_strides(out), BLOCK=BLOCK, enable_fp_fusion=False)
     return out
+
+
+def _launch_put_rows(out: Tensor, index: Tensor, keep: Tensor, rows: Tensor) -> None:
+    n, _, h, w = rows.shape
+    if n:
+        k = _triton_kernels()
+        k["put_rows"][(n, k["cdiv"](h * w, BLOCK))](out, index.contiguous(), keep.contiguous(), rows, h, w,
+                                                    *_nchw_strides(out), *_nchw_strides(rows), BLOCK=BLOCK)
 
 
 def _nchw_strides(t: Tensor) -> tuple[int, int, int, int]:
@@ -748,3 +780,36 @@ def _(x, mix, scale, shift, dtype):
 def _(x, mix, scale, shift, dtype):
     _check_mix(x, mix, scale, shift, dtype)
     return _launch_mix_normalize(x, mix, scale.reshape(3), shift.reshape(3), dtype)
+
+
+@torch.library.custom_op("fastrsb::put_rows_", mutates_args=("out",))
+def put_rows_(out: Tensor, index: Tensor, keep: Tensor, rows: Tensor) -> None:
+    """out[index[r]] = rows[r] for the rows r where keep[r], in place: uint8 images (m, 3, h, w) and
+    (n, 3, h, w), index (n,) int64, keep (n,) bool. The kept indices must be distinct (a stage's list
+    names each member once; its pad rows are not kept)."""
+    raise NotImplementedError(f"fastrsb::put_rows_ has no kernel for {out.device.type} tensors (CPU and CUDA only)")
+
+
+def _check_put(out, index, keep, rows):
+    n = rows.shape[0]
+    torch._check(out.dtype == torch.uint8 and rows.dtype == torch.uint8 and out.dim() == 4 and rows.dim() == 4
+                 and out.shape[1:] == rows.shape[1:] and rows.shape[1] == 3, lambda: "put_rows: uint8 images alike")
+    torch._check(index.dtype == torch.int64 and tuple(index.shape) == (n,), lambda: "put_rows: index int64 (n,)")
+    torch._check(keep.dtype == torch.bool and tuple(keep.shape) == (n,), lambda: "put_rows: keep bool (n,)")
+
+
+@put_rows_.register_fake
+def _(out, index, keep, rows):
+    _check_put(out, index, keep, rows)
+
+
+@put_rows_.register_kernel("cpu")
+def _(out, index, keep, rows):
+    _check_put(out, index, keep, rows)
+    _put_rows_cpu(out, index.contiguous(), keep.contiguous(), rows)
+
+
+@put_rows_.register_kernel("cuda")
+def _(out, index, keep, rows):
+    _check_put(out, index, keep, rows)
+    _launch_put_rows(out, index, keep, rows)

@@ -440,6 +440,13 @@ def _pick(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.index_select(0, index)
 
 
+def _put_images(out: torch.Tensor, index: torch.Tensor, keep: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """Images `index` of `out` (uint8 (b, 3, h, w), a tensor this layer made) replaced in place by `result`
+    where `keep` (the image needs the stage; not so for a pad row): one kernel (`_put_back` in torch ops)."""
+    kernels.put_rows_(out, index, keep, result)
+    return out
+
+
 def _put_back(out: torch.Tensor, index: torch.Tensor, keep: torch.Tensor, result: torch.Tensor,
               before: torch.Tensor) -> torch.Tensor:
     """Rows `index` of `out` (a tensor this layer made; `before` = those rows) replaced in place by
@@ -596,7 +603,7 @@ def apply_layer(x: torch.Tensor, cols: torch.Tensor, stages: Stages, consts: dic
         # one kernel: each image blended with its grey (Color) or smoothed (Sharpness) self, as
         # `enhance_reference` defines it
         blended = kernels.enhance(picked, kind.to(torch.int8), picked_cols[:, _C["factor"]].float())
-        out = _put_back(out, index, kind != BLEND_NONE, blended, picked)
+        out = _put_images(out, index, kind != BLEND_NONE, blended)
     if stages.warp:  # geometric ops: on the listed images only (an image with a geometric op has an identity LUT)
         index, picked_cols = _listed(cols, "warp", warp_cap)
         picked = _pick(out, index)
@@ -611,7 +618,7 @@ def apply_layer(x: torch.Tensor, cols: torch.Tensor, stages: Stages, consts: dic
         cubic = bicubic if bicubic is not None else consts["no_image"].expand(picked.shape[0])
         warped = kernels.warp_affine(picked, mats.reshape(-1, 6), cubic, axes, active, consts["fill_u8"].view(3),
                                      kernels.MODES[interpolation])
-        out = _put_back(out, index, active, warped, picked)
+        out = _put_images(out, index, active, warped)
     return out
 
 

@@ -31,7 +31,7 @@ LAUNCH_S = 5e-6  # one kernel launch, eager
 
 _GATHERS = {"aten.index_select", "aten.take", "aten.gather", "aten.index", "aten.embedding"}
 _SCATTERS = {"aten.index_copy_", "aten.index_copy", "aten.index_put_", "aten.index_put", "aten.scatter_",
-             "aten.scatter", "aten.scatter_add_", "aten.scatter_add"}
+             "aten.scatter", "aten.scatter_add_", "aten.scatter_add", "fastrsb.put_rows_"}
 _NO_KERNEL = {"aten.detach", "aten.lift_fresh", "aten.alias", "aten._local_scalar_dense"}
 
 
