@@ -15,8 +15,8 @@ comes from `sampling.CropSpec` (a pure function of (seed, tagged read)), as in t
 backends: the same seed gives the same boxes on all three, and resume is exact. The window decoded
 is the box widened by the resize filter's support (`resample.support_margin`), so the antialiased
 resize reads the same pixels around the box as PIL's `Image.resize(box=...)`. Train: bilinear or
-bicubic per read ("random", timm's default, or `interpolation`); val: the central
-int(crop_pct * short side) square, bicubic. Measured on demo data (CPU decoder): per-image mean |diff|
+bicubic per read ("random", timm's default, or `interpolation`); val: timm's eval box
+(`sampling.center_crop_box`, fractional: `fn.resize` takes a float ROI inside the whole-pixel window), bicubic. Measured on demo data (CPU decoder): per-image mean |diff|
 to the PIL backend 0.18 grey levels (`fastrsb bench parity`); nvJPEG's decode is not bit-identical
 to libjpeg-turbo's, so on a GPU the gap is the decoder's too.
 
@@ -50,6 +50,7 @@ outputs have not been measured on a GPU yet.
 from __future__ import annotations
 
 import collections
+import math
 
 import numpy as np
 
@@ -170,10 +171,11 @@ def _windows_function():
             bicubic, flips = np.zeros(n, np.int32), np.zeros(n, np.int32)
             for k in range(n):
                 height, width = np.int64(heights[k]), np.int64(widths[k])
-                top, left, h, w, flip, cubic = read_box(height, width, tagged[k], *box_args)
+                top, left, h, w, flip, cubic = read_box(height, width, tagged[k], res, *box_args)
                 my, mx = margin(h, res, cubic), margin(w, res, cubic)
-                y0, x0 = max(0, top - my), max(0, left - mx)
-                y1, x1 = min(height, top + h + my), min(width, left + w + mx)
+                # the box may be fractional (eval): the window is whole pixels around it, the ROI stays fractional
+                y0, x0 = max(0, int(math.floor(top)) - my), max(0, int(math.floor(left)) - mx)
+                y1, x1 = min(height, int(math.ceil(top + h)) + my), min(width, int(math.ceil(left + w)) + mx)
                 start[k, 0], start[k, 1], shape[k, 0], shape[k, 1] = x0, y0, x1 - x0, y1 - y0
                 roi_start[k, 0], roi_start[k, 1] = top - y0, left - x0
                 roi_end[k, 0], roi_end[k, 1] = top - y0 + h, left - x0 + w

@@ -67,8 +67,9 @@ class SeededResizedCropDecoder(ResizedCropRGBImageDecoder):
     """Decode + crop + resize (+ flip) with crops, flips and filters drawn from (seed, tagged read).
 
     train=True: torchvision RandomResizedCrop geometry, a horizontal flip with p=crop.hflip, bilinear or
-    bicubic per crop.interpolation. train=False: the central int(crop_pct * short side) square (FFCV's
-    CenterCropRGBImageDecoder geometry), bicubic. Resized by `resample.resize_box` (PIL's filters).
+    bicubic per crop.interpolation. train=False: timm's eval box (`sampling.center_crop_box`: the source box
+    of resize-short-side-to-floor(res / crop_pct) then centre crop, fractional), bicubic. Resized by
+    `resample.resize_box` (PIL's filters), which takes fractional boxes as PIL does.
     """
 
     def __init__(self, output_size, crop: sampling.CropSpec):
@@ -103,7 +104,8 @@ class SeededResizedCropDecoder(ResizedCropRGBImageDecoder):
                     temp_buffer = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
                 else:
                     temp_buffer = image_data.reshape(height, width, 3)
-                i, j, h, w, flip, bicubic = read_box(np.int64(height), np.int64(width), np.int64(tagged), seed,
+                res = np.int64(destination.shape[1])  # output_size, set per epoch
+                i, j, h, w, flip, bicubic = read_box(np.int64(height), np.int64(width), np.int64(tagged), res, seed,
                                                      train, crop_pct, s_lo, s_hi, lr_lo, lr_hi, flip_p, mode)
                 resize_box(temp_buffer, i, j, h, w, destination[dst_ix], bicubic, flip)
             return destination[:len(batch_indices)]

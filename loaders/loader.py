@@ -12,8 +12,8 @@ source ImageFolder root (`<split>/<class>/*`).
 Train split: random-resized-crop (scale 0.08-1, ratio 3/4-4/3) fused with decoding, resized to `res`
 with an antialiased bilinear or bicubic filter (`interpolation`: fixed, or "random" per read as timm's
 `transforms_imagenet_train`), then a horizontal flip with probability `hflip` (the recipe's): the only
-flip of the pipeline. Val split: the central int(crop_pct * short side) square resized to res x res,
-antialiased bicubic (timm's eval transform). Every backend uses PIL's filters: PIL itself; FFCV a
+flip of the pipeline. Val split: timm's eval transform (short side resized to floor(res / crop_pct),
+centre crop res x res), read as one source box (`sampling.center_crop_box`) and resized antialiased bicubic. Every backend uses PIL's filters: PIL itself; FFCV a
 numba port of Pillow's resampling (`resample.py`; FFCV's own OpenCV INTER_AREA is not used); DALI
 `fn.resize` with the same filter per sample (antialias on). The pixels differ only by the JPEG decoder
 (libjpeg-turbo in PIL and FFCV, nvJPEG / libjpeg-turbo in DALI) and rounding:
