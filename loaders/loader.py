@@ -42,11 +42,15 @@ class Loader:
 
     Attributes: backend (its registered name), num_samples (samples in the split), classes (the class
     names, label = position), num_classes,
-    samples_per_epoch (what this rank yields per epoch), device, res, reason (why `auto` chose it).
+    samples_per_epoch (what this rank yields per epoch), device, res, reason (why `auto` chose it),
+    plan and crop (the `sampling.IndexPlan` and `sampling.CropSpec` its reads follow: what a reference
+    implementation needs to redo a batch, as `fastrsb bench parity` does with timm's transforms).
     """
 
-    def __init__(self, impl, *, res: int, reason: str = ""):
+    def __init__(self, impl, *, res: int, crop: CropSpec, reason: str = ""):
         self._impl = impl
+        self.plan = impl.plan
+        self.crop = crop
         self.backend = impl.backend
         self.num_samples = int(impl.num_samples)
         self.classes = list(impl.classes)
@@ -164,4 +168,4 @@ def make_loader(backend: str, data, split: str, *, batch_size: int, res: int, de
     impl = spec.open(data, split, batch_size=batch_size, res=res, device=device, num_workers=num_workers,
                      plan_kwargs=plan_kwargs, crop=crop,
                      options={"hw_decoder_load": hw_decoder_load, "prefetch_depth": prefetch_depth})
-    return Loader(impl, res=res, reason=reason)
+    return Loader(impl, res=res, crop=crop, reason=reason)
