@@ -67,7 +67,7 @@ class SeededResizedCropDecoder(ResizedCropRGBImageDecoder):
     """Decode + crop + resize (+ flip) with crops, flips and filters drawn from (seed, tagged read).
 
     train=True: torchvision RandomResizedCrop geometry, a horizontal flip with p=crop.hflip, bilinear or
-    bicubic per crop.interpolation. train=False: timm's eval box (`sampling.center_crop_box`: the source box
+    bicubic per crop.interpolation, the box cut out before the resize (`CropSpec.crop_first`). train=False: timm's eval box (`sampling.center_crop_box`: the source box
     of resize-short-side-to-floor(res / crop_pct) then centre crop, fractional), bicubic. Resized by
     `resample.resize_box` (PIL's filters), which takes fractional boxes as PIL does.
     """
@@ -89,6 +89,7 @@ class SeededResizedCropDecoder(ResizedCropRGBImageDecoder):
         resize_box = resample.numba_functions()[1]
         mask = sampling.SAMPLE_MASK
         seed, train, crop_pct, s_lo, s_hi, lr_lo, lr_hi, flip_p, mode = self.crop.box_args
+        crop_first = self.crop.crop_first
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
@@ -107,7 +108,7 @@ class SeededResizedCropDecoder(ResizedCropRGBImageDecoder):
                 res = np.int64(destination.shape[1])  # output_size, set per epoch
                 i, j, h, w, flip, bicubic = read_box(np.int64(height), np.int64(width), np.int64(tagged), res, seed,
                                                      train, crop_pct, s_lo, s_hi, lr_lo, lr_hi, flip_p, mode)
-                resize_box(temp_buffer, i, j, h, w, destination[dst_ix], bicubic, flip)
+                resize_box(temp_buffer, i, j, h, w, destination[dst_ix], bicubic, flip, crop_first)
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True

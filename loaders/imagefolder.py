@@ -170,14 +170,19 @@ def decode_rgb(data):
 
 
 def crop_resize(img, tagged: int, res: int, spec: sampling.CropSpec) -> np.ndarray:
-    """One read: HxWx3 uint8 at res x res (train: seeded RRC + flip; val: center window), resized with
-    PIL's antialiased bilinear or bicubic filter, as `spec.read` (the box every backend reads) says."""
+    """One read: HxWx3 uint8 at res x res (train: seeded RRC + flip; val: timm's eval box), resized with
+    PIL's antialiased bilinear or bicubic filter, as `spec.read` (the box every backend reads) says; train
+    boxes are cut out before the resize, eval boxes resized within the image (`spec.crop_first`)."""
     from PIL import Image
 
     width, height = img.size
     top, left, h, w, flip, bicubic = spec.read(height, width, tagged, res)
     resample = Image.BICUBIC if bicubic else Image.BILINEAR
-    out = img.resize((res, res), resample, box=(left, top, left + w, top + h))
+    if spec.crop_first:  # train: whole-pixel box, cut out first (timm's F.resized_crop)
+        box = (int(left), int(top), int(left + w), int(top + h))
+        out = img.crop(box).resize((res, res), resample)
+    else:  # eval: the box within the whole image (timm's resize then centre crop)
+        out = img.resize((res, res), resample, box=(left, top, left + w, top + h))
     if flip:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
     return np.asarray(out, dtype=np.uint8)

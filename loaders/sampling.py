@@ -328,6 +328,16 @@ class CropSpec:
                                f"got {self.interpolation!r}")
 
     @property
+    def crop_first(self) -> bool:
+        """Whether the box is cut out before it is resized, so the filter reads only pixels inside it.
+
+        Train: yes, as timm's RandomResizedCropAndInterpolation (torchvision's `F.resized_crop`: crop, then
+        resize the crop). Eval: no, as timm's eval transform (resize the whole image, then crop): the
+        filter's taps around the box edges read the pixels beyond them (clipped to the image), which PIL's
+        `Image.resize(box=...)` does. Every backend follows this flag."""
+        return self.train
+
+    @property
     def mode(self) -> int:
         """The filter as an int for compiled code: BILINEAR, BICUBIC or RANDOM (eval: always BICUBIC)."""
         return INTERPOLATIONS[self.interpolation] if self.train else BICUBIC

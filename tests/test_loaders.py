@@ -211,8 +211,8 @@ def test_plan_accumulation_without_repeats_reads_each_sample_once():
 
 
 def test_resample_matches_pil():
-    """resample.resize_box against PIL's Image.resize(box=...) (the oracle) on smooth images: within 2
-    grey levels, mean <= 0.25 per box, and most boxes bit-exact. It follows Pillow's horizontal-then-
+    """resample.resize_box against PIL's Image.resize(box=...) and, with crop_first, Image.crop(box).resize
+    (the oracles) on smooth images: within 2 grey levels, mean <= 0.25 per box, and most boxes bit-exact. It follows Pillow's horizontal-then-
     vertical order; Pillow 13 runs the vertical pass first for some boxes, which moves the uint8
     rounding of the intermediate (measured with Pillow 13.0: max 2, mean 0.034, 74% of boxes exact)."""
     from PIL import Image, ImageFilter
@@ -229,11 +229,16 @@ def test_resample_matches_pil():
         h, w = int(rng.integers(1, height + 1)), int(rng.integers(1, width + 1))
         top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
         res, bicubic, flip = int(rng.integers(8, 240)), bool(trial % 2), bool(trial % 5 == 0)
-        ref = Image.fromarray(src).resize((res, res), Image.BICUBIC if bicubic else Image.BILINEAR,
-                                          box=(left, top, left + w, top + h))
+        crop_first = trial % 3 == 0
+        box = (left, top, left + w, top + h)
+        filt = Image.BICUBIC if bicubic else Image.BILINEAR
+        if crop_first:
+            ref = Image.fromarray(src).crop(box).resize((res, res), filt)
+        else:
+            ref = Image.fromarray(src).resize((res, res), filt, box=box)
         ref = np.asarray(ref.transpose(Image.FLIP_LEFT_RIGHT) if flip else ref).astype(int)
         out = np.empty((res, res, 3), np.uint8)
-        resize_box(src, top, left, h, w, out, bicubic, flip)
+        resize_box(src, top, left, h, w, out, bicubic, flip, crop_first)
         diff = np.abs(out.astype(int) - ref)
         assert diff.max() <= 2 and diff.mean() <= 0.25, (trial, height, width, top, left, h, w, res, bicubic)
         exact.append(diff.max() == 0)
@@ -241,8 +246,9 @@ def test_resample_matches_pil():
 
 
 def test_dali_windows_follow_the_crop_spec():
-    """DALI's per-batch windows (numba) hold CropSpec's boxes, flips and filters, and a margin that
-    covers the taps PIL's resize reads around the box (resample.coefficients)."""
+    """DALI's per-batch windows (numba) hold CropSpec's boxes, flips and filters; train windows are the
+    box itself (crop, then resize), eval windows have a margin that covers the taps PIL's resize reads
+    around the box (resample.coefficients)."""
     pytest.importorskip("nvidia.dali")
     from fastrsb.loaders import resample
     from fastrsb.loaders.dali_loader import _windows_function
@@ -253,7 +259,7 @@ def test_dali_windows_follow_the_crop_spec():
     for spec, res in ((sampling.CropSpec(train=True, seed=5), 160), (sampling.CropSpec(train=False, seed=5,
                                                                                      crop_pct=0.95), 224)):
         start, shape, roi_start, roi_end, bicubic, flips = _windows_function()(heights, widths, tagged, res,
-                                                                               *spec.box_args)
+                                                                               spec.crop_first, *spec.box_args)
         for k in range(tagged.size):
             height, width, t = int(heights[k]), int(widths[k]), int(tagged[k])
             top, left, h, w, flip, _ = spec.read(height, width, t, res)
@@ -263,6 +269,9 @@ def test_dali_windows_follow_the_crop_spec():
             assert (roi_end[k] - roi_start[k]).tolist() == pytest.approx([h, w], rel=0, abs=1e-3)
             assert flips[k] == flip and bool(bicubic[k]) == spec.bicubic(t)
             assert 0 <= x0 and 0 <= y0 and x0 + shape[k][0] <= width and y0 + shape[k][1] <= height
+            if spec.crop_first:
+                assert (y0, x0, shape[k][1], shape[k][0]) == (top, left, h, w) and roi_start[k].tolist() == [0, 0]
+                continue
             for extent, first, size, box0, box_len in ((width, x0, shape[k][0], left, w),
                                                       (height, y0, shape[k][1], top, h)):
                 bounds, _ = resample.coefficients(extent, float(box0), float(box0 + box_len), res, bool(bicubic[k]))
