@@ -5,7 +5,7 @@ with `hw_decoder_load` of the images sent to the A100/H100 hardware JPEG decoder
 `device_id=None` without one), but the crop is the plan's, not DALI's::
 
     external_source (JPEG bytes, label, output size, ROI window, box, filter, flip)  <- IndexPlan + CropSpec
-    decoders.image_slice(window)        ROI decode: only the box plus the filter's support is decoded
+    decoders.image_slice(window)        ROI decode: only the box (eval: plus the filter's support) is decoded
     -> resize(roi = box in the window, linear or cubic per sample, antialias) -> flip(per sample)
 
 Crops: the example's `fn.decoders.image_random_crop` draws from DALI's own generator, seeded once per

@@ -16,8 +16,9 @@ Differences from ffcv-imagenet's `RandomResizedCropRGBImageDecoder` + `RandomHor
 - Resize: not FFCV's `resize_crop` (OpenCV INTER_AREA, fixed in libffcv, which upsamples almost like
   nearest-neighbour) but `resample.resize_box`, a numba port of Pillow's antialiased bilinear/bicubic
   resampling: train reads bilinear or bicubic per read ("random", timm's default) or as
-  `interpolation` says, val bicubic. It reads the same pixels around the box as PIL's
-  `Image.resize(box=...)`. Its cost against INTER_AREA is not in benchmarks/results yet.
+  `interpolation` says, val bicubic. Train boxes are cut out before the resize (timm's
+  `F.resized_crop`); eval boxes are resized within the image, reading the pixels around the box as
+  timm's resize of the whole image does (`CropSpec.crop_first`). Its cost against INTER_AREA is not in benchmarks/results yet.
 - Pixels vs the PIL backend: libffcv decodes with libjpeg-turbo's fast integer DCT (TJFLAG_FASTDCT),
   PIL with the accurate one: per-image mean |diff| about 1 grey level (`fastrsb bench parity`).
 - Order: the Loader gets a `TraversalOrder` that returns `IndexPlan.tagged(epoch)` (DDP shard,

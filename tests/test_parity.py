@@ -148,19 +148,20 @@ def test_eval_box_gives_timms_eval_pixels_at_any_image_size(res):
 def test_val_batches_match_timms_eval_transform(data, res):
     """Each backend's val batches against timm's create_transform(res, is_training=False, crop_pct=0.95,
     interpolation="bicubic") on the same JPEG bytes (demo images of 120-300 px, smaller and larger than
-    floor(res / 0.95), both orientations): per-image mean |diff| <= 1.5 grey levels, the decoder's
-    share (libffcv's fast integer DCT is about 1 grey level from PIL's accurate one; DALI's CPU decoder
-    0.2), and <= 0.5 for the PIL backend (the same decoder as timm: the Pillow pass order of
-    test_eval_box_gives_timms_eval_pixels_at_any_image_size). The old central square is several grey
-    levels away on the same images."""
+    floor(res / 0.95), both orientations): per-image mean |diff| within the decoder's share, the bounds
+    that test_backends_match_the_pil_reference holds against the PIL backend (libffcv's fast integer DCT
+    is about 1 grey level from PIL's accurate one, up to 2 on an image; DALI's CPU decoder 0.2), and
+    <= 0.5 for the PIL backend (the same decoder as timm: the Pillow pass order of
+    test_eval_box_gives_timms_eval_pixels_at_any_image_size). Median <= 1.5 for all: the old central
+    square is several grey levels away on the same images (median > 2 asserted below)."""
     import torch
 
     backends = installed("ffcv", "dali", "pil")
     result = parity.timm_parity(data, "val", backends, batches=2, res=res, **KW)
     assert set(result) == set(backends)
-    bounds = {"pil": 0.5, "dali": 1.5, "ffcv": 1.5}
+    bounds = {"pil": (0.5, 0.5), "dali": (0.5, 1.0), "ffcv": (1.5, 2.5)}  # per-image mean |diff|: median, max
     for b, r in result.items():
-        assert r["images"] == 32 and r["max"] <= bounds[b], (b, res, r)
+        assert r["images"] == 32 and r["median"] <= bounds[b][0] and r["max"] <= bounds[b][1], (b, res, r)
     # the bound means something: the old geometry on the same reads
     from fastrsb.loaders import sampling
     from fastrsb.loaders.imagefolder import decode_rgb
@@ -178,11 +179,12 @@ def test_train_batches_match_timms_crop_then_resize(data):
     """Each backend's train batches against timm's RandomResizedCropAndInterpolation for the same box and
     filter (torchvision's F.resized_crop: crop, then resize the crop) and flip, on the same JPEG bytes:
     the PIL backend makes the same calls (0 grey levels); DALI and FFCV are within their decoder's share
-    (per-image mean |diff| <= 0.5 and <= 1.5), in the 3-px border band too, where resizing the box within
-    the image (the taps beyond the box edges) differed from timm's crop."""
+    (the bounds of test_backends_match_the_pil_reference), in the 3-px border band too, where resizing the
+    box within the image (the taps beyond the box edges) differed from timm's crop."""
     backends = installed("ffcv", "dali", "pil")
     result = parity.timm_parity(data, "train", backends, batches=2, res=96, **KW)
     assert set(result) == set(backends)
-    bounds = {"pil": 0.0, "dali": 0.5, "ffcv": 1.5}
+    bounds = {"pil": (0.0, 0.0), "dali": (0.5, 1.0), "ffcv": (2.0, 2.5)}  # per-image mean |diff|: median, max
     for b, r in result.items():
-        assert r["images"] == 32 and r["max"] <= bounds[b] and r["border_median"] <= bounds[b], (b, r)
+        assert r["images"] == 32 and r["median"] <= bounds[b][0] and r["max"] <= bounds[b][1], (b, r)
+        assert r["border_median"] <= bounds[b][0], (b, r)
