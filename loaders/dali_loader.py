@@ -12,14 +12,14 @@ Crops: the example's `fn.decoders.image_random_crop` draws from DALI's own gener
 pipeline, so its boxes differ from FFCV/PIL and a resumed run (a fresh pipeline at epoch e) draws other
 boxes than the run it resumes (issue 12: 72 of 86 tensors differed). Here every box, flip and filter
 comes from `sampling.CropSpec` (a pure function of (seed, tagged read)), as in the FFCV and PIL
-backends: the same seed gives the same boxes on all three, and resume is exact. The window decoded
-is, for train reads, the box itself (timm crops, then resizes the crop: `CropSpec.crop_first`), and
-for eval reads the box widened by the resize filter's support (`resample.support_margin`), so the
-antialiased resize reads the same pixels around the box as timm's resize of the whole image. Train: bilinear or
-bicubic per read ("random", timm's default, or `interpolation`); val: timm's eval box
-(`sampling.center_crop_box`, fractional: `fn.resize` takes a float ROI inside the whole-pixel window), bicubic. Measured on demo data (CPU decoder): per-image mean |diff|
-to the PIL backend 0.18 grey levels (`fastrsb bench parity`); nvJPEG's decode is not bit-identical
-to libjpeg-turbo's, so on a GPU the gap is the decoder's too.
+backends: the same seed gives the same boxes on all three, and resume is exact. The window decoded is, for
+train reads, the box itself (timm crops, then resizes the crop: `CropSpec.crop_first`), and for eval reads the
+box widened by the resize filter's support (`resample.support_margin`), so the antialiased resize reads the
+same pixels around the box as timm's resize of the whole image. Train: bilinear or bicubic per read ("random",
+timm's default, or `interpolation`); val: timm's eval box (`sampling.center_crop_box`, fractional: `fn.resize`
+takes a float ROI inside the whole-pixel window), bicubic. Measured on demo data (CPU decoder): per-image mean
+|diff| to the PIL backend 0.18 grey levels (`fastrsb bench parity`); nvJPEG's decode is not bit-identical to
+libjpeg-turbo's, so on a GPU the gap is the decoder's too.
 
 Reads: an `external_source` fed from the shared `sampling.IndexPlan` (JPEG bytes sliced out of the
 memory-mapped shards at the offsets of the .idx files), rather than `fn.readers.webdataset` with

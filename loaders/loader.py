@@ -13,12 +13,12 @@ Train split: random-resized-crop (scale 0.08-1, ratio 3/4-4/3) fused with decodi
 with an antialiased bilinear or bicubic filter (`interpolation`: fixed, or "random" per read as timm's
 `transforms_imagenet_train`), then a horizontal flip with probability `hflip` (the recipe's): the only
 flip of the pipeline. Val split: timm's eval transform (short side resized to floor(res / crop_pct),
-centre crop res x res), read as one source box (`sampling.center_crop_box`) and resized antialiased bicubic. Every backend uses PIL's filters: PIL itself; FFCV a
-numba port of Pillow's resampling (`resample.py`; FFCV's own OpenCV INTER_AREA is not used); DALI
-`fn.resize` with the same filter per sample (antialias on). The pixels differ only by the JPEG decoder
-(libjpeg-turbo in PIL and FFCV, nvJPEG / libjpeg-turbo in DALI) and rounding:
-`fastrsb bench parity` measures the gap. Reads (order, DDP shards, repeated
-augmentation, pads) and crops come from one `sampling.IndexPlan` and `sampling.CropSpec`, identical
+centre crop res x res), read as one source box (`sampling.center_crop_box`) and resized antialiased
+bicubic. Every backend uses PIL's filters: PIL itself; FFCV a numba port of Pillow's resampling
+(`resample.py`; FFCV's own OpenCV INTER_AREA is not used); DALI `fn.resize` with the same filter per
+sample (antialias on). The pixels differ only by the JPEG decoder (libjpeg-turbo in PIL and FFCV, nvJPEG
+/ libjpeg-turbo in DALI) and rounding: `fastrsb bench parity` measures the gap. Reads (order, DDP
+shards, repeated augmentation, pads) and crops come from one `sampling.IndexPlan` and `sampling.CropSpec`, identical
 for all backends. Iterating twice without `set_epoch` repeats the epoch (as torch's DistributedSampler does).
 `set_epoch(epoch, start_batch=k)` starts the epoch at its batch k (a run resumed mid-epoch): the
 plan is a pure function of (seed, epoch), so the first k batches are skipped without being read, and

@@ -2,8 +2,9 @@
 
 `resize_box(src, top, left, h, w, dst, bicubic, flip, crop_first)` gives the pixels of
 `Image.fromarray(src).resize((W, H), BILINEAR or BICUBIC, box=(left, top, left + w, top + h))`
-(crop_first: of `.crop(box).resize((W, H), ...)`, the train reads'), then mirrored when flip, within 2 grey levels and equal for most boxes (tests/test_loaders.py: Pillow
-13 may run its two passes in the other order): it follows Pillow's libImaging/Resample.c:
+(crop_first: of `.crop(box).resize((W, H), ...)`, the train reads'), then mirrored when flip, within
+2 grey levels and equal for most boxes (tests/test_loaders.py: Pillow 13 may run its two passes in
+the other order): it follows Pillow's libImaging/Resample.c:
 
 - per output pixel, a filter centred at in0 + (x + 0.5) * scale with support widened by the
   downscale factor (antialiasing), taps clipped to the image (not to the box: pixels just outside

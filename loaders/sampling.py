@@ -246,9 +246,10 @@ def _build(jit):
 
         timm's `transforms_imagenet_eval` (crop_mode "center"): torchvision's Resize(floor(res / crop_pct)) on
         the short side (long side int(size * long / short); an image of that size already is not resized, and
-        a box at scale 1 is copied exactly by PIL's filters), then CenterCrop(res) at offsets int(round((side - res) / 2)) (round half to even, Python's and numba's
-        round). PIL's `Image.resize(box=...)` of the source box that maps onto that crop gives the pixels of
-        resize-then-crop: the same filter centres, support and taps (clipped to the image, not to the box)."""
+        a box at scale 1 is copied exactly by PIL's filters), then CenterCrop(res) at offsets
+        int(round((side - res) / 2)) (round half to even, Python's and numba's round). PIL's `Image.resize(box=...)` of the
+        source box that maps onto that crop gives the pixels of resize-then-crop: the same filter centres,
+        support and taps (clipped to the image, not to the box)."""
         size = math.floor(res / crop_pct)
         if width <= height:
             new_w, new_h = size, int(size * height / width)

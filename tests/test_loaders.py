@@ -212,9 +212,10 @@ def test_plan_accumulation_without_repeats_reads_each_sample_once():
 
 def test_resample_matches_pil():
     """resample.resize_box against PIL's Image.resize(box=...) and, with crop_first, Image.crop(box).resize
-    (the oracles) on smooth images: within 2 grey levels, mean <= 0.25 per box, and most boxes bit-exact. It follows Pillow's horizontal-then-
-    vertical order; Pillow 13 runs the vertical pass first for some boxes, which moves the uint8
-    rounding of the intermediate (measured with Pillow 13.0: max 2, mean 0.034, 74% of boxes exact)."""
+    (the oracles) on smooth images: within 2 grey levels, mean <= 0.25 per box, and most boxes bit-exact. It
+    follows Pillow's horizontal-then-vertical order; Pillow 13 runs the vertical pass first for some boxes,
+    which moves the uint8 rounding of the intermediate (measured with Pillow 13.0: max 2, mean 0.034, 74% of
+    boxes exact)."""
     from PIL import Image, ImageFilter
 
     from fastrsb.loaders.resample import numba_functions
