@@ -5,20 +5,21 @@ with `hw_decoder_load` of the images sent to the A100/H100 hardware JPEG decoder
 `device_id=None` without one), but the crop is the plan's, not DALI's::
 
     external_source (JPEG bytes, label, output size, ROI window, box, filter, flip)  <- IndexPlan + CropSpec
-    decoders.image_slice(window)        ROI decode: only the box plus the filter's support is decoded
+    decoders.image_slice(window)        ROI decode: only the box (eval: plus the filter's support) is decoded
     -> resize(roi = box in the window, linear or cubic per sample, antialias) -> flip(per sample)
 
 Crops: the example's `fn.decoders.image_random_crop` draws from DALI's own generator, seeded once per
 pipeline, so its boxes differ from FFCV/PIL and a resumed run (a fresh pipeline at epoch e) draws other
 boxes than the run it resumes (issue 12: 72 of 86 tensors differed). Here every box, flip and filter
 comes from `sampling.CropSpec` (a pure function of (seed, tagged read)), as in the FFCV and PIL
-backends: the same seed gives the same boxes on all three, and resume is exact. The window decoded
-is the box widened by the resize filter's support (`resample.support_margin`), so the antialiased
-resize reads the same pixels around the box as PIL's `Image.resize(box=...)`. Train: bilinear or
-bicubic per read ("random", timm's default, or `interpolation`); val: the central
-int(crop_pct * short side) square, bicubic. Measured on demo data (CPU decoder): per-image mean |diff|
-to the PIL backend 0.18 grey levels (`fastrsb bench parity`); nvJPEG's decode is not bit-identical
-to libjpeg-turbo's, so on a GPU the gap is the decoder's too.
+backends: the same seed gives the same boxes on all three, and resume is exact. The window decoded is, for
+train reads, the box itself (timm crops, then resizes the crop: `CropSpec.crop_first`), and for eval reads the
+box widened by the resize filter's support (`resample.support_margin`), so the antialiased resize reads the
+same pixels around the box as timm's resize of the whole image. Train: bilinear or bicubic per read ("random",
+timm's default, or `interpolation`); val: timm's eval box (`sampling.center_crop_box`, fractional: `fn.resize`
+takes a float ROI inside the whole-pixel window), bicubic. Measured on demo data (CPU decoder): per-image mean
+|diff| to the PIL backend 0.18 grey levels (`fastrsb bench parity`); nvJPEG's decode is not bit-identical to
+libjpeg-turbo's, so on a GPU the gap is the decoder's too.
 
 Reads: an `external_source` fed from the shared `sampling.IndexPlan` (JPEG bytes sliced out of the
 memory-mapped shards at the offsets of the .idx files), rather than `fn.readers.webdataset` with
@@ -50,6 +51,7 @@ outputs have not been measured on a GPU yet.
 from __future__ import annotations
 
 import collections
+import math
 
 import numpy as np
 
@@ -107,6 +109,7 @@ class PlanSource:
         self.read = ShardBytes(index)
         self.index = index
         self.box_args = crop.box_args  # read_box's constants, made once
+        self.crop_first = crop.crop_first
         self.batches: list[np.ndarray] = []
         self.k = 0
         self.res = 0
@@ -126,7 +129,8 @@ class PlanSource:
 
         The boxes, flips and filters of `CropSpec.read`: `sampling.read_box` compiled with numba (a host
         cost per batch; in Python it would be per read)."""
-        out = _windows_function()(self.index.heights[ids], self.index.widths[ids], tagged, self.res, *self.box_args)
+        out = _windows_function()(self.index.heights[ids], self.index.widths[ids], tagged, self.res, self.crop_first,
+                                  *self.box_args)
         start, shape, roi_start, roi_end, bicubic, flips = out
         interp = np.where(bicubic == 1, int(types.INTERP_CUBIC), int(types.INTERP_LINEAR)).astype(np.int32)
         return start, shape, roi_start, roi_end, interp, flips
@@ -163,17 +167,19 @@ def _windows_function():
         margin = resample.numba_functions()[2]
 
         @numba.njit(cache=False)
-        def windows(heights, widths, tagged, res, *box_args):
+        def windows(heights, widths, tagged, res, crop_first, *box_args):
             n = tagged.size
             start, shape = np.zeros((n, 2), np.int32), np.zeros((n, 2), np.int32)
             roi_start, roi_end = np.zeros((n, 2), np.float32), np.zeros((n, 2), np.float32)
             bicubic, flips = np.zeros(n, np.int32), np.zeros(n, np.int32)
             for k in range(n):
                 height, width = np.int64(heights[k]), np.int64(widths[k])
-                top, left, h, w, flip, cubic = read_box(height, width, tagged[k], *box_args)
-                my, mx = margin(h, res, cubic), margin(w, res, cubic)
-                y0, x0 = max(0, top - my), max(0, left - mx)
-                y1, x1 = min(height, top + h + my), min(width, left + w + mx)
+                top, left, h, w, flip, cubic = read_box(height, width, tagged[k], res, *box_args)
+                # crop_first (train): the window is the box, so the resize reads nothing beyond it, as a crop
+                my, mx = (0, 0) if crop_first else (margin(h, res, cubic), margin(w, res, cubic))
+                # the box may be fractional (eval): the window is whole pixels around it, the ROI stays fractional
+                y0, x0 = max(0, int(math.floor(top)) - my), max(0, int(math.floor(left)) - mx)
+                y1, x1 = min(height, int(math.ceil(top + h)) + my), min(width, int(math.ceil(left + w)) + mx)
                 start[k, 0], start[k, 1], shape[k, 0], shape[k, 1] = x0, y0, x1 - x0, y1 - y0
                 roi_start[k, 0], roi_start[k, 1] = top - y0, left - x0
                 roi_end[k, 0], roi_end[k, 1] = top - y0 + h, left - x0 + w

@@ -15,9 +15,10 @@ Differences from ffcv-imagenet's `RandomResizedCropRGBImageDecoder` + `RandomHor
   and DALI backends draw the same boxes, so a fresh loader at epoch e repeats a run's epoch e.
 - Resize: not FFCV's `resize_crop` (OpenCV INTER_AREA, fixed in libffcv, which upsamples almost like
   nearest-neighbour) but `resample.resize_box`, a numba port of Pillow's antialiased bilinear/bicubic
-  resampling: train reads bilinear or bicubic per read ("random", timm's default) or as
-  `interpolation` says, val bicubic. It reads the same pixels around the box as PIL's
-  `Image.resize(box=...)`. Its cost against INTER_AREA is not in benchmarks/results yet.
+  resampling: train reads bilinear or bicubic per read ("random", timm's default) or as `interpolation` says,
+  val bicubic. Train boxes are cut out before the resize (timm's `F.resized_crop`); eval boxes are resized
+  within the image, reading the pixels around the box as timm's resize of the whole image does
+  (`CropSpec.crop_first`). Its cost against INTER_AREA is not in benchmarks/results yet.
 - Pixels vs the PIL backend: libffcv decodes with libjpeg-turbo's fast integer DCT (TJFLAG_FASTDCT),
   PIL with the accurate one: per-image mean |diff| about 1 grey level (`fastrsb bench parity`).
 - Order: the Loader gets a `TraversalOrder` that returns `IndexPlan.tagged(epoch)` (DDP shard,
@@ -67,8 +68,10 @@ class SeededResizedCropDecoder(ResizedCropRGBImageDecoder):
     """Decode + crop + resize (+ flip) with crops, flips and filters drawn from (seed, tagged read).
 
     train=True: torchvision RandomResizedCrop geometry, a horizontal flip with p=crop.hflip, bilinear or
-    bicubic per crop.interpolation. train=False: the central int(crop_pct * short side) square (FFCV's
-    CenterCropRGBImageDecoder geometry), bicubic. Resized by `resample.resize_box` (PIL's filters).
+    bicubic per crop.interpolation, the box cut out before the resize (`CropSpec.crop_first`). train=False:
+    timm's eval box (`sampling.center_crop_box`: the source box of resize-short-side-to-floor(res / crop_pct)
+    then centre crop, fractional), bicubic. Resized by `resample.resize_box` (PIL's filters), which takes
+    fractional boxes as PIL does.
     """
 
     def __init__(self, output_size, crop: sampling.CropSpec):
@@ -88,6 +91,7 @@ class SeededResizedCropDecoder(ResizedCropRGBImageDecoder):
         resize_box = resample.numba_functions()[1]
         mask = sampling.SAMPLE_MASK
         seed, train, crop_pct, s_lo, s_hi, lr_lo, lr_hi, flip_p, mode = self.crop.box_args
+        crop_first = self.crop.crop_first
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
@@ -103,9 +107,10 @@ class SeededResizedCropDecoder(ResizedCropRGBImageDecoder):
                     temp_buffer = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
                 else:
                     temp_buffer = image_data.reshape(height, width, 3)
-                i, j, h, w, flip, bicubic = read_box(np.int64(height), np.int64(width), np.int64(tagged), seed,
+                res = np.int64(destination.shape[1])  # output_size, set per epoch
+                i, j, h, w, flip, bicubic = read_box(np.int64(height), np.int64(width), np.int64(tagged), res, seed,
                                                      train, crop_pct, s_lo, s_hi, lr_lo, lr_hi, flip_p, mode)
-                resize_box(temp_buffer, i, j, h, w, destination[dst_ix], bicubic, flip)
+                resize_box(temp_buffer, i, j, h, w, destination[dst_ix], bicubic, flip, crop_first)
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True

@@ -9,8 +9,9 @@ Train: torchvision's RandomResizedCrop geometry (scale 0.08-1, ratio 3/4-4/3) wi
 `sampling.random_resized_crop` from (seed, read), resized with PIL's antialiased bilinear or bicubic
 filter, chosen per read from the same key when `interpolation="random"` (timm's default for its train
 transform) or fixed, then a horizontal flip decided by the same key: the FFCV and DALI backends draw
-the very same boxes, flips and filters. Val: the central c x c square, c = int(crop_pct * short side),
-resized to res with antialiased bicubic: resize-short-side-to-res/crop_pct-then-center-crop, as timm's eval.
+the very same boxes, flips and filters. Val: timm's eval transform (short side resized to
+floor(res / crop_pct) bicubic, centre crop res x res with torchvision's rounding) read as one fractional
+source box (`sampling.center_crop_box`) and resized to res with antialiased bicubic in one call.
 These are the reference pixels `fastrsb bench parity` compares the other backends with.
 
 Batches are uint8 NHWC in worker processes, pinned, and copied to the GPU on a side CUDA stream one
@@ -169,14 +170,19 @@ def decode_rgb(data):
 
 
 def crop_resize(img, tagged: int, res: int, spec: sampling.CropSpec) -> np.ndarray:
-    """One read: HxWx3 uint8 at res x res (train: seeded RRC + flip; val: center window), resized with
-    PIL's antialiased bilinear or bicubic filter, as `spec.read` (the box every backend reads) says."""
+    """One read: HxWx3 uint8 at res x res (train: seeded RRC + flip; val: timm's eval box), resized with
+    PIL's antialiased bilinear or bicubic filter, as `spec.read` (the box every backend reads) says; train
+    boxes are cut out before the resize, eval boxes resized within the image (`spec.crop_first`)."""
     from PIL import Image
 
     width, height = img.size
-    top, left, h, w, flip, bicubic = spec.read(height, width, tagged)
+    top, left, h, w, flip, bicubic = spec.read(height, width, tagged, res)
     resample = Image.BICUBIC if bicubic else Image.BILINEAR
-    out = img.resize((res, res), resample, box=(left, top, left + w, top + h))
+    if spec.crop_first:  # train: whole-pixel box, cut out first (timm's F.resized_crop)
+        box = (int(left), int(top), int(left + w), int(top + h))
+        out = img.crop(box).resize((res, res), resample)
+    else:  # eval: the box within the whole image (timm's resize then centre crop)
+        out = img.resize((res, res), resample, box=(left, top, left + w, top + h))
     if flip:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
     return np.asarray(out, dtype=np.uint8)

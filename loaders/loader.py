@@ -12,13 +12,13 @@ source ImageFolder root (`<split>/<class>/*`).
 Train split: random-resized-crop (scale 0.08-1, ratio 3/4-4/3) fused with decoding, resized to `res`
 with an antialiased bilinear or bicubic filter (`interpolation`: fixed, or "random" per read as timm's
 `transforms_imagenet_train`), then a horizontal flip with probability `hflip` (the recipe's): the only
-flip of the pipeline. Val split: the central int(crop_pct * short side) square resized to res x res,
-antialiased bicubic (timm's eval transform). Every backend uses PIL's filters: PIL itself; FFCV a
-numba port of Pillow's resampling (`resample.py`; FFCV's own OpenCV INTER_AREA is not used); DALI
-`fn.resize` with the same filter per sample (antialias on). The pixels differ only by the JPEG decoder
-(libjpeg-turbo in PIL and FFCV, nvJPEG / libjpeg-turbo in DALI) and rounding:
-`fastrsb bench parity` measures the gap. Reads (order, DDP shards, repeated
-augmentation, pads) and crops come from one `sampling.IndexPlan` and `sampling.CropSpec`, identical
+flip of the pipeline. Val split: timm's eval transform (short side resized to floor(res / crop_pct),
+centre crop res x res), read as one source box (`sampling.center_crop_box`) and resized antialiased
+bicubic. Every backend uses PIL's filters: PIL itself; FFCV a numba port of Pillow's resampling
+(`resample.py`; FFCV's own OpenCV INTER_AREA is not used); DALI `fn.resize` with the same filter per
+sample (antialias on). The pixels differ only by the JPEG decoder (libjpeg-turbo in PIL and FFCV, nvJPEG
+/ libjpeg-turbo in DALI) and rounding: `fastrsb bench parity` measures the gap. Reads (order, DDP
+shards, repeated augmentation, pads) and crops come from one `sampling.IndexPlan` and `sampling.CropSpec`, identical
 for all backends. Iterating twice without `set_epoch` repeats the epoch (as torch's DistributedSampler does).
 `set_epoch(epoch, start_batch=k)` starts the epoch at its batch k (a run resumed mid-epoch): the
 plan is a pure function of (seed, epoch), so the first k batches are skipped without being read, and
@@ -42,11 +42,15 @@ class Loader:
 
     Attributes: backend (its registered name), num_samples (samples in the split), classes (the class
     names, label = position), num_classes,
-    samples_per_epoch (what this rank yields per epoch), device, res, reason (why `auto` chose it).
+    samples_per_epoch (what this rank yields per epoch), device, res, reason (why `auto` chose it),
+    plan and crop (the `sampling.IndexPlan` and `sampling.CropSpec` its reads follow: what a reference
+    implementation needs to redo a batch, as `fastrsb bench parity` does with timm's transforms).
     """
 
-    def __init__(self, impl, *, res: int, reason: str = ""):
+    def __init__(self, impl, *, res: int, crop: CropSpec, reason: str = ""):
         self._impl = impl
+        self.plan = impl.plan
+        self.crop = crop
         self.backend = impl.backend
         self.num_samples = int(impl.num_samples)
         self.classes = list(impl.classes)
@@ -164,4 +168,4 @@ def make_loader(backend: str, data, split: str, *, batch_size: int, res: int, de
     impl = spec.open(data, split, batch_size=batch_size, res=res, device=device, num_workers=num_workers,
                      plan_kwargs=plan_kwargs, crop=crop,
                      options={"hw_decoder_load": hw_decoder_load, "prefetch_depth": prefetch_depth})
-    return Loader(impl, res=res, reason=reason)
+    return Loader(impl, res=res, crop=crop, reason=reason)

@@ -1,13 +1,15 @@
 """PIL's antialiased resize of a box, in numba: the FFCV backend's crop resize.
 
-`resize_box(src, top, left, h, w, dst, bicubic, flip)` gives the pixels of
+`resize_box(src, top, left, h, w, dst, bicubic, flip, crop_first)` gives the pixels of
 `Image.fromarray(src).resize((W, H), BILINEAR or BICUBIC, box=(left, top, left + w, top + h))`
-(then mirrored when flip), within 2 grey levels and equal for most boxes (tests/test_loaders.py: Pillow
-13 may run its two passes in the other order): it follows Pillow's libImaging/Resample.c:
+(crop_first: of `.crop(box).resize((W, H), ...)`, the train reads'), then mirrored when flip, within
+2 grey levels and equal for most boxes (tests/test_loaders.py: Pillow 13 may run its two passes in
+the other order): it follows Pillow's libImaging/Resample.c:
 
 - per output pixel, a filter centred at in0 + (x + 0.5) * scale with support widened by the
   downscale factor (antialiasing), taps clipped to the image (not to the box: pixels just outside
-  the box are read, as PIL does), weights normalised to sum 1 and rounded to 22-bit fixed point;
+  the box are read, as PIL does; crop_first: clipped to the box, as for a cropped image), weights
+  normalised to sum 1 and rounded to 22-bit fixed point;
 - a horizontal pass over the rows the vertical pass needs, rounded to uint8, then a vertical pass;
 - filters: bilinear = triangle on [-1, 1]; bicubic = Keys' cubic with a = -0.5 on [-2, 2].
 
@@ -80,11 +82,20 @@ def _build(jit):
         return acc >> PRECISION_BITS
 
     @jit
-    def resize_box(src, top, left, h, w, dst, bicubic, flip):
-        """Resize src[top:top+h, left:left+w] (HxWx3 uint8) into dst (uint8), as PIL; mirror when flip."""
+    def resize_box(src, top, left, h, w, dst, bicubic, flip, crop_first):
+        """Resize the box (top, left, h, w) of src (HxWx3 uint8) into dst (uint8), as PIL; mirror when flip.
+
+        crop_first: the box is whole pixels and cut out first, `Image.crop(box).resize(...)` (taps clipped
+        to the box); else `Image.resize(box=...)` of a box that may be fractional (taps clipped to src)."""
         out_h, out_w = dst.shape[0], dst.shape[1]
-        bh, kh = coefficients(src.shape[1], float(left), float(left + w), out_w, bicubic)
-        bv, kv = coefficients(src.shape[0], float(top), float(top + h), out_h, bicubic)
+        if crop_first:
+            bh, kh = coefficients(int(w), 0.0, float(w), out_w, bicubic)
+            bv, kv = coefficients(int(h), 0.0, float(h), out_h, bicubic)
+            bh[:, 0] += int(left)
+            bv[:, 0] += int(top)
+        else:
+            bh, kh = coefficients(src.shape[1], float(left), float(left + w), out_w, bicubic)
+            bv, kv = coefficients(src.shape[0], float(top), float(top + h), out_h, bicubic)
         y_first = bv[0, 0]
         y_last = bv[out_h - 1, 0] + bv[out_h - 1, 1]
         half = 1 << (PRECISION_BITS - 1)

@@ -241,38 +241,58 @@ def _build(jit):
         return int(mode == 1)  # BICUBIC
 
     @jit
-    def read_box(height, width, tagged, seed, train, crop_pct, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi,
-                 flip_p, mode):
-        """(top, left, crop_height, crop_width, flip, bicubic) of one read: every backend's boxes come from here.
+    def center_crop_box(height, width, res, crop_pct):
+        """(top, left, box_height, box_width) in source pixels, fractional: the box timm's eval transform reads.
 
-        Train: `random_resized_crop` and `use_bicubic`. Eval: FFCV's CenterCropRGBImageDecoder geometry, the
-        central c x c square with c = int(crop_pct * short side) (at least 1); resizing it to res equals resizing the
-        short side to res / crop_pct (224 / 0.95 = 235.8) and cropping the central res x res. The arguments
-        after (height, width, tagged) are `CropSpec.box_args`."""
+        timm's `transforms_imagenet_eval` (crop_mode "center"): torchvision's Resize(floor(res / crop_pct)) on
+        the short side (long side int(size * long / short); an image of that size already is not resized, and
+        a box at scale 1 is copied exactly by PIL's filters), then CenterCrop(res) at offsets
+        int(round((side - res) / 2)) (round half to even, Python's and numba's round). PIL's `Image.resize(box=...)` of the
+        source box that maps onto that crop gives the pixels of resize-then-crop: the same filter centres,
+        support and taps (clipped to the image, not to the box)."""
+        size = math.floor(res / crop_pct)
+        if width <= height:
+            new_w, new_h = size, int(size * height / width)
+        else:
+            new_h, new_w = size, int(size * width / height)
+        top = int(round((new_h - res) / 2.0))
+        left = int(round((new_w - res) / 2.0))
+        scale_y, scale_x = height / new_h, width / new_w
+        return top * scale_y, left * scale_x, res * scale_y, res * scale_x
+
+    @jit
+    def read_box(height, width, tagged, res, seed, train, crop_pct, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi,
+                 flip_p, mode):
+        """(top, left, box_height, box_width, flip, bicubic) of one read resized to res x res: every backend's
+        boxes come from here. The box is in source pixels, as floats (whole numbers in train).
+
+        Train: `random_resized_crop` and `use_bicubic`. Eval: `center_crop_box`, timm's eval geometry (resize
+        the short side to floor(res / crop_pct), centre crop res x res), never flipped, bicubic. The
+        arguments after (height, width, tagged, res) are `CropSpec.box_args`."""
         key = read_key(seed, tagged)
         if train:
             top, left, h, w, flip = random_resized_crop(height, width, key, scale_lo, scale_hi, log_ratio_lo,
                                                         log_ratio_hi, flip_p)
-        else:
-            c = max(1, int(crop_pct * min(height, width)))  # a 1-pixel side still gives a 1-pixel window
-            top, left, h, w, flip = (height - c) // 2, (width - c) // 2, c, c, 0
-        return top, left, h, w, flip, use_bicubic(key, mode)
+            return float(top), float(left), float(h), float(w), flip, use_bicubic(key, mode)
+        top_f, left_f, h_f, w_f = center_crop_box(height, width, res, crop_pct)
+        return top_f, left_f, h_f, w_f, 0, use_bicubic(key, mode)
 
     return SimpleNamespace(read_key=read_key, uniform=uniform, random_resized_crop=random_resized_crop,
-                           use_bicubic=use_bicubic, read_box=read_box)
+                           use_bicubic=use_bicubic, center_crop_box=center_crop_box, read_box=read_box)
 
 
 BILINEAR, BICUBIC, RANDOM = 0, 1, 2
 INTERPOLATIONS = {"bilinear": BILINEAR, "bicubic": BICUBIC, "random": RANDOM}
 _PLAIN = _build(lambda f: f)
-read_key, uniform, random_resized_crop, use_bicubic, read_box = (
-    _PLAIN.read_key, _PLAIN.uniform, _PLAIN.random_resized_crop, _PLAIN.use_bicubic, _PLAIN.read_box)
+read_key, uniform, random_resized_crop, use_bicubic, center_crop_box, read_box = (
+    _PLAIN.read_key, _PLAIN.uniform, _PLAIN.random_resized_crop, _PLAIN.use_bicubic, _PLAIN.center_crop_box,
+    _PLAIN.read_box)
 _NUMBA = None
 
 
 def numba_functions() -> SimpleNamespace:
-    """read_key, uniform, random_resized_crop, use_bicubic and read_box compiled by numba, for FFCV's
-    JIT pipeline and DALI's per-batch windows."""
+    """read_key, uniform, random_resized_crop, use_bicubic, center_crop_box and read_box compiled by numba,
+    for FFCV's JIT pipeline and DALI's per-batch windows."""
     global _NUMBA
     if _NUMBA is None:
         import numba
@@ -309,19 +329,30 @@ class CropSpec:
                                f"got {self.interpolation!r}")
 
     @property
+    def crop_first(self) -> bool:
+        """Whether the box is cut out before it is resized, so the filter reads only pixels inside it.
+
+        Train: yes, as timm's RandomResizedCropAndInterpolation (torchvision's `F.resized_crop`: crop, then
+        resize the crop). Eval: no, as timm's eval transform (resize the whole image, then crop): the
+        filter's taps around the box edges read the pixels beyond them (clipped to the image), which PIL's
+        `Image.resize(box=...)` does. Every backend follows this flag."""
+        return self.train
+
+    @property
     def mode(self) -> int:
         """The filter as an int for compiled code: BILINEAR, BICUBIC or RANDOM (eval: always BICUBIC)."""
         return INTERPOLATIONS[self.interpolation] if self.train else BICUBIC
 
     @property
     def box_args(self) -> tuple:
-        """The arguments of `read_box` after (height, width, tagged), for compiled callers."""
+        """The arguments of `read_box` after (height, width, tagged, res), for compiled callers."""
         return (int(self.seed), bool(self.train), float(self.crop_pct), float(self.scale[0]), float(self.scale[1]),
                 math.log(self.ratio[0]), math.log(self.ratio[1]), float(self.hflip), self.mode)
 
-    def read(self, height: int, width: int, tagged: int) -> tuple[int, int, int, int, int, int]:
-        """(top, left, crop_height, crop_width, flip, bicubic) of one read of an image of this size."""
-        return read_box(int(height), int(width), int(tagged), *self.box_args)
+    def read(self, height: int, width: int, tagged: int, res: int) -> tuple[float, float, float, float, int, int]:
+        """(top, left, box_height, box_width, flip, bicubic) of one read of an image of this size, resized to
+        res x res (the box in source pixels; eval boxes are fractional)."""
+        return read_box(int(height), int(width), int(tagged), int(res), *self.box_args)
 
     def bicubic(self, tagged: int) -> bool:
         """Whether this read is resized bicubic (else bilinear)."""

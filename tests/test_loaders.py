@@ -143,17 +143,19 @@ def test_tags_and_seeded_crops():
 
 def test_read_box_is_one_function_for_every_backend():
     """CropSpec.read (PIL) and the numba read_box (FFCV's decoder, DALI's windows) give the same reads;
-    train reads are random_resized_crop + use_bicubic of the read's key, eval reads the central
-    int(crop_pct * short side) square (at least 1 pixel), bicubic, never flipped."""
+    train reads are random_resized_crop + use_bicubic of the read's key, eval reads timm's eval box
+    (center_crop_box, pinned to timm's pixels in test_parity.py), bicubic, never flipped."""
     compiled = sampling.numba_functions().read_box
     tags = sampling.tag(np.arange(400), 1, 3)
+    res = 56
     for spec in (sampling.CropSpec(train=True, seed=11, interpolation="random", hflip=0.5),
                  sampling.CropSpec(train=True, seed=11, scale=(0.35, 1.0), ratio=(0.5, 2.0), interpolation="bilinear"),
                  sampling.CropSpec(train=False, seed=11, crop_pct=0.95)):
         for hw in ((120, 160), (333, 500), (500, 90), (1, 1)):
             for t in tags[:100 if hw == (1, 1) else 400]:
-                read = spec.read(*hw, int(t))
-                assert read == tuple(compiled(np.int64(hw[0]), np.int64(hw[1]), np.int64(t), *spec.box_args))
+                read = spec.read(*hw, int(t), res)
+                assert read == tuple(compiled(np.int64(hw[0]), np.int64(hw[1]), np.int64(t), np.int64(res),
+                                              *spec.box_args))
                 assert bool(read[5]) == spec.bicubic(int(t))
                 key = sampling.read_key(spec.seed, int(t))
                 if spec.train:
@@ -162,8 +164,12 @@ def test_read_box_is_one_function_for_every_backend():
                     assert read[5] == (sampling.use_bicubic(key, sampling.RANDOM) if spec.interpolation == "random"
                                        else 0)
                 else:
-                    c = max(1, int(0.95 * min(hw)))
-                    assert read == ((hw[0] - c) // 2, (hw[1] - c) // 2, c, c, 0, 1)
+                    assert read == (*sampling.center_crop_box(*hw, res, 0.95), 0, 1)
+    # eval boxes of a 333 x 500 image at 56 / 0.95: short side to floor(58.9) = 58, long side int(58 * 500 / 333) = 87,
+    # centre crop offsets round(2 / 2) = 1 and round(31 / 2) = 16 (half to even), in source pixels
+    top, left, h, w = sampling.center_crop_box(333, 500, 56, 0.95)
+    assert (top, left) == pytest.approx((1 * 333 / 58, 16 * 500 / 87)) and (h, w) == pytest.approx((56 * 333 / 58,
+                                                                                                    56 * 500 / 87))
 
 
 @pytest.mark.parametrize("world,accum", [(1, 1), (1, 3), (1, 8), (2, 1), (2, 2), (2, 4), (8, 1), (8, 2)])
@@ -205,10 +211,11 @@ def test_plan_accumulation_without_repeats_reads_each_sample_once():
 
 
 def test_resample_matches_pil():
-    """resample.resize_box against PIL's Image.resize(box=...) (the oracle) on smooth images: within 2
-    grey levels, mean <= 0.25 per box, and most boxes bit-exact. It follows Pillow's horizontal-then-
-    vertical order; Pillow 13 runs the vertical pass first for some boxes, which moves the uint8
-    rounding of the intermediate (measured with Pillow 13.0: max 2, mean 0.034, 74% of boxes exact)."""
+    """resample.resize_box against PIL's Image.resize(box=...) and, with crop_first, Image.crop(box).resize
+    (the oracles) on smooth images: within 2 grey levels, mean <= 0.25 per box, and most boxes bit-exact. It
+    follows Pillow's horizontal-then-vertical order; Pillow 13 runs the vertical pass first for some boxes,
+    which moves the uint8 rounding of the intermediate (measured with Pillow 13.0: max 2, mean 0.034, 74% of
+    boxes exact)."""
     from PIL import Image, ImageFilter
 
     from fastrsb.loaders.resample import numba_functions
@@ -223,11 +230,16 @@ def test_resample_matches_pil():
         h, w = int(rng.integers(1, height + 1)), int(rng.integers(1, width + 1))
         top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
         res, bicubic, flip = int(rng.integers(8, 240)), bool(trial % 2), bool(trial % 5 == 0)
-        ref = Image.fromarray(src).resize((res, res), Image.BICUBIC if bicubic else Image.BILINEAR,
-                                          box=(left, top, left + w, top + h))
+        crop_first = trial % 3 == 0
+        box = (left, top, left + w, top + h)
+        filt = Image.BICUBIC if bicubic else Image.BILINEAR
+        if crop_first:
+            ref = Image.fromarray(src).crop(box).resize((res, res), filt)
+        else:
+            ref = Image.fromarray(src).resize((res, res), filt, box=box)
         ref = np.asarray(ref.transpose(Image.FLIP_LEFT_RIGHT) if flip else ref).astype(int)
         out = np.empty((res, res, 3), np.uint8)
-        resize_box(src, top, left, h, w, out, bicubic, flip)
+        resize_box(src, top, left, h, w, out, bicubic, flip, crop_first)
         diff = np.abs(out.astype(int) - ref)
         assert diff.max() <= 2 and diff.mean() <= 0.25, (trial, height, width, top, left, h, w, res, bicubic)
         exact.append(diff.max() == 0)
@@ -235,8 +247,9 @@ def test_resample_matches_pil():
 
 
 def test_dali_windows_follow_the_crop_spec():
-    """DALI's per-batch windows (numba) hold CropSpec's boxes, flips and filters, and a margin that
-    covers the taps PIL's resize reads around the box (resample.coefficients)."""
+    """DALI's per-batch windows (numba) hold CropSpec's boxes, flips and filters; train windows are the
+    box itself (crop, then resize), eval windows have a margin that covers the taps PIL's resize reads
+    around the box (resample.coefficients)."""
     pytest.importorskip("nvidia.dali")
     from fastrsb.loaders import resample
     from fastrsb.loaders.dali_loader import _windows_function
@@ -247,15 +260,19 @@ def test_dali_windows_follow_the_crop_spec():
     for spec, res in ((sampling.CropSpec(train=True, seed=5), 160), (sampling.CropSpec(train=False, seed=5,
                                                                                      crop_pct=0.95), 224)):
         start, shape, roi_start, roi_end, bicubic, flips = _windows_function()(heights, widths, tagged, res,
-                                                                               *spec.box_args)
+                                                                               spec.crop_first, *spec.box_args)
         for k in range(tagged.size):
             height, width, t = int(heights[k]), int(widths[k]), int(tagged[k])
-            top, left, h, w, flip, _ = spec.read(height, width, t)
+            top, left, h, w, flip, _ = spec.read(height, width, t, res)
             x0, y0 = start[k]
-            assert (y0 + roi_start[k][0], x0 + roi_start[k][1]) == (top, left)
-            assert (roi_end[k] - roi_start[k]).tolist() == [h, w]
+            # the ROI is float32 (DALI's): exact for whole-pixel train boxes, within float32 rounding for eval's
+            assert (y0 + roi_start[k][0], x0 + roi_start[k][1]) == pytest.approx((top, left), rel=0, abs=1e-3)
+            assert (roi_end[k] - roi_start[k]).tolist() == pytest.approx([h, w], rel=0, abs=1e-3)
             assert flips[k] == flip and bool(bicubic[k]) == spec.bicubic(t)
             assert 0 <= x0 and 0 <= y0 and x0 + shape[k][0] <= width and y0 + shape[k][1] <= height
+            if spec.crop_first:
+                assert (y0, x0, shape[k][1], shape[k][0]) == (top, left, h, w) and roi_start[k].tolist() == [0, 0]
+                continue
             for extent, first, size, box0, box_len in ((width, x0, shape[k][0], left, w),
                                                       (height, y0, shape[k][1], top, h)):
                 bounds, _ = resample.coefficients(extent, float(box0), float(box0 + box_len), res, bool(bicubic[k]))

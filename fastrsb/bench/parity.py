@@ -1,4 +1,4 @@
-"""Do the loader backends produce the same pixels, and are the crops timm's?
+"""Do the loader backends produce the same pixels, are they timm's, and are the crops timm's?
 
 Question 1 (pixels): for the same seed, each installed backend reads the first `--batches` train and
 val batches of epoch 0 (same samples, same boxes, flips and filters: `sampling.CropSpec`), on
@@ -8,15 +8,23 @@ in grey levels of 255. Reported: median and max over the images, per backend and
 left is the JPEG decoder (libffcv decodes with libjpeg-turbo's fast integer DCT; DALI's CPU decoder
 and nvJPEG are not PIL's libjpeg-turbo build) and rounding inside the resize.
 
-Question 2 (crops): the crop area fraction and aspect ratio of `CropSpec.read` (10k reads) against
+Question 2 (timm): the same reads through timm's own transforms on the same JPEG bytes
+(`timm_reference`): eval, `timm.data.create_transform(res, is_training=False, crop_pct,
+interpolation="bicubic")`; train, timm's RandomResizedCropAndInterpolation for the read's box and
+filter (torchvision's `F.resized_crop`: crop, then resize the crop) and the flip. Every backend, PIL
+included: per-image mean |diff| median and max, and the median over the images of the mean over their
+3-px border band, where crop-then-resize (taps clipped to the crop) and PIL's resize-with-box (taps
+read around the box) differ.
+
+Question 3 (crops): the crop area fraction and aspect ratio of `CropSpec.read` (10k reads) against
 torchvision's `RandomResizedCrop.get_params` (10k draws, timm's sampler), per image size: the
 two-sample Kolmogorov-Smirnov statistic, with its 1% critical value 1.628 * sqrt(2 / n).
 
     fastrsb bench parity --demo                 # a demo dataset in a temp dir (converted both formats)
     fastrsb bench parity OUT --res 224 --out benchmarks/results/parity.jsonl
 
-Output: JSON lines (fastrsb.benchlog), one per (backend, split) and per (image size, quantity), and
-a table on stdout.
+Output: JSON lines (fastrsb.benchlog), one per (backend, split, reference) and per (image size,
+quantity), and a table on stdout. Question 2 reads the converted dataset's shards (as DALI and PIL do).
 """
 from __future__ import annotations
 
@@ -53,7 +61,8 @@ def crop_distributions(height: int, width: int, draws: int = 10_000, seed: int =
     from fastrsb.loaders import sampling
 
     spec = sampling.CropSpec(train=True, seed=seed)
-    ours = np.asarray([spec.read(height, width, int(t))[:4] for t in sampling.tag(np.arange(draws), 0, 0)])
+    res = 224  # the output size; train boxes do not depend on it
+    ours = np.asarray([spec.read(height, width, int(t), res)[:4] for t in sampling.tag(np.arange(draws), 0, 0)])
     torch.manual_seed(seed)
     img = torch.empty(1, height, width)
     theirs = np.asarray([RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(draws)])
@@ -65,8 +74,8 @@ def crop_distributions(height: int, width: int, draws: int = 10_000, seed: int =
     return out
 
 
-def read_batches(backend: str, data, split: str, *, batches: int, **kw):
-    """(images uint8 NCHW, labels) of the first `batches` batches of epoch 0."""
+def read_reads(backend: str, data, split: str, *, batches: int, **kw):
+    """(images uint8 NCHW, labels, tagged reads, crop spec) of the first `batches` batches of epoch 0."""
     import torch
 
     from fastrsb.loaders import make_loader
@@ -78,8 +87,85 @@ def read_batches(backend: str, data, split: str, *, batches: int, **kw):
         ys.append(y.cpu().clone())
         if k + 1 >= batches:
             break
+    x, y = torch.cat(xs), torch.cat(ys)
+    tagged, crop = loader.plan.tagged(0)[:y.numel()], loader.crop
     del loader
-    return torch.cat(xs), torch.cat(ys)
+    return x, y, tagged, crop
+
+
+def read_batches(backend: str, data, split: str, *, batches: int, **kw):
+    """(images uint8 NCHW, labels) of the first `batches` batches of epoch 0."""
+    x, y, _, _ = read_reads(backend, data, split, batches=batches, **kw)
+    return x, y
+
+
+def timm_reference(data, split: str, tagged, res: int, crop) -> "torch.Tensor":
+    """timm's own transforms, image by image, on the JPEG bytes the backends decode (the converted
+    dataset's shards, decoded as the PIL backend does): uint8 NCHW.
+
+    Eval: `timm.data.create_transform(res, is_training=False, crop_pct, interpolation="bicubic")`, the
+    pipeline of the RSB paper's figures. Train: timm's RandomResizedCropAndInterpolation for the read's own
+    box and filter (`crop.read`), i.e. torchvision's `F.resized_crop` (crop, then resize the crop), then
+    RandomHorizontalFlip's `F.hflip` when the read flips."""
+    import timm.data
+    import torch
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    from fastrsb.loaders import sampling
+    from fastrsb.loaders.imagefolder import decode_rgb
+    from fastrsb.loaders.layout import ShardBytes, ShardIndex
+
+    read = ShardBytes(ShardIndex.load(data, split))
+    eval_transform = timm.data.create_transform(res, is_training=False, crop_pct=crop.crop_pct,
+                                                interpolation="bicubic", use_prefetcher=True)  # uint8 CHW
+    out = []
+    for t in np.asarray(tagged, np.int64):
+        img = decode_rgb(read(int(t) & sampling.SAMPLE_MASK))
+        if not crop.train:
+            out.append(eval_transform(img))
+            continue
+        width, height = img.size
+        top, left, h, w, flip, bicubic = crop.read(height, width, int(t), res)
+        mode = InterpolationMode.BICUBIC if bicubic else InterpolationMode.BILINEAR
+        img = F.resized_crop(img, int(top), int(left), int(h), int(w), [res, res], mode)
+        out.append(F.pil_to_tensor(F.hflip(img) if flip else img))
+    return torch.stack(out)
+
+
+BORDER_PX = 3  # the band along the edges where crop-then-resize and resize-with-box read different taps
+
+
+def image_differences(x, ref) -> dict:
+    """Per-image mean |x - ref| (grey levels) over the whole image and over its BORDER_PX-pixel border band:
+    {"median", "max", "border_median", "images"}."""
+    import torch
+
+    diff = (x.float() - ref.float()).abs()
+    per_image = diff.mean(dim=(1, 2, 3))
+    band = torch.ones(diff.shape[-2:], dtype=torch.bool)
+    band[BORDER_PX:-BORDER_PX, BORDER_PX:-BORDER_PX] = False
+    border = diff[..., band].mean(dim=(1, 2))
+    return {"median": float(per_image.median()), "max": float(per_image.max()),
+            "border_median": float(border.median()), "images": int(x.shape[0])}
+
+
+def timm_parity(data, split: str, backends, *, batches: int, res: int, **kw) -> dict:
+    """{backend: image_differences(backend's batches, timm_reference of the same reads)}: every backend,
+    the PIL one included, against timm's transforms."""
+    out, ref, reads = {}, None, None
+    for b in backends:
+        try:
+            x, y, tagged, crop = read_reads(b, data, split, batches=batches, res=res, **kw)
+        except Exception as e:  # a backend that cannot build or read here is named, and the others go on
+            print(f"# {b}: skipped, {failure(e)}", flush=True)
+            continue
+        if ref is None:
+            ref, reads = timm_reference(data, split, tagged, res, crop), tagged
+        elif not np.array_equal(tagged, reads):
+            raise AssertionError(f"{b} read other samples than {next(iter(out))} for {split}: the plan is not shared")
+        out[b] = image_differences(x, ref)
+    return out
 
 
 def pixel_parity(data, split: str, backends, *, reference: str = "pil", batches: int, **kw) -> dict:
@@ -152,15 +238,19 @@ def run(args) -> list[dict]:
         if "pil" not in here:
             print(f"# {split}: the PIL reference cannot read {data}; skipped", flush=True)
             continue
-        result = pixel_parity(data, split, here, batches=args.batches, batch_size=args.batch_size, res=res,
-                              device=args.device, seed=args.seed, crop_pct=args.crop_pct, num_workers=workers)
-        for b, r in result.items():
-            rec = record("parity", f"{b} {split} vs pil", r["median"], unit="grey levels (per-image mean |diff|, median)",
-                         config={**config, "backend": b, "split": split, "res": res}, device=args.device,
-                         max=round(r["max"], 3),
-                         images=r["images"])
-            out.append(emit(rec, args.out))
-            table.append(f"# {b:6} {split:6} {res:5} {r['median']:>12.3f} {r['max']:>9.3f}")
+        kw = dict(batches=args.batches, batch_size=args.batch_size, res=res, device=args.device, seed=args.seed,
+                  crop_pct=args.crop_pct, num_workers=workers)
+        for reference, result in (("pil", pixel_parity(data, split, here, **kw)),
+                                  ("timm", timm_parity(data, split, here, **kw))):
+            for b, r in result.items():
+                extra = {"border_median": round(r["border_median"], 3)} if "border_median" in r else {}
+                rec = record("parity", f"{b} {split} vs {reference}", r["median"],
+                             unit="grey levels (per-image mean |diff|, median)",
+                             config={**config, "backend": b, "split": split, "res": res}, device=args.device,
+                             max=round(r["max"], 3), images=r["images"], **extra)
+                out.append(emit(rec, args.out))
+                border = f"{r['border_median']:>10.3f}" if extra else f"{'':>10}"
+                table.append(f"# {b:6} {split:6} {res:5} {reference:>6} {r['median']:>12.3f} {r['max']:>9.3f} {border}")
 
     ks_rows = []
     for height, width in CROP_SIZES:
@@ -172,8 +262,9 @@ def run(args) -> list[dict]:
                          mean_torchvision=round(s["mean_torchvision"], 4))
             out.append(emit(rec, args.out))
             ks_rows.append(f"# {height}x{width:<5} {name:11} {s['ks']:>7.4f} {s['critical_1pct']:>9.4f}")
-    print(f"# {'backend':6} {'split':6} {'res':>5} {'median |d|':>12} {'max |d|':>9}   (per-image mean abs diff "
-          "to PIL, grey levels)", flush=True)
+    print(f"# {'backend':6} {'split':6} {'res':>5} {'vs':>6} {'median |d|':>12} {'max |d|':>9} {'border':>10}   "
+          f"(per-image mean abs diff to the PIL backend or to timm's transforms, grey levels; border: the "
+          f"{BORDER_PX}-px edge band, median)", flush=True)
     for line in table:
         print(line, flush=True)
     print(f"# {'image':9} {'quantity':11} {'KS':>7} {'1% crit.':>9}   (CropSpec.read vs torchvision "
