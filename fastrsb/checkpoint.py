@@ -11,7 +11,7 @@ pickled code is ever loaded.
 
 At a run's end the final weights are also written in timm's hub format (`save_hub_files`): `model.safetensors`
 and `config.json` (timm.models.save_for_hf), so `timm.create_model("local-dir:RUN", pretrained=True)` builds
-the model with the run's eval preprocessing, and the folder uploads to the Hugging Face hub as it is.
+the model with the run's eval preprocessing, and the two files upload to the Hugging Face hub as they are.
 """
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ def tensorboard_dir(option: str | os.PathLike | bool | None, out: Path) -> Path 
     if _summary_writer() is None:
         if option is None:
             return None
-        raise FastRSBError(f"--tensorboard {'' if option is True else option}: "
+        raise FastRSBError(f"--tensorboard{'' if option is True else ' ' + str(option)}: "
                            f"{missing_extra('tensorboard', 'tensorboard')}; or leave --tensorboard out")
     return out / TENSORBOARD_DIR if option is None or option is True else Path(option)
 

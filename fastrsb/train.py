@@ -516,7 +516,6 @@ def _steps(run: _Run, last_epoch: int, stops: StopRequests, log: RunLog, *, eval
         runmeta.save_atomic(run.model.state_dict(), run.out / FINAL_WEIGHTS)
         if run.ema is not None:
             runmeta.save_atomic(run.ema.module.state_dict(), run.out / EMA_WEIGHTS)
-        save_hub_files(run.out)  # model.pt again, as model.safetensors + config.json for timm and the hub
     if finished and not metrics:  # resumed after the last epoch's checkpoint: evaluate what was trained
         metrics = evaluate(run.model)
     summary = {
@@ -534,6 +533,8 @@ def _steps(run: _Run, last_epoch: int, stops: StopRequests, log: RunLog, *, eval
         run_info = json.loads((run.out / "run.json").read_text())
         run_info["summary"] = summary
         runmeta.write_atomic(run.out / "run.json", json.dumps(run_info, indent=2, default=str) + "\n")
+        if finished:  # model.pt again, for timm and the hub; last, so no other rank waits on it in a collective
+            save_hub_files(run.out)
         say("summary: " + json.dumps(summary))
     return summary
 
