@@ -141,15 +141,19 @@ def load_for_eval(source: str | os.PathLike | torch.nn.Module, model_name: str |
 
 
 # What timm's pretrained_cfg says about the weights timm itself released for this architecture (their tag,
-# licence, origin, paper): not true of a model trained here, so left out of its config.json.
-_RELEASED_WEIGHTS_KEYS = ("tag", "license", "description", "origin_url", "paper_name", "paper_ids", "notes")
+# licence, origin, paper, test-time size and crop): not true of a model trained here, so left out.
+_RELEASED_WEIGHTS_KEYS = ("tag", "license", "description", "origin_url", "paper_name", "paper_ids", "notes",
+                          "test_input_size", "test_crop_pct", "test_pool_size")
 
 
 def save_hub_files(run_dir: str | os.PathLike) -> Path:
     """Write run_dir/model.safetensors and run_dir/config.json: the weights `fastrsb eval RUN` scores
     (`load_for_eval`: model.pt, not the EMA's model_ema.pt), in timm's hub format, with the recipe's eval
     preprocessing (test_res, test_crop_pct; bicubic, centre crop and ImageNet mean/std, as the val loaders
-    and fastrsb.augment.normalize) and the class names as label_names. Returns the config's path."""
+    and fastrsb.augment.normalize) and the class names as label_names. Returns the config's path.
+
+    timm's save_for_hf writes the model's `pretrained_cfg`, so that is set to describe this model: the
+    same on every timm 1.0 (recent releases also take the preprocessing as `data_config`, older ones not)."""
     from timm.models import save_for_hf
 
     from .augment import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -157,16 +161,21 @@ def save_hub_files(run_dir: str | os.PathLike) -> Path:
     run_dir = Path(run_dir)
     model, info = load_for_eval(run_dir)  # a fresh, contiguous timm module: no DDP/compile prefixes
     recipe = info.get("recipe") or {}
-    model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in _RELEASED_WEIGHTS_KEYS}
     res = recipe.get("test_res", 224)
+    source = model.pretrained_cfg
+    cfg = {k: v for k, v in source.items() if k not in _RELEASED_WEIGHTS_KEYS}
     # the val loaders resize the central int(crop_pct * short side) square to res (loaders/loader.py):
     # timm's eval transform "center" (resize the short side to res / crop_pct, crop res x res), bicubic
-    data_config = {"input_size": (3, res, res), "crop_pct": recipe.get("test_crop_pct", 0.95), "crop_mode": "center",
-                   "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD}
+    cfg.update(input_size=(3, res, res), crop_pct=recipe.get("test_crop_pct", 0.95), crop_mode="center",
+               interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+               num_classes=model.num_classes)
+    if tuple(source.get("input_size", ())) != cfg["input_size"]:
+        cfg["pool_size"] = None  # timm's is the feature map's size at its own input size
+    model.pretrained_cfg = cfg
     classes = info.get("classes")
     model_config = {"label_names": list(classes)} if classes and len(classes) == model.num_classes else None
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=".hub-") as tmp:
-        save_for_hf(model, tmp, model_config=model_config, safe_serialization=True, data_config=data_config)
+        save_for_hf(model, tmp, model_config=model_config, safe_serialization=True)
         for name in (HUB_WEIGHTS, HUB_CONFIG):  # the config last: its presence means both are whole
             with open(Path(tmp) / name, "rb") as src:
                 write_atomic(run_dir / name, lambda f: shutil.copyfileobj(src, f))

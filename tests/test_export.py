@@ -88,7 +88,7 @@ def test_run_folder_has_tensorboard_events_and_timm_hub_files(demo_data, tmp_pat
     assert cfg["interpolation"] == "bicubic" and cfg["num_classes"] == 4 and cfg["label_names"] == classes
     assert tuple(cfg["mean"]) == IMAGENET_DEFAULT_MEAN and tuple(cfg["std"]) == IMAGENET_DEFAULT_STD
     data_config = timm.data.resolve_data_config(model=model)  # what a timm user builds the eval transform from
-    assert data_config["input_size"] == (3, 48, 48) and data_config["crop_pct"] == 0.9
+    assert tuple(data_config["input_size"]) == (3, 48, 48) and data_config["crop_pct"] == 0.9
     # and it scores what the run reported, with the preprocessing its config names
     summary = json.loads((run / "run.json").read_text())["summary"]
     scored = evaluate(model, demo_data, "pil", res=data_config["input_size"][-1], crop_pct=data_config["crop_pct"],
