@@ -21,7 +21,9 @@ setup(
         "dali": ["nvidia-dali-cuda120"],
         # Half the size of the cuda120 build and matches torch's CUDA 13 wheels.
         "dali-cuda130": ["nvidia-dali-cuda130"],
-        "dev": ["pytest", "pytest-timeout", "matplotlib"],
+        # TensorBoard event files of `fastrsb train` (torch.utils.tensorboard writes them)
+        "tensorboard": ["tensorboard"],
+        "dev": ["pytest", "pytest-timeout", "matplotlib", "tensorboard"],
     },
     entry_points={"console_scripts": ["fastrsb=fastrsb.cli:main"]},
 )

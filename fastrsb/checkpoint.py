@@ -8,23 +8,32 @@ the epoch's length, and `epoch_loss`, `interval_loss`, `interval_steps`, `epoch_
 (so its records come out as an uninterrupted run's). Also every RNG state (one per process: their count is the run's world size) and
 the resolved recipe, as tensors, lists and numbers only, so `torch.load(weights_only=True)` reads it: no
 pickled code is ever loaded.
+
+At a run's end the final weights are also written in timm's hub format (`save_hub_files`): `model.safetensors`
+and `config.json` (timm.models.save_for_hf), so `timm.create_model("local-dir:RUN", pretrained=True)` builds
+the model with the run's eval preprocessing, and the two files upload to the Hugging Face hub as they are.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import FastRSBError
+from .runmeta import write_atomic
 from .runtime import create_model
 
 CHECKPOINT = "checkpoint.pt"
 FINAL_WEIGHTS = "model.pt"
 EMA_WEIGHTS = "model_ema.pt"
+HUB_WEIGHTS = "model.safetensors"  # the names timm's save_for_hf writes and its local-dir: / hf-hub: loaders read
+HUB_CONFIG = "config.json"
 CHECKPOINT_FORMAT = 3
 # Format 1 also stored the epoch a second time (under "loader") and the world size; format 2 had no
 # mid-epoch checkpoints (no epoch_step: every one is at an epoch's end). Both still resume.
@@ -129,3 +138,45 @@ def load_for_eval(source: str | os.PathLike | torch.nn.Module, model_name: str |
         raise FastRSBError(f"{path} does not fit a {model_name} with {num_classes} classes "
                            f"({str(e).splitlines()[0][:160]}); check --model and --num-classes") from None
     return model, info
+
+
+# What timm's pretrained_cfg says about the weights timm itself released for this architecture (their tag,
+# licence, origin, paper, test-time size and crop): not true of a model trained here, so left out.
+_RELEASED_WEIGHTS_KEYS = ("tag", "license", "description", "origin_url", "paper_name", "paper_ids", "notes",
+                          "test_input_size", "test_crop_pct", "test_pool_size")
+
+
+def save_hub_files(run_dir: str | os.PathLike) -> Path:
+    """Write run_dir/model.safetensors and run_dir/config.json: the weights `fastrsb eval RUN` scores
+    (`load_for_eval`: model.pt, not the EMA's model_ema.pt), in timm's hub format, with the recipe's eval
+    preprocessing (test_res, test_crop_pct; bicubic, centre crop and ImageNet mean/std, as the val loaders
+    and fastrsb.augment.normalize) and the class names as label_names. Returns the config's path.
+
+    timm's save_for_hf writes the model's `pretrained_cfg`, so that is set to describe this model: the
+    same on every timm 1.0 (recent releases also take the preprocessing as `data_config`, older ones not)."""
+    from timm.models import save_for_hf
+
+    from .augment import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    run_dir = Path(run_dir)
+    model, info = load_for_eval(run_dir)  # a fresh, contiguous timm module: no DDP/compile prefixes
+    recipe = info.get("recipe") or {}
+    res = recipe.get("test_res", 224)
+    source = model.pretrained_cfg
+    cfg = {k: v for k, v in source.items() if k not in _RELEASED_WEIGHTS_KEYS}
+    # the val loaders resize the central int(crop_pct * short side) square to res (loaders/loader.py):
+    # timm's eval transform "center" (resize the short side to res / crop_pct, crop res x res), bicubic
+    cfg.update(input_size=(3, res, res), crop_pct=recipe.get("test_crop_pct", 0.95), crop_mode="center",
+               interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+               num_classes=model.num_classes)
+    if tuple(source.get("input_size", ())) != cfg["input_size"]:
+        cfg["pool_size"] = None  # timm's is the feature map's size at its own input size
+    model.pretrained_cfg = cfg
+    classes = info.get("classes")
+    model_config = {"label_names": list(classes)} if classes and len(classes) == model.num_classes else None
+    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".hub-") as tmp:
+        save_for_hf(model, tmp, model_config=model_config, safe_serialization=True)
+        for name in (HUB_WEIGHTS, HUB_CONFIG):  # the config last: its presence means both are whole
+            with open(Path(tmp) / name, "rb") as src:
+                write_atomic(run_dir / name, lambda f: shutil.copyfileobj(src, f))
+    return run_dir / HUB_CONFIG

@@ -156,6 +156,12 @@ def _train_args(p):
     p.add_argument("--warmup-lr", type=float, default=1e-6, help="lr at step 0 of the linear warmup")
     p.add_argument("--min-lr", type=float, default=0.0, help="lr at the end of the cosine")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tensorboard = p.add_mutually_exclusive_group()
+    tensorboard.add_argument("--tensorboard", default=None, metavar="DIR",
+                             help="write TensorBoard events here (default: OUT/tensorboard when the tensorboard "
+                                  "extra is installed: pip install 'fastrsb[tensorboard]')")
+    tensorboard.add_argument("--no-tensorboard", action="store_false", dest="tensorboard_on",
+                             help="write no TensorBoard events")
 
 
 def _train(args) -> int:
@@ -170,7 +176,8 @@ def _train(args) -> int:
                     resume="auto" if args.auto_resume else args.resume, seed=args.seed, num_workers=args.workers,
                     hw_decoder_load=args.hw_decoder_load, lamb_max_grad_norm=args.lamb_max_grad_norm or None,
                     warmup_lr=args.warmup_lr, min_lr=args.min_lr, progress=not args.no_progress,
-                    checkpoint_every_steps=args.checkpoint_every_steps, dist_timeout_s=args.dist_timeout)
+                    checkpoint_every_steps=args.checkpoint_every_steps, dist_timeout_s=args.dist_timeout,
+                    tensorboard=args.tensorboard if args.tensorboard_on else False)
     if summary.get("stopped_by"):
         from .preempt import PREEMPTED_EXIT
 

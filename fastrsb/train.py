@@ -3,7 +3,9 @@
 `train` builds the run (`_build`: processes, batch layout, loaders, augmentation, model, optimizer,
 resume) and then runs one flat loop: for every optimizer step set the lr from `schedule.lr_at`, feed
 `accum_steps` augmented micro-batches to the one `TrainStep` (fastrsb/step.py, which the benchmarks
-time too), log; at every epoch's end evaluate when due and write an atomic checkpoint.
+time too), log; at every epoch's end evaluate when due and write an atomic checkpoint. Every record goes
+through one `log(...)` (fastrsb/runlog.py: log.jsonl, and TensorBoard scalars when it is installed); the
+final weights are model.pt, and model.safetensors + config.json in timm's hub format (fastrsb/checkpoint.py).
 
 Interruptions (README, "Reliability"): SIGTERM or SIGUSR1 makes every rank stop after the same step with
 a mid-epoch checkpoint (fastrsb/preempt.py; exit status 75), and `--checkpoint-every-steps N` writes one
@@ -43,7 +45,7 @@ import torch.distributed as dist
 from . import runmeta
 from .benchlog import Timer
 from .checkpoint import (CHECKPOINT, EMA_WEIGHTS, FINAL_WEIGHTS, CHECKPOINT_FORMAT, capture_rng, load_checkpoint,
-                         restore_rng)
+                         restore_rng, save_hub_files)
 from .errors import FastRSBError
 from .evaluate import evaluate_model
 from .lock import FolderInUse, OutputLock
@@ -52,6 +54,7 @@ from .optim import Lamb, ModelEma, make_param_groups
 from .preempt import StopRequests
 from .prefetch import AugmentedBatches
 from .recipes import Recipe
+from .runlog import LOG, RunLog, tensorboard_dir, truncate_log
 from .runtime import (BatchLayout, DistInfo, autocast, autocast_dtype, create_model, plan_batches, probe_batch_per_gpu,
                       release_memory, resolve_precision, seed_everything, setup_distributed)
 from .schedule import lr_at, res_at
@@ -115,6 +118,7 @@ def train(
     stop_after_epochs: int | None = None,
     checkpoint_every_steps: int | None = None,
     dist_timeout_s: float = 600.0,
+    tensorboard: str | os.PathLike | bool | None = None,
     make_loader: Callable | None = None,
     make_augment: Callable | None = None,
     normalize: Callable | None = None,
@@ -138,6 +142,9 @@ def train(
     checkpoint_every_steps: also write the checkpoint every N optimizer steps within an epoch.
     dist_timeout_s: how long a collective waits for the other processes before it fails (torchrun);
         a process that died is noticed at once by gloo, by NCCL's watchdog within this time.
+    tensorboard: where rank 0 writes TensorBoard events of the log's figures (fastrsb/runlog.py). None:
+        out_dir/tensorboard when the `tensorboard` extra is installed, else nowhere; False: nowhere; a
+        path (or True, for out_dir/tensorboard): there, and an error up front without the extra.
 
     SIGTERM / SIGUSR1: the run stops after the current step with a checkpoint; the summary then has
     "stopped_by" (the signal's name) and "finished" false (fastrsb/preempt.py).
@@ -155,6 +162,7 @@ def train(
     every = checkpoint_every_steps
     if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
         raise FastRSBError(f"--checkpoint-every-steps {checkpoint_every_steps!r}: give a whole number of at least 1")
+    tensorboard_events = tensorboard_dir(tensorboard, Path(out_dir))
     if resume == "auto":
         resume = (Path(out_dir) / CHECKPOINT).is_file()
     dist_info = setup_distributed(device, timeout_s=dist_timeout_s)
@@ -171,7 +179,7 @@ def train(
         last_epoch = recipe.epochs if stop_after_epochs is None else min(recipe.epochs, stop_after_epochs)
         return _loop(run, last_epoch, eval_every_epochs=eval_every_epochs, log_every_steps=log_every_steps,
                      progress=progress, min_lr=min_lr, warmup_lr=warmup_lr,
-                     checkpoint_every_steps=checkpoint_every_steps)
+                     checkpoint_every_steps=checkpoint_every_steps, tensorboard_events=tensorboard_events)
     except RuntimeError as e:
         # NCCL raises DistError; gloo a RuntimeError from its transport (its source path in the message)
         if dist_info.enabled and (isinstance(e, dist.DistError) or "gloo" in str(e).lower()):
@@ -344,7 +352,7 @@ def _build(recipe, data, loader_backend, model_name, out, dist_info, ckpt_path, 
             + (f" (its step {start_epoch_step} of {steps_per_epoch})" if start_epoch_step else ""))
         del ckpt
         if dist_info.is_main:
-            _truncate_log(out / "log.jsonl", step)
+            truncate_log(out / LOG, step)
 
     classes = getattr(train_loader, "classes", None)
     if dist_info.is_main:
@@ -364,29 +372,29 @@ def _build(recipe, data, loader_backend, model_name, out, dist_info, ckpt_path, 
 
 
 def _loop(run: _Run, last_epoch: int, *, eval_every_epochs: int, log_every_steps: int, progress: bool,
-          min_lr: float, warmup_lr: float, checkpoint_every_steps: int | None = None) -> dict:
+          min_lr: float, warmup_lr: float, checkpoint_every_steps: int | None = None,
+          tensorboard_events: Path | None = None) -> dict:
+    # a run resumes at its checkpoint's step (a fresh one starts at 0): TensorBoard hides what came after it
+    log = RunLog(run.out, enabled=run.dist.is_main, tensorboard=tensorboard_events, resumed_at=run.step or None)
+    if tensorboard_events is not None:
+        run.dist.say(f"  TensorBoard events in {tensorboard_events} (tensorboard --logdir {tensorboard_events})")
     stops = StopRequests(run.dist)
     stops.install()
     try:
-        return _steps(run, last_epoch, stops, eval_every_epochs=eval_every_epochs, log_every_steps=log_every_steps,
-                      progress=progress, min_lr=min_lr, warmup_lr=warmup_lr,
+        return _steps(run, last_epoch, stops, log, eval_every_epochs=eval_every_epochs,
+                      log_every_steps=log_every_steps, progress=progress, min_lr=min_lr, warmup_lr=warmup_lr,
                       checkpoint_every_steps=checkpoint_every_steps)
     finally:
         stops.close()
+        log.close()
 
 
-def _steps(run: _Run, last_epoch: int, stops: StopRequests, *, eval_every_epochs: int, log_every_steps: int,
-           progress: bool, min_lr: float, warmup_lr: float, checkpoint_every_steps: int | None) -> dict:
+def _steps(run: _Run, last_epoch: int, stops: StopRequests, log: RunLog, *, eval_every_epochs: int,
+           log_every_steps: int, progress: bool, min_lr: float, warmup_lr: float,
+           checkpoint_every_steps: int | None) -> dict:
     recipe, device, dist_info, layout = run.recipe, run.dist.device, run.dist, run.layout
     t_start = time.perf_counter()
     images_per_step = recipe.global_batch
-    log_file = open(run.out / "log.jsonl", "a") if dist_info.is_main else None
-
-    def log(record: dict) -> None:
-        if log_file is not None:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-
     say = dist_info.say
 
     def evaluate(model) -> dict:
@@ -521,12 +529,12 @@ def _steps(run: _Run, last_epoch: int, stops: StopRequests, *, eval_every_epochs
         "stopped_by": stopped_by,
     }
     log(summary)
-    if log_file is not None:
-        log_file.close()
     if dist_info.is_main:
         run_info = json.loads((run.out / "run.json").read_text())
         run_info["summary"] = summary
         runmeta.write_atomic(run.out / "run.json", json.dumps(run_info, indent=2, default=str) + "\n")
+        if finished:  # model.pt again, for timm and the hub; last, so no other rank waits on it in a collective
+            save_hub_files(run.out)
         say("summary: " + json.dumps(summary))
     return summary
 
@@ -621,15 +629,6 @@ def _probe_batch(recipe: Recipe, model_name: str, device: torch.device, precisio
     del model
     release_memory()  # the probe's model goes before the run's is built
     return b
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop the records a killed run wrote after its last checkpoint, so a resumed log has no repeats."""
-    if not path.exists():
-        return
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    keep = [r for r in records if r.get("step", 0) <= step and r.get("kind") != "summary"]
-    runmeta.write_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def _all_mean(t: torch.Tensor, dist_info: DistInfo) -> torch.Tensor:

@@ -297,6 +297,7 @@ def test_ddp_two_processes_match_one(tmp_path):
                            "device_type": "cpu"}
     assert single["layout"]["accum_steps"] == 1 and r0["steps"] == single["steps"] == 2 * 7
     assert r0["top1"] == r1["top1"]  # evaluation counts are all-reduced
+    assert len(list((tmp_path / "ddp" / "tensorboard").glob("events.out.tfevents.*"))) == 1  # rank 0 writes them
     a, b = _state(tmp_path / "ddp" / "model.pt"), _state(tmp_path / "single" / "model.pt")
     moved = 0
     torch.manual_seed(0)  # train seeds with seed=0 before it creates the model
