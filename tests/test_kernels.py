@@ -100,6 +100,7 @@ def test_lut_histogram_and_enhance_equal_their_definitions(channels_last):
         assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
         assert torch.equal(ops.histogram_reference(x), kernels.histogram(x).long())
         assert int(kernels.histogram(x).sum()) == n * 3 * h * w
+        assert torch.equal(ops.grey_mean_reference(x, consts), kernels.grey_mean(x))
         kind = torch.from_numpy(rng.integers(0, 3, n)).double()
         factor = torch.from_numpy(rng.uniform(0.1, 1.9, n))
         factor[:4] = torch.tensor([1.72, 0.1, 1.9, 1.0])  # factors where PIL's float32 roundings bite
@@ -252,6 +253,7 @@ TRITON_SCRIPT = textwrap.dedent("""
     kernels.put_rows_(out_cpu, index, keep, x[:4])
     kernels._launch_put_rows(out_tri, index, keep, x[:4])
     assert torch.equal(out_cpu, out_tri)
+    assert torch.equal(kernels.grey_mean(x), kernels._launch_grey_mean(x))
     print("triton kernels equal the CPU kernels")
 """)
 

@@ -275,6 +275,17 @@ def _put_rows(out, index, keep, rows, start, stop):
             out[index[r]] = rows[r]
 
 
+@_njit()
+def _grey_sum_rows(src, sums, start, stop):
+    _, h, w, _ = src.shape
+    for i in range(start, stop):  # whole images: each owns its sum
+        total = 0
+        for y in range(h):
+            for x in range(w):
+                total += _gray(src, i, y, x)
+        sums[i] = total
+
+
 _POOL: dict = {}
 
 
@@ -347,6 +358,14 @@ def _put_rows_cpu(out: Tensor, index: Tensor, keep: Tensor, rows: Tensor) -> Non
         _run_rows(_put_rows, rows.shape[0], _nhwc(out), index.numpy(), keep.numpy(), _nhwc(rows), min_rows=1)
 
 
+def _grey_mean_cpu(x: Tensor) -> Tensor:
+    n, _, h, w = x.shape
+    sums = torch.zeros(n, dtype=torch.int64)
+    if n:
+        _run_rows(_grey_sum_rows, n, _nhwc(x), sums.numpy(), min_rows=1)
+    return sums.double() / (h * w)  # torch's mean: the exact sum, divided once
+
+
 # ---------------------------------------------------------------------------------------------- CUDA
 
 try:
@@ -360,7 +379,8 @@ def _triton_kernels():
     if triton is None:
         raise ImportError("fastrsb's CUDA augmentation kernels need triton (it comes with torch's CUDA builds)")
     return {"warp": _warp_kernel, "lut": _lut_kernel, "hist": _hist_kernel, "enhance": _enhance_kernel,
-            "mix_normalize": _mix_normalize_kernel, "put_rows": _put_rows_kernel, "cdiv": triton.cdiv}
+            "mix_normalize": _mix_normalize_kernel, "put_rows": _put_rows_kernel, "grey_sum": _grey_sum_kernel,
+            "cdiv": triton.cdiv}
 
 
 if triton is not None:
@@ -528,6 +548,20 @@ if triton is not None:
             v = tl.load(rows + r * r_n + ch * r_c + y * r_h + x * r_w, mask=valid, other=0)
             tl.store(out + k * s_n + ch * s_c + y * s_h + x * s_w, v, mask=valid)
 
+    @triton.jit
+    def _grey_sum_kernel(src, sums, h, w, s_n, s_h, s_w, s_c, BLOCK: tl.constexpr):
+        i = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        valid = offs < h * w
+        y = offs // w
+        x = offs - y * w
+        base = src + i * s_n + y * s_h + x * s_w
+        r = tl.load(base, mask=valid, other=0).to(tl.int32)
+        g = tl.load(base + s_c, mask=valid, other=0).to(tl.int32)
+        b = tl.load(base + 2 * s_c, mask=valid, other=0).to(tl.int32)
+        gray = tl.where(valid, (r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16, 0)
+        tl.atomic_add(sums + i, tl.sum(gray.to(tl.int64), axis=0))
+
 BLOCK = 256
 
 
@@ -589,6 +623,15 @@ def _launch_put_rows(out: Tensor, index: Tensor, keep: Tensor, rows: Tensor) -> 
         k = _triton_kernels()
         k["put_rows"][(n, k["cdiv"](h * w, BLOCK))](out, index.contiguous(), keep.contiguous(), rows, h, w,
                                                     *_nchw_strides(out), *_nchw_strides(rows), BLOCK=BLOCK)
+
+
+def _launch_grey_mean(x: Tensor) -> Tensor:
+    n, _, h, w = x.shape
+    sums = torch.zeros(n, dtype=torch.int64, device=x.device)
+    if n:
+        k = _triton_kernels()
+        k["grey_sum"][(n, k["cdiv"](h * w, BLOCK))](x, sums, h, w, *_nchw_strides(x), BLOCK=BLOCK)
+    return sums.double() / (h * w)
 
 
 def _nchw_strides(t: Tensor) -> tuple[int, int, int, int]:
@@ -813,3 +856,28 @@ def _(out, index, keep, rows):
 def _(out, index, keep, rows):
     _check_put(out, index, keep, rows)
     _launch_put_rows(out, index, keep, rows)
+
+
+@torch.library.custom_op("fastrsb::grey_mean", mutates_args=())
+def grey_mean(x: Tensor) -> Tensor:
+    """(n,) float64: the mean of PIL's grey levels (RGB -> L, fixed point) of each uint8 image (n, 3, h, w),
+    as torch's mean computes it (the exact sum divided by the pixel count)."""
+    raise NotImplementedError(f"fastrsb::grey_mean has no kernel for {x.device.type} tensors (CPU and CUDA only)")
+
+
+@grey_mean.register_fake
+def _(x):
+    _check_hist(x)
+    return torch.empty((x.shape[0],), dtype=torch.float64, device=x.device)
+
+
+@grey_mean.register_kernel("cpu")
+def _(x):
+    _check_hist(x)
+    return _grey_mean_cpu(x)
+
+
+@grey_mean.register_kernel("cuda")
+def _(x):
+    _check_hist(x)
+    return _launch_grey_mean(x)

@@ -373,6 +373,11 @@ def _grayscale_pil(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return ((x.to(torch.int32) * weights).sum(dim=1, keepdim=True, dtype=torch.int32) + 0x8000) >> 16
 
 
+def grey_mean_reference(x: torch.Tensor, consts: dict) -> torch.Tensor:
+    """The definition of `kernels.grey_mean` in torch ops (the tests' oracle): each image's mean grey level."""
+    return _grayscale_pil(x, consts["gray_weights"]).double().mean(dim=(1, 2, 3))
+
+
 def _histogram(x: torch.Tensor) -> torch.Tensor:
     """(b, 3, 256) int64 pixel counts per image and channel (one kernel: `histogram_reference` in torch ops)."""
     return kernels.histogram(x).long()
@@ -476,7 +481,7 @@ def _lut_stage(x, cols, stages: Stages, consts, hist_cap: int):
     if stages.lut_blend:  # brightness: a blend with black; contrast: with the rounded grey mean
         degenerate = torch.zeros((b, 1, 1), dtype=torch.float64, device=x.device)
         if stages.contrast:  # the means of the listed images, in their rows (every Contrast image is listed)
-            mean = _grayscale_pil(picked, consts["gray_weights"]).double().mean(dim=(1, 2, 3)).view(-1, 1, 1)
+            mean = kernels.grey_mean(picked).view(-1, 1, 1)  # one kernel: `grey_mean_reference` in torch ops
             own_mean = torch.where(picked_kind == LUT_CONTRAST, torch.floor(mean + 0.5), 0.0)  # 0: placeholder rows
             degenerate = degenerate.index_copy_(0, index, own_mean)
         blended = _blend(degenerate, levels.view(1, 1, 256), cols[:, _C["factor"]].float().view(b, 1, 1))
