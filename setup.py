@@ -21,7 +21,9 @@ setup(
         "dali": ["nvidia-dali-cuda120"],
         # Half the size of the cuda120 build and matches torch's CUDA 13 wheels.
         "dali-cuda130": ["nvidia-dali-cuda130"],
-        "dev": ["pytest", "pytest-timeout", "matplotlib"],
+        # ImageNet as downloaded (loaders/imagenet.py): Hugging Face's parquet shards, the devkit's meta.mat
+        "imagenet": ["pyarrow", "scipy"],
+        "dev": ["pytest", "pytest-timeout", "matplotlib", "pyarrow", "scipy"],
     },
     entry_points={"console_scripts": ["fastrsb=fastrsb.cli:main"]},
 )
