@@ -1,4 +1,4 @@
-"""`fastrsb convert`: an ImageFolder dataset to FFCV .beton and DALI webdataset shards.
+"""`fastrsb convert`: an ImageFolder dataset (or ImageNet as downloaded) to FFCV .beton and DALI webdataset shards.
 
 Layout written: `fastrsb/loaders/layout.py` (the one module that knows the paths). How it runs:
 
@@ -9,6 +9,9 @@ Layout written: `fastrsb/loaders/layout.py` (the one module that knows the paths
    there must still have its folder). Entries that are not read are listed in the manifest's
    `skipped` with the reason: hidden names (`.`*), broken symlinks, symlinks that lead outside SRC
    (a symlink inside SRC is followed, once), fifos and devices. OUT must not overlap a split folder.
+   SRC may instead hold ImageNet as downloaded (the official tars, Kaggle's copy, Hugging Face's
+   parquet or webdataset shards): `loaders/imagenet.py` lists each split as the equivalent
+   ImageFolder's, reading the archives in place, and the manifest records the layout it read.
 2. Shards, over `workers` processes: a JPEG every backend decodes as it is (baseline or progressive,
    RGB or grayscale, no EXIF rotation; train: within `max_side`) keeps its original bytes; every
    other file is decoded by `fastrsb.images` (RGB, EXIF orientation, train's max side bounded) and
@@ -190,7 +193,7 @@ def _check_classes(out: Path, splits: dict[str, str], found: dict[str, list[str]
         if stale:
             raise FastRSBError(
                 f"{path} lists class {shown(stale[0])}{f' (and {len(stale) - 1} more)' if len(stale) > 1 else ''}, "
-                f"which {splits['train']} no longer has: its label would hold no image. Restore the class, or "
+                f"which {splits['train']} no longer has: its label would hold no image. Restore the folder, or "
                 "convert into a new OUT folder (or delete OUT first)")
     return classes
 
@@ -349,8 +352,8 @@ def _died(jobs: list) -> FastRSBError:
     names = ", ".join(shown(job[1]) for job in jobs)
     return FastRSBError(
         f"a conversion worker process died (killed, out of memory, or a decoder crash) while reading one of: "
-        f"{names} (in {shown(where_name(jobs[0][0]))}); run the same fastrsb convert again to resume; if it dies again on "
-        "these files, move them out of SRC")
+        f"{names} (in {shown(where_name(jobs[0][0]))}); run the same fastrsb convert again to resume; if it dies "
+        "again on these files, move them out of SRC")
 
 
 def _prepared_stream(jobs, workers: int):
@@ -744,6 +747,9 @@ def convert(
     workers = workers or os.cpu_count() or 1
     src, out = Path(src), Path(out)
     source = find_source(src, split, layout_name)
+    if source.name != "imagefolder" and os.path.realpath(out) == os.path.realpath(src):
+        raise FastRSBError(f"OUT {out} is the folder holding the {source.name} files: the train/ and val/ written "
+                           "there would read as an ImageFolder next time; choose an OUT folder of its own")
     _check_no_overlap(out, source.folders())
     classes = _check_classes(out, source.splits, {name: source.classes(name) for name in source.splits})
     log(f"{src}: reading {source.describe()}")

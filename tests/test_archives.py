@@ -287,6 +287,8 @@ def test_layout_errors_name_the_file_and_the_fix(folder, tmp_path):
         f.rename(both / f.name)
     with pytest.raises(FastRSBError, match="several datasets.*--layout imagenet-tars or --layout kaggle"):
         convert(both, tmp_path / "out2", formats=["dali"], progress=False, log=lambda *a: None)
+    with pytest.raises(FastRSBError, match="is the folder holding the kaggle files"):
+        convert(both, both, formats=["dali"], progress=False, log=lambda *a: None, layout_name="kaggle")
     cut = make_official(folder, tmp_path / "cut")
     train = cut / "ILSVRC2012_img_train.tar"
     os.truncate(train, train.stat().st_size // 2)
