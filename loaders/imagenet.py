@@ -60,7 +60,7 @@ KAGGLE_ROOT = ("ILSVRC", "Data", "CLS-LOC")
 KAGGLE_SOLUTION, SYNSET_MAPPING, CLASSES_PY = "LOC_val_solution.csv", "LOC_synset_mapping.txt", "classes.py"
 WNID = re.compile(r"n\d{8}")
 SPLIT_NAMES = {"train": "train", "validation": "val", "valid": "val", "val": "val"}  # shard prefix -> split
-SHARD = re.compile(r"(?:.*-)?(train|validation|valid|val)-[^/]*\.(tar|parquet)")
+SHARD = re.compile(r"(?:.*-)?(train|validation|valid|val|test)-[^/]*\.(tar|parquet)")
 MAX_METADATA_BYTES = 64 << 20  # devkit members and .cls labels read into memory (meta.mat: 2.2 MB)
 
 UNSAFE = "unsafe member name (absolute, or with '..'): a name is never used as a path; not read"
@@ -215,7 +215,8 @@ def _classes_py(path: Path) -> list[str]:
     try:
         tree = ast.parse(path.read_text())
         for node in tree.body:
-            if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "IMAGENET2012_CLASSES" for t in node.targets):
+            names = [getattr(t, "id", "") for t in getattr(node, "targets", ())]
+            if isinstance(node, ast.Assign) and "IMAGENET2012_CLASSES" in names:
                 value = node.value
                 if isinstance(value, ast.Call) and value.args:  # OrderedDict({...}) or OrderedDict([...])
                     value = value.args[0]
@@ -518,17 +519,24 @@ class _Integers(Layout):
     def __init__(self, root: Path):
         super().__init__(root)
         self.shards: dict[str, list[Path]] = {}
+        self.unlabelled: list[Path] = []
         for folder in (root, root / "data"):
             if folder.is_dir():
                 for path in sorted(folder.iterdir()):
                     match = SHARD.fullmatch(path.name)
-                    if match and match.group(2) == self.suffix and path.is_file() and path.name not in (TRAIN_TAR,
-                                                                                                          VAL_TAR):
-                        self.shards.setdefault(SPLIT_NAMES[match.group(1)], []).append(path)
+                    if match and match.group(2) == self.suffix and path.is_file():
+                        if match.group(1) == "test":  # ImageNet's test labels were never published
+                            self.unlabelled.append(path)
+                        else:
+                            self.shards.setdefault(SPLIT_NAMES[match.group(1)], []).append(path)
         for split, paths in self.shards.items():
             self.splits[split] = f"{len(paths)} .{self.suffix} shards in {paths[0].parent}"
         self._rows: dict[str, tuple] = {}
         self._names = None
+
+    def describe(self) -> str:
+        test = f"; not converted, without labels: {len(self.unlabelled)} test shards" if self.unlabelled else ""
+        return super().describe()[:-1] + test + ")"
 
     def _samples(self, split: str) -> tuple[list, list]:
         """([(name, label, at)], skipped) of a split's shards."""

@@ -141,10 +141,13 @@ def make_parquet(folder: Path, root: Path, metadata=True) -> Path:
             table = pa.table({"image": [{"bytes": d, "path": n} for _, n, d in part],
                               "label": pa.array([wnids.index(w) for w, _, _ in part], pa.int64())})
             pq.write_table(table, root / "data" / f"{prefix}-{k:05d}-of-00002.parquet", row_group_size=4)
+    test = pa.table({"image": [{"bytes": d, "path": n} for _, n, d in files_of(folder, "val")],
+                     "label": pa.array([-1] * len(files_of(folder, "val")), pa.int64())})
+    pq.write_table(test, root / "data" / "test-00000-of-00001.parquet")  # no labels: not converted
     if metadata:
+        entries = "".join(f'        "{w}": "thing {w}, other name",\n' for w in wnids)
         (root / "classes.py").write_text("from collections import OrderedDict\n\nIMAGENET2012_CLASSES = OrderedDict(\n"
-                                         "    {\n" + "".join(f'        "{w}": "thing {w}, other name",\n' for w in wnids)
-                                         + "    }\n)\n")
+                                         "    {\n" + entries + "    }\n)\n")
     return root
 
 
@@ -204,6 +207,8 @@ def test_each_layout_converts_to_the_imagefolders_bytes(layout_name, folder, ref
     out = tmp_path / "out"
     proc = run_cli("convert", src, out, *ARGS)
     assert f"reading {layout_name} (" in proc.stdout, proc.stdout
+    if layout_name == "hf-parquet":
+        assert "not converted, without labels: 1 test shards" in proc.stdout
     assert_same_conversion(out, reference, layout_name)
     manifest = layout.read_manifest(out, "train")
     # the odd files are named, the bomb rejected with its size, nothing dropped
