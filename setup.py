@@ -23,7 +23,9 @@ setup(
         "dali-cuda130": ["nvidia-dali-cuda130"],
         # TensorBoard event files of `fastrsb train` (torch.utils.tensorboard writes them)
         "tensorboard": ["tensorboard"],
-        "dev": ["pytest", "pytest-timeout", "matplotlib", "tensorboard"],
+        # ImageNet as downloaded (loaders/imagenet.py): Hugging Face's parquet shards, the devkit's meta.mat
+        "imagenet": ["pyarrow", "scipy"],
+        "dev": ["pytest", "pytest-timeout", "matplotlib", "tensorboard", "pyarrow", "scipy"],
     },
     entry_points={"console_scripts": ["fastrsb=fastrsb.cli:main"]},
 )

@@ -72,9 +72,13 @@ def _recipe(args) -> int:
 # ---------------------------------------------------------------------------------------------- convert
 
 def _convert_args(p):
-    p.add_argument("src", help="dataset root with train/ and val/ class folders (or one split's class folders with --split)")
+    p.add_argument("src", help="dataset root with train/ and val/ class folders (or one split's class folders with "
+                   "--split), or the folder holding ImageNet as downloaded (README: ImageNet as downloaded)")
     p.add_argument("out", help="output folder")
     p.add_argument("--format", default="beton,dali", help="comma-separated: beton, dali (default: both)")
+    p.add_argument("--layout", default="auto",
+                   help="what SRC holds: auto (default: found out), imagefolder, or ImageNet as downloaded: "
+                        "imagenet-tars (the official tars), kaggle, hf-parquet, webdataset")
     p.add_argument("--split", default=None, help="SRC holds one split's class folders; name it (e.g. train)")
     p.add_argument("--max-side", type=int, default=500, help="longest side after resizing, px (FFCV max_resolution)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of the re-encoded images")
@@ -99,7 +103,8 @@ def _convert(args) -> int:
     convert(args.src, args.out, formats=[f.strip() for f in args.format.split(",") if f.strip()], split=args.split,
             max_side=args.max_side, quality=args.quality, write_mode=args.write_mode,
             compress_probability=args.compress_probability, shard_size=args.shard_size, workers=args.workers,
-            shuffle_seed=args.shuffle_seed, keep_jpeg=not args.reencode_all, progress=not args.no_progress)
+            shuffle_seed=args.shuffle_seed, keep_jpeg=not args.reencode_all, progress=not args.no_progress,
+            layout_name=args.layout)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""`fastrsb convert`: an ImageFolder dataset to FFCV .beton and DALI webdataset shards.
+"""`fastrsb convert`: an ImageFolder dataset (or ImageNet as downloaded) to FFCV .beton and DALI webdataset shards.
 
 Layout written: `fastrsb/loaders/layout.py` (the one module that knows the paths). How it runs:
 
@@ -9,6 +9,9 @@ Layout written: `fastrsb/loaders/layout.py` (the one module that knows the paths
    there must still have its folder). Entries that are not read are listed in the manifest's
    `skipped` with the reason: hidden names (`.`*), broken symlinks, symlinks that lead outside SRC
    (a symlink inside SRC is followed, once), fifos and devices. OUT must not overlap a split folder.
+   SRC may instead hold ImageNet as downloaded (the official tars, Kaggle's copy, Hugging Face's
+   parquet or webdataset shards): `loaders/imagenet.py` lists each split as the equivalent
+   ImageFolder's, reading the archives in place, and the manifest records the layout it read.
 2. Shards, over `workers` processes: a JPEG every backend decodes as it is (baseline or progressive,
    RGB or grayscale, no EXIF rotation; train: within `max_side`) keeps its original bytes; every
    other file is decoded by `fastrsb.images` (RGB, EXIF orientation, train's max side bounded) and
@@ -48,7 +51,8 @@ from . import runmeta
 from .errors import FastRSBError, missing_extra
 from .lock import OutputLock
 from .runmeta import write_atomic
-from .loaders import layout, wds
+from .loaders import imagenet, layout, wds
+from .loaders.imagenet import read_at, where_name
 from .loaders.layout import find_classes, shown
 from .loaders.source import SplitScan, is_inside, scan_split
 
@@ -108,6 +112,48 @@ def resolve_splits(src: Path, split: str | None) -> dict[str, Path]:
     return splits
 
 
+class _Folders(imagenet.Layout):
+    """An ImageFolder: SRC/train and SRC/val class folders (or one split's with --split)."""
+
+    name = "imagefolder"
+
+    def __init__(self, src: Path, split: str | None):
+        super().__init__(src)
+        self.paths = resolve_splits(src, split)
+        self.splits = {name: str(folder) for name, folder in self.paths.items()}
+
+    def classes(self, split: str) -> list[str]:
+        return find_classes(self.paths[split])
+
+    def scan(self, split: str, classes: list[str]) -> SplitScan:
+        return scan_split(split, self.paths[split], classes, Path(os.path.realpath(self.root)))
+
+    def folders(self) -> dict[str, Path]:
+        return self.paths
+
+
+def find_source(src: Path, split: str | None, layout_name: str = "auto") -> imagenet.Layout:
+    """The layout SRC holds: an ImageFolder, or ImageNet as downloaded (`loaders/imagenet.py`); one only,
+    or `layout_name` picks it."""
+    if layout_name not in ("auto", *imagenet.LAYOUTS):
+        raise FastRSBError(f"--layout {layout_name}: choose auto or one of {', '.join(imagenet.LAYOUTS)}")
+    if layout_name == "imagefolder" or split is not None or not src.is_dir():
+        return _Folders(src, split)  # its checks name what is wrong with SRC
+    found = imagenet.detect(src)
+    if any(_looks_like_split(src / name) for name in ("train", "val")):
+        found.append(_Folders(src, None))
+    if layout_name != "auto":
+        picked = [f for f in found if f.name == layout_name]
+        if not picked:
+            raise FastRSBError(f"--layout {layout_name}: {src} holds no such dataset; see the README's \"ImageNet as "
+                               "downloaded\" for the files each layout needs")
+        return picked[0]
+    if len(found) > 1:
+        raise FastRSBError(f"{src} holds several datasets: {'; '.join(f.describe() for f in found)}; pick one with "
+                           f"--layout {' or --layout '.join(f.name for f in found)}")
+    return found[0] if found else _Folders(src, None)
+
+
 def _check_no_overlap(out: Path, splits: dict[str, Path]) -> None:
     """OUT inside a split folder would be scanned as a class; a split inside OUT would be written over."""
     out_real = Path(os.path.realpath(out))
@@ -121,15 +167,15 @@ def _check_no_overlap(out: Path, splits: dict[str, Path]) -> None:
                                "source; choose an OUT outside the source folders")
 
 
-def _check_classes(out: Path, splits: dict[str, Path]) -> list[str]:
-    """The class list of this conversion, checked against every split and OUT/classes.json; writes nothing."""
-    found = {name: find_classes(folder) for name, folder in splits.items()}
+def _check_classes(out: Path, splits: dict[str, str], found: dict[str, list[str]]) -> list[str]:
+    """The class list of this conversion, checked against every split (`splits`: what each is read from,
+    `found`: its classes) and OUT/classes.json; writes nothing."""
     if "train" in found:
         for name, classes in found.items():
             extra = [c for c in classes if c not in set(found["train"])]
             if extra:
                 raise FastRSBError(
-                    f"{splits[name]} has class folders that {splits['train']} lacks: {', '.join(map(shown, extra[:5]))}"
+                    f"{splits[name]} has classes that {splits['train']} lacks: {', '.join(map(shown, extra[:5]))}"
                     f"{' ...' if len(extra) > 5 else ''}; a model trained on train cannot predict them: add them to "
                     "train or remove them from " + name)
     source = found.get("train") or found[next(iter(found))]
@@ -166,14 +212,24 @@ def shard_name(split: str, k: int) -> str:
 
 
 def prepare_image(job: tuple) -> tuple:
-    """(split_dir, relpath, label, max_side, quality, keep_jpeg) -> (Prepared, None) or (None, (reason, non_image))."""
-    from .images import BadImage, prepare
+    """(where, relpath, label, max_side, quality, keep_jpeg) -> (Prepared, None) or (None, (reason, non_image)).
 
-    split_dir, relpath, label, max_side, quality, keep_jpeg = job
+    where: the split folder holding relpath, or where an archive holds the sample (`SourceFile.at`)."""
+    from .images import BadImage, prepare, prepare_bytes
+
+    where, relpath, label, max_side, quality, keep_jpeg = job
     try:
         if label < 0:
             raise BadImage("not inside a class folder", non_image=True)
-        return prepare(Path(split_dir) / relpath, max_side, quality, keep_jpeg), None
+        if isinstance(where, str):
+            return prepare(Path(where) / relpath, max_side, quality, keep_jpeg), None
+        if where[0] == "file":
+            return prepare(Path(where[1]), max_side, quality, keep_jpeg), None
+        try:
+            data = read_at(where)
+        except OSError as e:
+            raise BadImage(f"cannot read from {shown(where[1])}: {e.strerror or e}") from None
+        return prepare_bytes(relpath, data, max_side, quality, keep_jpeg), None
     except BadImage as e:
         return None, (str(e), e.non_image)
 
@@ -189,7 +245,7 @@ def write_shard(task: dict, prepared) -> dict:
     samples, rejected, non_images = [], [], []
     writer = None
     try:
-        for position, relpath, label in task["files"]:
+        for position, relpath, label, _ in task["files"]:
             image, error = next(prepared)
             if error is not None:
                 reason, non_image = error
@@ -296,8 +352,8 @@ def _died(jobs: list) -> FastRSBError:
     names = ", ".join(shown(job[1]) for job in jobs)
     return FastRSBError(
         f"a conversion worker process died (killed, out of memory, or a decoder crash) while reading one of: "
-        f"{names} (in {shown(jobs[0][0])}); run the same fastrsb convert again to resume; if it dies again on "
-        "these files, move them out of SRC")
+        f"{names} (in {shown(where_name(jobs[0][0]))}); run the same fastrsb convert again to resume; if it dies "
+        "again on these files, move them out of SRC")
 
 
 def _prepared_stream(jobs, workers: int):
@@ -365,8 +421,8 @@ def _run_shards(tasks: list[dict], workers: int, desc: str, progress: bool) -> N
     """
     if not tasks:
         return
-    jobs = ((t["split_dir"], relpath, label, t["max_side"], t["quality"], t["keep_jpeg"])
-            for t in tasks for _, relpath, label in t["files"])
+    jobs = ((at or t["split_dir"], relpath, label, t["max_side"], t["quality"], t["keep_jpeg"])
+            for t in tasks for _, relpath, label, at in t["files"])
     bar = _progress_bar(sum(len(t["files"]) for t in tasks), desc, progress)
     stream = _prepared_stream(jobs, workers)
     try:
@@ -477,7 +533,7 @@ def convert_split(scan: SplitScan, out: Path, classes: list[str], formats: list[
                 "max_side": max_side,
                 "quality": options["quality"],
                 "keep_jpeg": options["keep_jpeg"],
-                "files": [(int(p), files[p].relpath, files[p].label) for p in picked],
+                "files": [(int(p), files[p].relpath, files[p].label, files[p].at) for p in picked],
             }
         )
     for tmp in wds_dir.glob("*.tmp"):
@@ -501,7 +557,7 @@ def convert_split(scan: SplitScan, out: Path, classes: list[str], formats: list[
     if not samples:
         _list(split, "rejected", rejected, log)
         _list(split, "non_images", non_images, log)
-        raise FastRSBError(f"{split_dir}: no decodable image among {len(files)} files (listed above: "
+        raise FastRSBError(f"{scan.origin or split_dir}: no decodable image among {len(files)} files (listed above: "
                            f"{len(rejected)} rejected, {len(non_images)} non-image files)")
 
     out_files = {}
@@ -550,7 +606,8 @@ def convert_split(scan: SplitScan, out: Path, classes: list[str], formats: list[
         "format_version": FORMAT_VERSION,
         "split": split,
         "splits": sorted(set(splits) | {split}),
-        "source": str(split_dir.resolve()),
+        "source": scan.origin or str(split_dir.resolve()),
+        "source_layout": scan.layout,
         "formats": formats,
         "num_samples": len(samples),
         "num_files_scanned": len(files),
@@ -607,8 +664,9 @@ def _report(split: str, manifest: dict, log) -> None:
 def _disk_error(e: OSError, out: Path, scans: list[SplitScan]) -> FastRSBError:
     where = shown(e.filename) if e.filename else str(out)
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        need = sum((s.folder / f.relpath).stat().st_size for s in scans for f in s.files
-                   if (s.folder / f.relpath).is_file())
+        need = sum(os.path.getsize(p) for s in scans for p in s.inputs) + sum(
+        (s.folder / f.relpath).stat().st_size for s in scans if not s.inputs for f in s.files
+        if (s.folder / f.relpath).is_file())
         return FastRSBError(
             f"{out}: no space left on the device (writing {where}); free space (the source holds "
             f"{need / 1e6:,.0f} MB, OUT needs about that per format) or choose another OUT, then run the same "
@@ -659,8 +717,10 @@ def convert(
     keep_jpeg: bool = True,
     progress: bool = True,
     log=print,
+    layout_name: str = "auto",
 ) -> dict[str, dict]:
-    """Convert SRC (train/ and val/ class folders, or one split with `split=`) into OUT; returns the manifests.
+    """Convert SRC into OUT; returns the manifests. SRC: train/ and val/ class folders (or one split with
+    `split=`), or ImageNet as downloaded (`loaders/imagenet.py`); `layout_name` picks one where SRC holds several.
 
     keep_jpeg: store a JPEG's original bytes where every backend decodes them as they are (default);
     False re-encodes every image (the layout of fastrsb < 0.2). `max_side` bounds train images only.
@@ -686,11 +746,14 @@ def convert(
         raise FastRSBError(f"--compress-probability {compress_probability}: give a value in [0, 1]")
     workers = workers or os.cpu_count() or 1
     src, out = Path(src), Path(out)
-    splits = resolve_splits(src, split)
-    _check_no_overlap(out, splits)
-    classes = _check_classes(out, splits)
-    src_root = Path(os.path.realpath(src))
-    scans = [scan_split(name, folder, classes, src_root) for name, folder in splits.items()]
+    source = find_source(src, split, layout_name)
+    if source.name != "imagefolder" and os.path.realpath(out) == os.path.realpath(src):
+        raise FastRSBError(f"OUT {out} is the folder holding the {source.name} files: the train/ and val/ written "
+                           "there would read as an ImageFolder next time; choose an OUT folder of its own")
+    _check_no_overlap(out, source.folders())
+    classes = _check_classes(out, source.splits, {name: source.classes(name) for name in source.splits})
+    log(f"{src}: reading {source.describe()}")
+    scans = [source.scan(name, classes) for name in source.splits]
     _check_writable(out)  # everything is checked: from here on, OUT is written
     lock = OutputLock(out, "convert").acquire()  # one writer per OUT (fastrsb/lock.py)
     options = {

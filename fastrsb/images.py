@@ -23,7 +23,7 @@ import io
 import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -96,7 +96,7 @@ def _read(path: Path) -> bytes:
     return data
 
 
-def _decode(path: Path, data: bytes, max_side: int | None, keep_jpeg: bool):
+def _decode(path: PurePosixPath | Path, data: bytes, max_side: int | None, keep_jpeg: bool):
     """(RGB array or None, kept-or-why): None and "" when the JPEG's own bytes are fine to keep."""
     is_image_name = path.suffix.lower() in IMAGE_EXTENSIONS
     try:
@@ -212,7 +212,16 @@ class Prepared:
 def prepare(path: str | os.PathLike, max_side: int | None, quality: int, keep_jpeg: bool = True) -> Prepared:
     """The converter's step for one file: keep a fine JPEG's bytes, else decode, bound and re-encode."""
     path = Path(path)
-    data = _read(path)
+    return prepare_bytes(path, _read(path), max_side, quality, keep_jpeg)
+
+
+def prepare_bytes(name: str | os.PathLike, data: bytes, max_side: int | None, quality: int,
+                  keep_jpeg: bool = True) -> Prepared:
+    """`prepare` for bytes read elsewhere (an archive member); `name` (its extension) only sorts an
+    undecodable file into rejected images or non-image files, as for a file."""
+    path = PurePosixPath(os.fsdecode(name))
+    if not data:
+        raise BadImage("empty file (0 bytes)", non_image=path.suffix.lower() not in IMAGE_EXTENSIONS)
     sha = hashlib.sha256(data).hexdigest()
     arr, why = _decode(path, data, max_side, keep_jpeg)
     if arr is None:

@@ -30,18 +30,30 @@ HIDDEN = "hidden (name starts with '.')"
 NOT_A_FILE = "not a regular file (fifo, socket or device)"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SourceFile:
-    relpath: str  # relative to the split folder (a str from os.fsdecode: any bytes survive)
+    relpath: str  # relative to the split folder (a str from os.fsdecode: any bytes survive); for a sample
+    #               read from an archive, the path it would have in the equivalent ImageFolder: <class>/<name>
     label: int  # -1: not inside a class folder
+    at: tuple | None = None  # None: the file split folder/relpath; else where its bytes lie (`imagenet.read_at`)
 
 
 @dataclass
 class SplitScan:
     name: str
-    folder: Path
+    folder: Path  # the split folder, or the archive (or first shard) the split is read from
     files: list[SourceFile] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)  # {"path", "reason"}: entries not read
+    layout: str = "imagefolder"  # the source layout (`imagenet.LAYOUTS`), recorded in the manifest
+    origin: str = ""  # what the manifest records as the source (default: the split folder)
+    inputs: tuple[str, ...] = ()  # the files read (archives), for sizes in messages; () for a folder
+
+
+def folder_order(relpath: str) -> tuple:
+    """Sort key giving the order `scan_split` walks a class folder in: at each level its files (sorted by
+    name) before its sub-folders (each walked the same way); for samples named by archive keys."""
+    *folders, name = relpath.split("/")
+    return (*((1, f) for f in folders), (0, name))
 
 
 def is_inside(path: Path, root: Path) -> bool:
