@@ -415,8 +415,10 @@ def _steps(run: _Run, last_epoch: int, stops: StopRequests, log: RunLog, *, eval
         # the epochs' loaders chained: the next epoch is opened when its first batch is prefetched
         for epoch in range(run.start_epoch, last_epoch):
             start = skipped if epoch == run.start_epoch else 0
-            # the plan is a pure function of (seed, epoch): the batches before `start` are not read
-            run.train_loader.set_epoch(epoch, res=res_of(epoch), start_batch=start)
+            if start:  # the plan is a pure function of (seed, epoch): the batches before `start` are not read
+                run.train_loader.set_epoch(epoch, res=res_of(epoch), start_batch=start)
+            else:  # a loader made by `make_loader=` need not know start_batch until a run resumes mid-epoch
+                run.train_loader.set_epoch(epoch, res=res_of(epoch))
             epoch_batches = iter(run.train_loader)
             for _ in range(draws_per_epoch - start):
                 yield next(epoch_batches)
