@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -287,11 +288,34 @@ def _grey_sum_rows(src, sums, start, stop):
 
 
 _POOL: dict = {}
+_KERNEL_THREADS = 0  # set by `cpu_threads` while torch's own ops run in one thread
+
+
+@contextmanager
+def cpu_threads(device: torch.device):
+    """On the CPU, for one augmentation call: torch's own ops in one thread, the fused kernels split across
+    torch's thread count. The call's torch ops are small and many; torch runs each one large enough in an
+    OpenMP team whose threads spin at its end, and when other processes hold the cores (a loader's workers,
+    the demo's timm baseline) a team waits for a descheduled thread at every op: 20 times slower measured
+    for a 256-image call on 2 cores with one core busy elsewhere. The kernels' own threads only join once
+    per kernel."""
+    global _KERNEL_THREADS
+    threads = torch.get_num_threads()
+    if torch.device(device).type != "cpu" or threads == 1 or _KERNEL_THREADS:
+        yield
+        return
+    _KERNEL_THREADS = threads
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        _KERNEL_THREADS = 0
 
 
 def _run_rows(kernel, rows: int, *args, min_rows: int = 64) -> None:
     """kernel(*args, start, stop) over `rows` (image, row) pairs, split across torch's thread count."""
-    threads = max(1, min(torch.get_num_threads(), rows // min_rows or 1))
+    threads = max(1, min(_KERNEL_THREADS or torch.get_num_threads(), rows // min_rows or 1))
     if threads == 1:
         kernel(*args, 0, rows)
         return

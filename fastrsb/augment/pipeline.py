@@ -144,7 +144,8 @@ class TrainAugment:
         _, _, h, w = images.shape
         packed, caps = self.pack(params, h, w)
         packed_d = to_device(packed, images.device) if packed.size else packed_placeholder(images.device)
-        return self._device_part(images, labels, packed_d, caps, self.constants(images.device, h, w))
+        with kernels.cpu_threads(images.device):
+            return self._device_part(images, labels, packed_d, caps, self.constants(images.device, h, w))
 
     def __call__(self, images: Tensor, labels: Tensor, generator: torch.Generator | None = None):
         check_images(images, "train augment", uint8=True)

@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from . import kernels
 from .ops import (LEVEL_DENOM, NUM_COLUMNS, OPS, TIMM_FILL, INTERPOLATIONS, Stages, apply_layer, check_images,
                   device_constants, fill_values, host_rng, layer_columns, lookup_op, memory_format, op_stages,
                   stage_capacity, stage_indices, to_device)
@@ -203,7 +204,8 @@ class RandAugment:
         if params["op_index"].shape[0] != batch:
             raise ValueError(f"params are for a batch of {params['op_index'].shape[0]}, images batch is {batch}")
         packed, caps = self.pack(params, h, w)
-        return self.apply_packed(images, to_device(packed, images.device), caps)
+        with kernels.cpu_threads(images.device):
+            return self.apply_packed(images, to_device(packed, images.device), caps)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None,
                  rng: np.random.Generator | None = None) -> torch.Tensor:
