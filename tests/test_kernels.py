@@ -161,6 +161,37 @@ def test_kernels_split_across_threads_give_the_same_bytes():
     assert torch.equal(one, three)
 
 
+def test_a_cpu_call_runs_torch_ops_in_one_thread_and_restores_the_count(monkeypatch):
+    """Inside a CPU call torch's own ops run in one thread (an OpenMP team per small op spins when other
+    processes hold the cores) while the kernels split across the caller's threads; afterwards the count
+    is the caller's again, also when the call fails."""
+    seen = []
+    real = kernels._run_rows
+
+    def spy(kernel, rows, *args, **kw):
+        seen.append((torch.get_num_threads(), kernels._KERNEL_THREADS))
+        return real(kernel, rows, *args, **kw)
+
+    monkeypatch.setattr(kernels, "_run_rows", spy)
+    threads = torch.get_num_threads()
+    aug = fa.make_train_augment("rand-m9-mstd0.5-inc1", 0.1, 1.0, 0.1, 10)
+    x, labels = images(8, 32, 32), torch.arange(8)
+    try:
+        torch.set_num_threads(2)
+        aug(x, labels, torch.Generator().manual_seed(0))
+        assert seen and set(seen) == {(1, 2)} and torch.get_num_threads() == 2
+        def fails(*args):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("the device part failed")
+
+        aug._device_part = fails
+        with pytest.raises(RuntimeError, match="device part failed"):
+            aug(x, labels)
+        assert torch.get_num_threads() == 2 and kernels._KERNEL_THREADS == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_fake_outputs_match_the_real_ones():
     """torch.compile plans with the fake kernels: their shapes, dtypes and strides must be the real ones."""
     from torch._subclasses.fake_tensor import FakeTensorMode
