@@ -150,7 +150,7 @@ def run(args) -> list[dict]:
         compiled = make_train_augment(args.rand_augment, MIXUP_ALPHA, CUTMIX_ALPHA, 0.1, 1000, dtype=dtype).compile()
         try:
             timer = Timer(device).start()
-            compiled_moved = traffic.compiled_traffic(lambda: compiled(x, labels, gen))  # compiles for this shape
+            compiled_moved = traffic.compiled_traffic(lambda: compiled(x, labels, gen), moved)  # compiles this shape
             compile_s = timer.stop()
         except Exception as e:  # e.g. no C++ compiler for inductor on this machine: say so, go on
             print(f"# compiled fastrsb augment skipped at batch {batch}: {type(e).__name__}: {str(e)[:200]}")

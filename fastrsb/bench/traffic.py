@@ -10,8 +10,9 @@ time has a floor of bytes / bandwidth, plus a launch cost per kernel. Both can b
     not its whole source; a scatter into an existing tensor (index_copy_, index_put_, scatter_add_)
     reads and writes the rows it touches. Every other op is one kernel.
   * compiled (`compiled_traffic`): Inductor's own count (`GraphLowering.count_bytes`: the buffers each
-    fused kernel reads and writes, which its metrics log collects) and its generated kernel count, for
-    a fresh compile (its graph cache is bypassed, so a cache hit cannot hide the kernels).
+    fused kernel reads and writes, which its metrics log collects) and its kernel count, for a fresh
+    compile (its graph cache is bypassed, so a cache hit cannot hide the kernels); fastrsb's own kernels
+    (custom ops, which Inductor calls as they are) are counted as the eager trace counts them.
 
 `floor_ms` turns them into the time a GPU cannot beat: bytes at HBM bandwidth plus a launch per kernel
 (H100 SXM: 3.35 TB/s; about 5 us per eager launch).
@@ -90,11 +91,21 @@ def trace(fn, *args, **kwargs) -> tuple[Traffic, object]:
     return mode.traffic, result
 
 
-def compiled_traffic(compile_and_call) -> Traffic:
+CUSTOM_PREFIX = "fastrsb."  # fastrsb's own kernels (torch custom ops, fastrsb/augment/kernels.py)
+
+
+def compiled_traffic(compile_and_call, custom_ops: Traffic | None = None) -> Traffic:
     """Inductor's bytes and kernels for the graphs that `compile_and_call()` compiles (a fresh compile:
     the FX graph cache is off meanwhile). Inductor counts only while its metrics log is enabled; it is
-    enabled here with a handler that prints nothing."""
+    enabled here with a handler that prints nothing.
+
+    Inductor calls fastrsb's own kernels (custom ops) as they are, and counts such an extern kernel by its
+    buffers whole: an in-place write of a few images into the batch counts as the whole batch read and
+    written. The compiled graph makes the same custom-op calls as eager, so with `custom_ops` (the eager
+    trace of a call of the same shape) their bytes are counted as the eager figure counts them, and
+    Inductor's count gives the rest. Kernels: Inductor's generated ones plus every extern call."""
     from torch._inductor import config, metrics
+    from torch._inductor.scheduler import ExternKernelSchedulerNode
 
     log = torch._logging.getArtifactLogger("torch._inductor.compile_fx", "inductor_metrics")
     saved = log.level, log.propagate
@@ -106,7 +117,18 @@ def compiled_traffic(compile_and_call) -> Traffic:
     try:
         with config.patch(fx_graph_cache=False):
             compile_and_call()
-        return Traffic(bytes=int(metrics.num_bytes_accessed), kernels=int(metrics.generated_kernel_count))
+        nodes = list(metrics.nodes_num_elem)  # (scheduler node, bytes // 4)
+
+        def custom(node) -> bool:
+            return str(getattr(getattr(node, "node", None), "op_overload", "")).startswith(CUSTOM_PREFIX)
+
+        externs = sum(isinstance(node, ExternKernelSchedulerNode) for node, _ in nodes)
+        kernels = int(metrics.generated_kernel_count) + externs
+        if custom_ops is None:
+            return Traffic(bytes=int(metrics.num_bytes_accessed), kernels=kernels)
+        rest = sum(4 * n for node, n in nodes if not custom(node))
+        mine = sum(b for name, b in custom_ops.by_op.items() if name.startswith(CUSTOM_PREFIX))
+        return Traffic(bytes=rest + mine, kernels=kernels)
     finally:
         log.removeHandler(sink)
         log.setLevel(saved[0])
