@@ -106,3 +106,22 @@ def test_demo_data_cli_writes_imagefolder(tmp_path):
     for split, n in (("train", 4), ("val", 2)):
         folders = sorted((tmp_path / "d" / split).iterdir())
         assert len(folders) == 3 and all(len(list(f.iterdir())) == n for f in folders)
+
+
+def test_the_command_line_makes_openmp_threads_sleep_when_they_wait(tmp_path):
+    """`fastrsb ...` sets OMP_WAIT_POLICY=PASSIVE before torch loads (spinning teams stall when a loader's
+    workers hold the cores), and leaves a value the user set alone."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    probe = ("import os, sys; from fastrsb import cli; sys.argv = ['fastrsb', 'recipe', 'a3']; cli.main(); "
+             "import torch; print('policy', os.environ.get('OMP_WAIT_POLICY'))")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert out.returncode == 0 and "policy PASSIVE" in out.stdout, out.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=300,
+                         env={**env, "OMP_WAIT_POLICY": "ACTIVE"})
+    assert out.returncode == 0 and "policy ACTIVE" in out.stdout, out.stderr[-2000:]
