@@ -1,19 +1,32 @@
-"""Fused kernels for RandAugment's two pixel-heavy steps: the affine warp and the per-image lookup table.
+"""Fused kernels for the train augmentation's pixel work: one kernel per step, uint8 in and uint8 out.
 
-Written out as eager torch ops (`ops.warp_reference`, `ops.apply_lut_reference`, which stay the readable
-definitions and the tests' oracles), the warp materialises a float32 copy of every tap and every
-partial sum: about two thirds of the augmentation's 29 MiB per image at batch 512 (`fastrsb bench aug`,
-benchmarks/results/cpu-2core-aug-11aa6ab-2026-12-03.jsonl). Here each step is one kernel that reads
-uint8 pixels and writes uint8 pixels, and does the same arithmetic in the same order and precision:
-float64 source coordinates, float32 interpolation, clamp and truncation (PIL's `Geometry.c`), so
-its bytes equal the reference's bit for bit (tests/test_kernels.py).
+Written out as eager torch ops, RandAugment's affine warp materialised a float32 copy of every tap and
+every partial sum, and mixup + normalise three float32 copies of the batch: with the rest, 29 MiB read
+and written per 160-px image at batch 512, eight times what the GPU target allows (`fastrsb bench aug`,
+benchmarks/results/cpu-2core-aug-11aa6ab-2026-12-03.jsonl). Here each step is one kernel:
 
-Each step is a torch custom op (`torch.library.custom_op`), so eager calls, `torch.compile` and the
-traffic trace all see one op with uint8 inputs and outputs:
-  * CPU: numba, compiled once and cached on disk, run over row blocks in torch's intra-op thread
-    count (numba's own threading layer is not used: it warns when a process forks after it ran);
+  warp_affine    PIL's affine transform (float64 source coordinates, float32 bilinear or bicubic
+                 interpolation, clamp and truncation, the fill outside), 1-d along the axis a shear or
+                 translation moves (the 2-d result, bit for bit, from a quarter of the taps)
+  apply_lut      the per-(image, channel) lookup table of the LUT stage
+  histogram      per-(image, channel) counts for AutoContrast and Equalize
+  grey_mean      Contrast's mean grey level
+  enhance        Color and Sharpness: PIL's blend with the grey or the SMOOTH-filtered image
+  put_rows_      a stage's images written back into the batch, in place
+  mix_normalize  mixup/cutmix with the partner image, then (x / 255 - mean) / std, into float32 or bf16
+
+Each does the arithmetic of its torch-op definition (`ops.warp_reference`, `apply_lut_reference`,
+`histogram_reference`, `grey_mean_reference`, `enhance_reference`; `MixupCutmix.apply_packed` then
+`normalize`) in the same order and precision, so the bytes are equal (tests/test_kernels.py).
+
+Each is a torch custom op (`torch.library.custom_op`), so eager calls, `torch.compile` (which calls it
+as it is) and the traffic trace all see one op:
+  * CPU: numba, compiled once and cached on disk, over blocks of rows split across torch's thread
+    count (`cpu_threads`; numba's own threading layer is not used: it warns when a process forks);
   * CUDA: Triton, one program per image and block of pixels, with floating-point contraction off
-    (`enable_fp_fusion=False`), since a fused multiply-add rounds once where PIL rounds twice.
+    (`enable_fp_fusion=False`): a fused multiply-add rounds once where PIL rounds twice, and where torch
+    rounds once (lerp, addcmul) the kernel says so with `tl.fma`. The CUDA kernels are tested on the CPU
+    in Triton's interpreter; they have not run on a GPU yet.
 """
 from __future__ import annotations
 
