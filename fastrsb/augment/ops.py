@@ -24,11 +24,11 @@ a function of the batch size and the op set that such a list exceeds with probab
 (`stage_capacity`); when one does, that call uses the whole batch for that stage (exact either way,
 one more compile if compiled). In A3's RandAugment a sixth of the images draw a geometric op in a
 layer, and the warp runs on cap = 83 of 256 images, or 447 of 2048.
-Pad rows list an image that needs nothing from the stage (its own columns say so): the warp's kernel
-skips them, and each is written back as it was, by every pad row alike.
+Pad rows list an image that needs nothing from the stage (its own columns say so): the kernels skip
+them, and they are not written back.
 The pixel work of each stage is one fused kernel (`kernels`: numba on the CPU, Triton on CUDA), whose
 bytes equal those of the torch-op definitions kept here (`warp_reference`, `apply_lut_reference`,
-`histogram_reference`, `enhance_reference`).
+`histogram_reference`, `grey_mean_reference`, `enhance_reference`, `_put_back`).
 Only the stages that the op set can need are issued (decided at construction, not per call).
 """
 from __future__ import annotations
