@@ -53,8 +53,32 @@ def _passive_openmp_threads() -> None:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+def _keep_freed_memory() -> bool:
+    """glibc: large blocks come from the heap and stay there when freed, for the next batch to reuse.
+
+    By default glibc maps every allocation over 32 MiB afresh and unmaps it when freed, so each batch-sized
+    tensor (a batch of 512 uint8 images at 160 px is 39 MB; normalised to float32, 157 MB) pays a page fault
+    per 4 KiB on first touch, several times per step. The augmentation of 512 images on 2 cores took 291
+    ms with that, 146 ms without (2048: 910 and 500 ms). The process keeps its peak memory instead, as it
+    would with jemalloc or tcmalloc. Returns whether glibc took the setting."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # glibc only: musl has no mallopt parameters to set
+    except (OSError, AttributeError):
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 31))
+
+
 def main(argv: list[str] | None = None) -> int:
     _passive_openmp_threads()
+    _keep_freed_memory()
     from .commands import check_overrides
     from .errors import FastRSBError
 

@@ -166,13 +166,13 @@ def test_a_cpu_call_runs_torch_ops_in_one_thread_and_restores_the_count(monkeypa
     processes hold the cores) while the kernels split across the caller's threads; afterwards the count
     is the caller's again, also when the call fails."""
     seen = []
-    real = kernels._run_rows
+    real = kernels._run_images
 
     def spy(kernel, rows, *args, **kw):
         seen.append((torch.get_num_threads(), kernels._KERNEL_THREADS))
         return real(kernel, rows, *args, **kw)
 
-    monkeypatch.setattr(kernels, "_run_rows", spy)
+    monkeypatch.setattr(kernels, "_run_images", spy)
     threads = torch.get_num_threads()
     aug = fa.make_train_augment("rand-m9-mstd0.5-inc1", 0.1, 1.0, 0.1, 10)
     x, labels = images(8, 32, 32), torch.arange(8)

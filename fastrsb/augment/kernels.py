@@ -91,105 +91,110 @@ def _tap(src, i, y, x, ch):
 
 
 @_njit()
-def _warp_rows(src, mats, cubic_flags, axes, active, fill, nearest, out, start, stop):
+def _warp_rows(src, mats, cubic_flags, axes, active, fill, nearest, out, start, stop, step):
     _, h, w, c = src.shape
-    for t in range(start, stop):  # (image, output row) pairs
-        i = t // h
+    for i in range(start, stop, step):  # whole images: a thread's pages are its own
         if not active[i]:
             continue
-        y = t - i * h
         a0, a1, a2, a3, a4, a5 = mats[i, 0], mats[i, 1], mats[i, 2], mats[i, 3], mats[i, 4], mats[i, 5]
         cubic = cubic_flags[i]
         axis = axes[i]
-        cy = y + 0.5
-        for x in range(w):
-            cx = x + 0.5
-            sx = a0 * cx + a1 * cy + a2 - 0.5
-            sy = a3 * cx + a4 * cy + a5 - 0.5
-            if not (sx >= -0.5 and sy >= -0.5 and sx < w - 0.5 and sy < h - 0.5):
-                for ch in range(c):
-                    out[i, y, x, ch] = fill[ch]
-                continue
-            if nearest:
-                px = _clamp(int(math.floor(sx + 0.5)), w - 1)
-                py = _clamp(int(math.floor(sy + 0.5)), h - 1)
-                for ch in range(c):
-                    out[i, y, x, ch] = src[i, py, px, ch]
-                continue
-            fx = math.floor(sx)
-            fy = math.floor(sy)
-            ix = int(fx)
-            iy = int(fy)
-            x1, x2 = _clamp(ix, w - 1), _clamp(ix + 1, w - 1)
-            y1, y2 = _clamp(iy, h - 1), _clamp(iy + 1, h - 1)
-            if axis == 1:  # along x in the row the map keeps (the 2-d result, bit for bit: dy is 0)
-                dx = np.float32(sx - fx)
-                if cubic:
-                    x0, x3 = _clamp(ix - 1, w - 1), _clamp(ix + 2, w - 1)
-                    for ch in range(c):
-                        out[i, y, x, ch] = _to_u8(_interp(_tap(src, i, y1, x0, ch), _tap(src, i, y1, x1, ch),
-                                                          _tap(src, i, y1, x2, ch), _tap(src, i, y1, x3, ch), dx,
-                                                          True))
-                else:
-                    for ch in range(c):
-                        v2 = _tap(src, i, y1, x1, ch)
-                        out[i, y, x, ch] = _to_u8(v2 + dx * (_tap(src, i, y1, x2, ch) - v2))
-            elif axis == 2:  # along y
-                dy = np.float32(sy - fy)
-                if cubic:
-                    y0, y3 = _clamp(iy - 1, h - 1), _clamp(iy + 2, h - 1)
-                    for ch in range(c):
-                        out[i, y, x, ch] = _to_u8(_interp(_tap(src, i, y0, x1, ch), _tap(src, i, y1, x1, ch),
-                                                          _tap(src, i, y2, x1, ch), _tap(src, i, y3, x1, ch), dy,
-                                                          True))
-                else:
-                    for ch in range(c):
-                        v2 = _tap(src, i, y1, x1, ch)
-                        out[i, y, x, ch] = _to_u8(v2 + dy * (_tap(src, i, y2, x1, ch) - v2))
-            else:
-                dx = np.float32(sx - fx)
-                dy = np.float32(sy - fy)
-                if cubic:
-                    x0, x3 = _clamp(ix - 1, w - 1), _clamp(ix + 2, w - 1)
-                    y0, y3 = _clamp(iy - 1, h - 1), _clamp(iy + 2, h - 1)
-                    for ch in range(c):
-                        r0 = _interp(_tap(src, i, y0, x0, ch), _tap(src, i, y0, x1, ch), _tap(src, i, y0, x2, ch),
-                                     _tap(src, i, y0, x3, ch), dx, True)
-                        r1 = _interp(_tap(src, i, y1, x0, ch), _tap(src, i, y1, x1, ch), _tap(src, i, y1, x2, ch),
-                                     _tap(src, i, y1, x3, ch), dx, True)
-                        r2 = _interp(_tap(src, i, y2, x0, ch), _tap(src, i, y2, x1, ch), _tap(src, i, y2, x2, ch),
-                                     _tap(src, i, y2, x3, ch), dx, True)
-                        r3 = _interp(_tap(src, i, y3, x0, ch), _tap(src, i, y3, x1, ch), _tap(src, i, y3, x2, ch),
-                                     _tap(src, i, y3, x3, ch), dx, True)
-                        out[i, y, x, ch] = _to_u8(_interp(r0, r1, r2, r3, dy, True))
-                else:
-                    for ch in range(c):
-                        v1 = _tap(src, i, y1, x1, ch)
-                        r1 = v1 + dx * (_tap(src, i, y1, x2, ch) - v1)
-                        v2 = _tap(src, i, y2, x1, ch)
-                        r2 = v2 + dx * (_tap(src, i, y2, x2, ch) - v2)
-                        out[i, y, x, ch] = _to_u8(r1 + dy * (r2 - r1))
-
-
-@_njit()
-def _lut_rows(src, lut, out, start, stop):
-    _, h, w, c = src.shape
-    for t in range(start, stop):
-        i = t // h
-        y = t - i * h
-        for x in range(w):
-            for ch in range(c):
-                out[i, y, x, ch] = lut[i, ch, src[i, y, x, ch]]
-
-
-@_njit()
-def _hist_rows(src, hist, start, stop):
-    _, h, w, c = src.shape
-    for i in range(start, stop):  # whole images: each owns its counts
         for y in range(h):
+            cy = y + 0.5
             for x in range(w):
-                for ch in range(c):
-                    hist[i, ch, src[i, y, x, ch]] += 1
+                cx = x + 0.5
+                sx = a0 * cx + a1 * cy + a2 - 0.5
+                sy = a3 * cx + a4 * cy + a5 - 0.5
+                if not (sx >= -0.5 and sy >= -0.5 and sx < w - 0.5 and sy < h - 0.5):
+                    for ch in range(c):
+                        out[i, y, x, ch] = fill[ch]
+                    continue
+                if nearest:
+                    px = _clamp(int(math.floor(sx + 0.5)), w - 1)
+                    py = _clamp(int(math.floor(sy + 0.5)), h - 1)
+                    for ch in range(c):
+                        out[i, y, x, ch] = src[i, py, px, ch]
+                    continue
+                fx = math.floor(sx)
+                fy = math.floor(sy)
+                ix = int(fx)
+                iy = int(fy)
+                x1, x2 = _clamp(ix, w - 1), _clamp(ix + 1, w - 1)
+                y1, y2 = _clamp(iy, h - 1), _clamp(iy + 1, h - 1)
+                if axis == 1:  # along x in the row the map keeps (the 2-d result, bit for bit: dy is 0)
+                    dx = np.float32(sx - fx)
+                    if cubic:
+                        x0, x3 = _clamp(ix - 1, w - 1), _clamp(ix + 2, w - 1)
+                        for ch in range(c):
+                            out[i, y, x, ch] = _to_u8(_interp(_tap(src, i, y1, x0, ch), _tap(src, i, y1, x1, ch),
+                                                              _tap(src, i, y1, x2, ch), _tap(src, i, y1, x3, ch), dx,
+                                                              True))
+                    else:
+                        for ch in range(c):
+                            v2 = _tap(src, i, y1, x1, ch)
+                            out[i, y, x, ch] = _to_u8(v2 + dx * (_tap(src, i, y1, x2, ch) - v2))
+                elif axis == 2:  # along y
+                    dy = np.float32(sy - fy)
+                    if cubic:
+                        y0, y3 = _clamp(iy - 1, h - 1), _clamp(iy + 2, h - 1)
+                        for ch in range(c):
+                            out[i, y, x, ch] = _to_u8(_interp(_tap(src, i, y0, x1, ch), _tap(src, i, y1, x1, ch),
+                                                              _tap(src, i, y2, x1, ch), _tap(src, i, y3, x1, ch), dy,
+                                                              True))
+                    else:
+                        for ch in range(c):
+                            v2 = _tap(src, i, y1, x1, ch)
+                            out[i, y, x, ch] = _to_u8(v2 + dy * (_tap(src, i, y2, x1, ch) - v2))
+                else:
+                    dx = np.float32(sx - fx)
+                    dy = np.float32(sy - fy)
+                    if cubic:
+                        x0, x3 = _clamp(ix - 1, w - 1), _clamp(ix + 2, w - 1)
+                        y0, y3 = _clamp(iy - 1, h - 1), _clamp(iy + 2, h - 1)
+                        for ch in range(c):
+                            r0 = _interp(_tap(src, i, y0, x0, ch), _tap(src, i, y0, x1, ch), _tap(src, i, y0, x2, ch),
+                                         _tap(src, i, y0, x3, ch), dx, True)
+                            r1 = _interp(_tap(src, i, y1, x0, ch), _tap(src, i, y1, x1, ch), _tap(src, i, y1, x2, ch),
+                                         _tap(src, i, y1, x3, ch), dx, True)
+                            r2 = _interp(_tap(src, i, y2, x0, ch), _tap(src, i, y2, x1, ch), _tap(src, i, y2, x2, ch),
+                                         _tap(src, i, y2, x3, ch), dx, True)
+                            r3 = _interp(_tap(src, i, y3, x0, ch), _tap(src, i, y3, x1, ch), _tap(src, i, y3, x2, ch),
+                                         _tap(src, i, y3, x3, ch), dx, True)
+                            out[i, y, x, ch] = _to_u8(_interp(r0, r1, r2, r3, dy, True))
+                    else:
+                        for ch in range(c):
+                            v1 = _tap(src, i, y1, x1, ch)
+                            r1 = v1 + dx * (_tap(src, i, y1, x2, ch) - v1)
+                            v2 = _tap(src, i, y2, x1, ch)
+                            r2 = v2 + dx * (_tap(src, i, y2, x2, ch) - v2)
+                            out[i, y, x, ch] = _to_u8(r1 + dy * (r2 - r1))
+
+
+@_njit()
+def _lut_rows(src, lut, out, start, stop, step):
+    # row views and the three channels written out: numba indexes a 4-d array three times slower
+    _, h, w, _ = src.shape
+    for i in range(start, stop, step):  # whole images: a thread's pages are its own
+        for y in range(h):
+            s, o = src[i, y], out[i, y]
+            l0, l1, l2 = lut[i, 0], lut[i, 1], lut[i, 2]
+            for x in range(w):
+                o[x, 0] = l0[s[x, 0]]
+                o[x, 1] = l1[s[x, 1]]
+                o[x, 2] = l2[s[x, 2]]
+
+
+@_njit()
+def _hist_rows(src, hist, start, stop, step):
+    _, h, w, _ = src.shape
+    for i in range(start, stop, step):  # whole images: each owns its counts
+        h0, h1, h2 = hist[i, 0], hist[i, 1], hist[i, 2]
+        for y in range(h):
+            s = src[i, y]
+            for x in range(w):
+                h0[s[x, 0]] += 1
+                h1[s[x, 1]] += 1
+                h2[s[x, 2]] += 1
 
 
 @_njit(inline="always")
@@ -199,100 +204,119 @@ def _gray(src, i, y, x):
             + np.int32(src[i, y, x, 2]) * 7471 + 0x8000) >> 16
 
 
+@_njit(inline="always")
+def _blend_u8(f, v, deg):
+    # PIL's blend: deg + f (v - deg), the product and the sum each rounded to float32; clamped, truncated
+    return _to_u8(f * np.float32(v - deg) + np.float32(deg))
+
+
+@_njit(inline="always")
+def _smooth(above, row, below, x, ch):
+    # PIL's SMOOTH filter at an interior pixel: weights 1 around a centre of 5, divided by 13, rounded
+    total = (np.int32(above[x - 1, ch]) + np.int32(above[x, ch]) + np.int32(above[x + 1, ch])
+             + np.int32(row[x - 1, ch]) + 5 * np.int32(row[x, ch]) + np.int32(row[x + 1, ch])
+             + np.int32(below[x - 1, ch]) + np.int32(below[x, ch]) + np.int32(below[x + 1, ch]))
+    smooth = math.floor(np.float32(total) / np.float32(13.0) + np.float32(0.5))
+    return np.int32(0 if smooth < 0 else (255 if smooth > 255 else smooth))
+
+
 @_njit()
-def _enhance_rows(src, kinds, factors, out, start, stop):
-    _, h, w, c = src.shape
-    thirteen = np.float32(13.0)
-    half = np.float32(0.5)
-    for t in range(start, stop):
-        i = t // h
-        y = t - i * h
+def _enhance_rows(src, kinds, factors, out, start, stop, step):
+    _, h, w, _ = src.shape
+    for i in range(start, stop, step):  # whole images: a thread's pages are its own
         kind = kinds[i]
         f = factors[i]
-        for x in range(w):
-            g = _gray(src, i, y, x) if kind == 1 else 0
-            for ch in range(c):
-                v = np.int32(src[i, y, x, ch])
-                if kind == 1:  # Color: a blend with the grey image
-                    deg = g
-                elif kind == 2 and 0 < y < h - 1 and 0 < x < w - 1:  # Sharpness: with PIL's SMOOTH filter
-                    total = np.int32(0)
-                    for yy in range(y - 1, y + 2):
-                        for xx in range(x - 1, x + 2):
-                            total += np.int32(src[i, yy, xx, ch])
-                    total += 4 * v  # the centre weighs 5
-                    smooth = math.floor(np.float32(total) / thirteen + half)
-                    deg = np.int32(0 if smooth < 0 else (255 if smooth > 255 else smooth))
-                else:  # the border keeps its pixels (and an image without a blend stays as it is)
-                    deg = v
-                d = np.float32(deg)
-                # PIL's blend: deg + f (x - deg), the product and the sum each rounded to float32
-                product = f * np.float32(v - deg)
-                out[i, y, x, ch] = _to_u8(product + d)
+        for y in range(h):
+            row, o = src[i, y], out[i, y]
+            if kind == 1:  # Color: a blend with the grey image (PIL's fixed-point luma)
+                for x in range(w):
+                    g = (np.int32(row[x, 0]) * 19595 + np.int32(row[x, 1]) * 38470 + np.int32(row[x, 2]) * 7471
+                         + 0x8000) >> 16
+                    for ch in range(3):
+                        o[x, ch] = _blend_u8(f, np.int32(row[x, ch]), g)
+            elif kind == 2 and 0 < y < h - 1:  # Sharpness: a blend with the SMOOTH-filtered image
+                above, below = src[i, y - 1], src[i, y + 1]
+                for ch in range(3):  # the first and last columns keep their pixels
+                    o[0, ch] = row[0, ch]
+                    o[w - 1, ch] = row[w - 1, ch]
+                for x in range(1, w - 1):
+                    for ch in range(3):
+                        o[x, ch] = _blend_u8(f, np.int32(row[x, ch]), _smooth(above, row, below, x, ch))
+            else:  # no blend, or the first and last rows of a Sharpness image: the pixels as they are
+                for x in range(w):
+                    for ch in range(3):
+                        o[x, ch] = row[x, ch]
 
 
 @_njit()
-def _mix_normalize_rows(src, mix, scale, shift, out, bf16, start, stop):
-    """src (n, h, w, c) uint8 and out (n, h, w, c) float32 (or bfloat16's bits as uint16), both contiguous;
-    scale and shift float64 (w * c,): the channels' constants repeated along a row."""
-    n, h, w, c = src.shape
-    m = w * c
-    row = np.empty(m, dtype=np.float32)  # one output row in float32
+def _mix_row(own, partner, o, params, y, table, scale, shift):
+    """One output row `o` (w * 3,) float32 of mix_normalize: `own` and `partner` the rows of the image and
+    its partner, `params` the image's row of `MixupCutmix.pack`."""
+    m = o.shape[0]
+    if params[1] > 0.5:  # cutmix: the partner's pixels inside the box, the image's own outside
+        lo, hi = (int(params[4]), int(params[5])) if params[2] <= y < params[3] else (0, 0)
+        n0, n1, n2 = table[0], table[1], table[2]
+        for x in range(m // 3):
+            p = partner if lo <= x < hi else own
+            k = 3 * x
+            o[k] = n0[p[k]]
+            o[k + 1] = n1[p[k + 1]]
+            o[k + 2] = n2[p[k + 2]]
+        return
+    # torch.lerp(partner, image, lam) as its vectorised CPU kernel computes it, one fused multiply-add
+    # either side of 0.5: exact in float64 (small integers times a float32), then rounded once; then
+    # torch.addcmul(shift, mixed, scale), also one fused multiply-add (the product is exact in float64,
+    # and the float64 sum rounded to float32 gives its result)
+    lam = np.float64(np.float32(params[0]))
+    if lam < 0.5:
+        for k in range(m):
+            s = np.float64(partner[k])
+            mixed = np.float32(s + lam * (np.float64(own[k]) - s))
+            o[k] = np.float32(shift[k] + np.float64(mixed) * scale[k])
+    else:
+        for k in range(m):
+            e = np.float64(own[k])
+            mixed = np.float32(e + (lam - 1.0) * (e - np.float64(partner[k])))
+            o[k] = np.float32(shift[k] + np.float64(mixed) * scale[k])
+
+
+@_njit()
+def _mix_normalize_rows(src, mix, scale, shift, out, bf16, start, stop, step):
+    """src (n, h, w, 3) uint8; out (n, h, w, 3) float32, or bfloat16's bits as uint16 (written from a
+    float32 row); scale and shift float64 (w * 3,): the channels' constants repeated along a row."""
+    n, h, w, _ = src.shape
+    m = w * 3
+    row = np.empty(m, dtype=np.float32)
     bits = row.view(np.uint32)
-    # torch.addcmul(shift, v, scale) is one fused multiply-add on the CPU: for a float32 v the product is
-    # exact in float64, and the float64 sum rounded to float32 gives its result. Whole grey levels (a
-    # cutmix pixel is one image's or the other's) take it from a table.
-    table = np.empty((c, 256), dtype=np.float32)
-    for ch in range(c):
+    table = np.empty((3, 256), dtype=np.float32)  # whole grey levels normalised (a cutmix pixel is one)
+    for ch in range(3):
         for v in range(256):
             table[ch, v] = np.float32(shift[ch] + np.float64(v) * scale[ch])
-    for t in range(start, stop):
-        i = t // h
-        y = t - i * h
-        j = n - 1 - i  # the partner: the batch flipped
-        own = src[i, y].reshape(m)
-        partner = src[j, y].reshape(m)
-        if mix[i, 1] > 0.5:  # cutmix: the partner's pixels inside the box, the image's own outside
-            row_in = mix[i, 2] <= y < mix[i, 3]
-            for x in range(w):
-                from_partner = row_in and mix[i, 4] <= x < mix[i, 5]
-                for ch in range(c):
-                    row[x * c + ch] = table[ch, partner[x * c + ch] if from_partner else own[x * c + ch]]
-        else:
-            # torch.lerp(partner, image, lam) as its vectorised CPU kernel computes it, one fused
-            # multiply-add either side of 0.5: exact in float64 (small integers times a float32), rounded once
-            lam = np.float64(np.float32(mix[i, 0]))
-            if lam < 0.5:
-                for k in range(m):
-                    s = np.float64(partner[k])
-                    mixed = np.float32(s + lam * (np.float64(own[k]) - s))
-                    row[k] = np.float32(shift[k] + np.float64(mixed) * scale[k])
-            else:
-                for k in range(m):
-                    e = np.float64(own[k])
-                    mixed = np.float32(e + (lam - 1.0) * (e - np.float64(partner[k])))
-                    row[k] = np.float32(shift[k] + np.float64(mixed) * scale[k])
-        target = out[i, y].reshape(m)
-        if bf16:  # float32 -> bfloat16 bits, rounded to nearest even (as torch's .to(torch.bfloat16))
-            for k in range(m):
+    for i in range(start, stop, step):  # whole images: a thread's pages are its own
+        for y in range(h):
+            own = src[i, y].reshape(m)
+            partner = src[n - 1 - i, y].reshape(m)  # the batch flipped
+            target = out[i, y].reshape(m)
+            if not bf16:
+                _mix_row(own, partner, target, mix[i], y, table, scale, shift)
+                continue
+            _mix_row(own, partner, row, mix[i], y, table, scale, shift)
+            for k in range(m):  # float32 -> bfloat16 bits, rounded to nearest even (as torch's .to(torch.bfloat16))
                 b = bits[k]
                 target[k] = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
-        else:
-            for k in range(m):
-                target[k] = row[k]
 
 
 @_njit()
-def _put_rows(out, index, keep, rows, start, stop):
-    for r in range(start, stop):
+def _put_rows(out, index, keep, rows, start, stop, step):
+    for r in range(start, stop, step):
         if keep[r]:
             out[index[r]] = rows[r]
 
 
 @_njit()
-def _grey_sum_rows(src, sums, start, stop):
+def _grey_sum_rows(src, sums, start, stop, step):
     _, h, w, _ = src.shape
-    for i in range(start, stop):  # whole images: each owns its sum
+    for i in range(start, stop, step):  # whole images: each owns its sum
         total = 0
         for y in range(h):
             for x in range(w):
@@ -326,17 +350,19 @@ def cpu_threads(device: torch.device):
         _KERNEL_THREADS = 0
 
 
-def _run_rows(kernel, rows: int, *args, min_rows: int = 64) -> None:
-    """kernel(*args, start, stop) over `rows` (image, row) pairs, split across torch's thread count."""
-    threads = max(1, min(_KERNEL_THREADS or torch.get_num_threads(), rows // min_rows or 1))
+def _run_images(kernel, images: int, *args) -> None:
+    """kernel(*args, start, stop, step) over `images`, split across torch's thread count. Thread k takes
+    images k, k + threads, ...: a stage's listed images come first and its pad rows (no work) last, so
+    contiguous blocks would leave a thread idle, and whole images keep each thread's writes on pages of
+    its own (two threads faulting in the same fresh pages wait on each other)."""
+    threads = max(1, min(_KERNEL_THREADS or torch.get_num_threads(), images))
     if threads == 1:
-        kernel(*args, 0, rows)
+        kernel(*args, 0, images, 1)
         return
     pool = _POOL.get((os.getpid(), threads))
     if pool is None:  # one pool per process (a forked child makes its own) and thread count
         pool = _POOL[(os.getpid(), threads)] = ThreadPoolExecutor(threads, thread_name_prefix="fastrsb-aug")
-    bounds = np.linspace(0, rows, threads + 1).astype(int)
-    for f in [pool.submit(kernel, *args, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]:
+    for f in [pool.submit(kernel, *args, k, images, threads) for k in range(threads)]:
         f.result()
 
 
@@ -349,7 +375,7 @@ def _warp_cpu(x: Tensor, mats: Tensor, cubic: Tensor, axes: Tensor, active: Tens
     n, c, h, w = x.shape
     out = torch.empty((n, c, h, w), dtype=torch.uint8, memory_format=torch.channels_last)
     if n:
-        _run_rows(_warp_rows, n * h, _nhwc(x), mats.numpy(), cubic.numpy(), axes.numpy(), active.numpy(),
+        _run_images(_warp_rows, n, _nhwc(x), mats.numpy(), cubic.numpy(), axes.numpy(), active.numpy(),
                   fill.numpy(), interpolation == NEAREST, _nhwc(out))
     return out
 
@@ -358,7 +384,7 @@ def _lut_cpu(x: Tensor, lut: Tensor) -> Tensor:
     n, _, h, _ = x.shape
     out = torch.empty_like(x)  # x's memory format
     if n:
-        _run_rows(_lut_rows, n * h, _nhwc(x), lut.numpy(), _nhwc(out))
+        _run_images(_lut_rows, n, _nhwc(x), lut.numpy(), _nhwc(out))
     return out
 
 
@@ -366,7 +392,7 @@ def _hist_cpu(x: Tensor) -> Tensor:
     n = x.shape[0]
     hist = torch.zeros((n, 3, 256), dtype=torch.int32)
     if n:
-        _run_rows(_hist_rows, n, _nhwc(x), hist.numpy(), min_rows=1)
+        _run_images(_hist_rows, n, _nhwc(x), hist.numpy())
     return hist
 
 
@@ -374,7 +400,7 @@ def _enhance_cpu(x: Tensor, kinds: Tensor, factors: Tensor) -> Tensor:
     n, _, h, _ = x.shape
     out = torch.empty_like(x)
     if n:
-        _run_rows(_enhance_rows, n * h, _nhwc(x), kinds.numpy(), factors.numpy(), _nhwc(out))
+        _run_images(_enhance_rows, n, _nhwc(x), kinds.numpy(), factors.numpy(), _nhwc(out))
     return out
 
 
@@ -384,22 +410,22 @@ def _mix_normalize_cpu(x: Tensor, mix: Tensor, scale: Tensor, shift: Tensor, dty
     out = torch.empty((n, c, h, w), dtype=dtype if native else torch.float32, memory_format=torch.channels_last)
     if n:
         target = _nhwc(out.view(torch.uint16) if dtype == torch.bfloat16 else out)
-        along_row = np.tile(np.stack([scale.numpy(), shift.numpy()]).astype(np.float64), (1, w))  # (2, w * c)
-        _run_rows(_mix_normalize_rows, n * h, _nhwc(x.contiguous(memory_format=torch.channels_last)), mix.numpy(),
+        along_row = np.tile(np.stack([scale.numpy(), shift.numpy()]).astype(np.float64), (1, w))  # (2, w * 3)
+        _run_images(_mix_normalize_rows, n, _nhwc(x.contiguous(memory_format=torch.channels_last)), mix.numpy(),
                   along_row[0], along_row[1], target, dtype == torch.bfloat16)
     return out if native else out.to(dtype)
 
 
 def _put_rows_cpu(out: Tensor, index: Tensor, keep: Tensor, rows: Tensor) -> None:
     if rows.shape[0]:
-        _run_rows(_put_rows, rows.shape[0], _nhwc(out), index.numpy(), keep.numpy(), _nhwc(rows), min_rows=1)
+        _run_images(_put_rows, rows.shape[0], _nhwc(out), index.numpy(), keep.numpy(), _nhwc(rows))
 
 
 def _grey_mean_cpu(x: Tensor) -> Tensor:
     n, _, h, w = x.shape
     sums = torch.zeros(n, dtype=torch.int64)
     if n:
-        _run_rows(_grey_sum_rows, n, _nhwc(x), sums.numpy(), min_rows=1)
+        _run_images(_grey_sum_rows, n, _nhwc(x), sums.numpy())
     return sums.double() / (h * w)  # torch's mean: the exact sum, divided once
 
 
