@@ -21,7 +21,9 @@ setup(
         "dali": ["nvidia-dali-cuda120"],
         # Half the size of the cuda120 build and matches torch's CUDA 13 wheels.
         "dali-cuda130": ["nvidia-dali-cuda130"],
-        "dev": ["pytest", "pytest-timeout", "matplotlib"],
+        # `fastrsb digits-data`: the UCI digits bundled with scikit-learn (the evidence in benchmarks/results/)
+        "evidence": ["scikit-learn"],
+        "dev": ["pytest", "pytest-timeout", "matplotlib", "scikit-learn"],
     },
     entry_points={"console_scripts": ["fastrsb=fastrsb.cli:main"]},
 )

@@ -56,6 +56,23 @@ def _demo_data(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- digits-data
+
+def _digits_data_args(p):
+    p.add_argument("out", help="output folder")
+    p.add_argument("--size", type=_positive_int, default=64, help="side of the upsampled images, px")
+    p.add_argument("--val-images", type=_positive_int, default=300, help="images in val/ (stratified); the rest train")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+
+
+def _digits_data(args) -> int:
+    from .digits_data import make_digits_data
+
+    out = make_digits_data(args.out, size=args.size, val_images=args.val_images, seed=args.seed)
+    print(f"wrote the UCI digits (scikit-learn's load_digits) as an ImageFolder dataset to {out} (train/, val/)")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- recipe
 
 def _recipe_args(p):
@@ -121,7 +138,10 @@ def _verify(args) -> int:
 def _train_args(p):
     p.add_argument("--recipe", default="a3", help="a1, a2 or a3 (default a3)")
     p.add_argument("--data", required=True, help="the folder `fastrsb convert` wrote")
-    p.add_argument("--loader", default="auto", help="loader backend: auto, dali, ffcv or pil")
+    p.add_argument("--loader", default="auto",
+                   help="loader backend: auto, dali, ffcv or pil; or timm: the reference, the recipe trained by "
+                        "timm's own loader, Mixup, BCE, Lamb and scheduler over the source images "
+                        "(fastrsb/timm_reference.py)")
     p.add_argument("--model", default=None, help="timm model name (default: the recipe's, resnet50)")
     p.add_argument("--out", default=None, help="run folder (default runs/RECIPE-MODEL)")
     p.add_argument("--batch-per-gpu", type=_batch_per_gpu, default="auto",
@@ -164,6 +184,8 @@ def _train(args) -> int:
 
     recipe = override(get_recipe(args.recipe), args.overrides)
     model_name = args.model or recipe.model
+    if args.loader == "timm":
+        return _train_reference(args, recipe, model_name)
     summary = train(recipe, args.data, args.loader, model_name, args.out or f"runs/{recipe.name}-{model_name}",
                     batch_per_gpu=args.batch_per_gpu, device=args.device, precision=args.precision,
                     compile_mode=args.compile_mode, eval_every_epochs=args.eval_every, log_every_steps=args.log_every,
@@ -175,6 +197,18 @@ def _train(args) -> int:
         from .preempt import PREEMPTED_EXIT
 
         return PREEMPTED_EXIT
+    return 0
+
+
+def _train_reference(args, recipe, model_name) -> int:
+    from .timm_reference import train_reference
+
+    train_reference(recipe, args.data, model_name, args.out or f"runs/{recipe.name}-{model_name}-timm",
+                    batch_per_gpu=args.batch_per_gpu, device=args.device, precision=args.precision,
+                    compile_mode=args.compile_mode, eval_every_epochs=args.eval_every, log_every_steps=args.log_every,
+                    resume="auto" if args.auto_resume else args.resume, seed=args.seed, num_workers=args.workers,
+                    lamb_max_grad_norm=args.lamb_max_grad_norm or None, warmup_lr=args.warmup_lr,
+                    min_lr=args.min_lr, progress=not args.no_progress)
     return 0
 
 
@@ -292,6 +326,8 @@ def _sweep(args) -> int:
 # (name, help, add_arguments, run, takes recipe overrides)
 COMMANDS = (
     ("demo-data", "write a built-in ImageFolder dataset (train/, val/)", _demo_data_args, _demo_data, False),
+    ("digits-data", "write scikit-learn's UCI digits (1,797 real 8x8 images) as an ImageFolder dataset",
+     _digits_data_args, _digits_data, False),
     ("recipe", "print an RSB recipe (a1, a2, a3) as JSON, with key=value overrides", _recipe_args, _recipe, True),
     ("convert", "convert an ImageFolder dataset to FFCV .beton and DALI webdataset shards", _convert_args, _convert,
      False),
