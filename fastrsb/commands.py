@@ -300,6 +300,10 @@ def _sweep_args(p):
     p.add_argument("--seeds", required=True, help="e.g. 1-5, or 1,3,7")
     p.add_argument("--data", required=True, help="a folder `fastrsb convert` wrote")
     p.add_argument("--loader", default="auto")
+    p.add_argument("--pipelines", default=None,
+                   help="comma-separated loaders, e.g. dali,ffcv,pil,timm: every seed of each, into OUT/PIPELINE/"
+                        "seed-N, each compared with timm's reference pipeline (Welch's 95%% interval); "
+                        "instead of --loader")
     p.add_argument("--model", default=None)
     p.add_argument("--out", default="runs/sweep")
     p.add_argument("--parallel", default="auto", choices=["auto", "sequential", "per-gpu"],
@@ -318,8 +322,13 @@ def _sweep(args) -> int:
         train_args += ["--batch-per-gpu", str(args.batch_per_gpu)]
     if args.device:
         train_args += ["--device", args.device]
-    sweep(args.recipe, parse_seeds(args.seeds), args.data, args.out, loader=args.loader, model=args.model,
-          overrides=args.overrides, train_args=train_args, parallel=args.parallel)
+    pipelines = None
+    if args.pipelines is not None:
+        if args.loader != "auto":
+            raise FastRSBError("give --pipelines or --loader, not both")
+        pipelines = [p.strip() for p in args.pipelines.split(",") if p.strip()]
+    sweep(args.recipe, parse_seeds(args.seeds), args.data, args.out, loader=args.loader, pipelines=pipelines,
+          model=args.model, overrides=args.overrides, train_args=train_args, parallel=args.parallel)
     return 0
 
 
@@ -340,7 +349,8 @@ COMMANDS = (
     ("bench", "benchmarks, each against its baseline in the same run (JSON lines)", _bench_args, _bench, False),
     ("report", "plots (PNG) and a markdown table from benchmark results and training runs", _report_args, _report,
      False),
-    ("sweep", "one recipe with several seeds; mean, std, min, max of the final accuracy; key=value overrides",
+    ("sweep", "one recipe with several seeds (and pipelines, against timm's); mean, std, min, max of the final "
+              "accuracy; key=value overrides",
      _sweep_args, _sweep, True),
 )
 
