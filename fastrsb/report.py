@@ -89,6 +89,15 @@ def _plot_throughput(bench: list[dict], out: Path) -> list[Path]:
     return written
 
 
+def _run_label(run: str, runs) -> str:
+    """The run folder's name, or its path below the runs' common folder when names repeat (a sweep's
+    PIPELINE/seed-N)."""
+    names = [Path(r).name for r in runs]
+    if names.count(Path(run).name) == 1:
+        return Path(run).name
+    return os.path.relpath(run, os.path.commonpath(list(runs)))
+
+
 def _plot_runs(runs: dict[str, list[dict]], out: Path) -> Path | None:
     if not runs:
         return None
@@ -99,7 +108,7 @@ def _plot_runs(runs: dict[str, list[dict]], out: Path) -> Path | None:
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for run, records in sorted(runs.items()):
-        name = Path(run).name
+        name = _run_label(run, runs)
         steps = [(r["step"], r["loss"]) for r in records if r.get("kind") in ("step",) and r.get("loss") is not None]
         if not steps:
             steps = [(r["step"], r["loss"]) for r in records if r.get("kind") == "epoch"]
@@ -209,7 +218,7 @@ def report(paths, out: str | os.PathLike) -> Path:
             if summary is None:
                 last = next((r for r in reversed(records) if r.get("kind") == "epoch"), {})
                 summary = {"epochs_done": last.get("epoch", -1) + 1, "top1": last.get("top1"), "img_per_s": last.get("img_per_s")}
-            lines.append(f"| {Path(run).name} | {summary.get('recipe', '-')} | {summary.get('model_name', '-')} | "
+            lines.append(f"| {_run_label(run, runs)} | {summary.get('recipe', '-')} | {summary.get('model_name', '-')} | "
                          f"{_fmt(summary.get('epochs_done'))} | {_fmt(summary.get('img_per_s'))} | "
                          f"{_fmt(summary.get('top1'))} | {_fmt(summary.get('top5'))} | "
                          f"{_fmt(summary.get('wall_time_s'))} s |")

@@ -154,20 +154,21 @@ def test_sweep_runs_every_pipeline_and_resumes(digits, tmp_path):
     assert scored["top1"] == run["summary"]["top1"] and scored["samples"] == 8
 
     # resumed: nothing finished runs again; a missing run does
-    shutil.rmtree(out / "ffcv" / "seed-1")
-    stamps = {p: (out / p / "seed-1" / "train.out").stat().st_mtime_ns for p in PIPELINES if p != "ffcv"}
+    shutil.rmtree(out / "dali" / "seed-1")
+    stamps = {p: (out / p / "seed-1" / "train.out").stat().st_mtime_ns for p in PIPELINES if p != "dali"}
     again = run_cli(*args)
     assert "3 of 4 runs already finished" in again.stdout
-    assert "ffcv seed 1:" in again.stdout and "timm seed 1:" not in again.stdout
+    assert "dali seed 1:" in again.stdout and "timm seed 1:" not in again.stdout
     assert stamps == {p: (out / p / "seed-1" / "train.out").stat().st_mtime_ns for p in stamps}
-    assert json.loads((out / "ffcv" / "seed-1" / "run.json").read_text())["summary"]["finished"]
+    assert json.loads((out / "dali" / "seed-1" / "run.json").read_text())["summary"]["finished"]
     assert "timm seed 1:" in first.stdout
 
     from fastrsb.report import report
 
-    text = report([out / "sweep.json"], tmp_path / "report").read_text()
+    text = report([out], tmp_path / "report").read_text()
     for pipeline in PIPELINES:
         assert f"| {pipeline} | 1 |" in text
+        assert f"| {pipeline}/seed-1 | a3 | test_resnet | 1 |" in text  # the runs' table names them apart
     assert (tmp_path / "report" / "sweep_top1_by_pipeline_a3.png").stat().st_size > 1000
 
 
