@@ -9,12 +9,12 @@
 # Scaled-down A3: resnet10t, train 32 px / test 48 px (A3 trains at 160 and tests at 224), global batch 64,
 # 8 epochs with 1 of warmup. lr=0.256 is the lr at batch 2048 that the trainer scales linearly to 0.008 at
 # batch 64, A3's own LAMB lr (LAMB's trust ratio does not want the linear scaling's 2.5e-4).
-# Environment: WORK (default /tmp/digits-sweep: images, converted data, run folders), SEEDS (default 1-5),
+# Environment: WORK (default /tmp/digits-sweep: images, converted data, run folders), SEEDS (default 1-6),
 # PIPELINES (default dali,ffcv,pil,timm), PYTHON (default python).
 set -euo pipefail
 RESULTS=${1:?usage: benchmarks/digits_sweep.sh RESULTS_DIR}
 WORK=${WORK:-/tmp/digits-sweep}
-SEEDS=${SEEDS:-1-5}
+SEEDS=${SEEDS:-1-6}
 PIPELINES=${PIPELINES:-dali,ffcv,pil,timm}
 PYTHON=${PYTHON:-python}
 cd "$(dirname "$0")/.."
