@@ -25,7 +25,9 @@ setup(
         "tensorboard": ["tensorboard"],
         # ImageNet as downloaded (loaders/imagenet.py): Hugging Face's parquet shards, the devkit's meta.mat
         "imagenet": ["pyarrow", "scipy"],
-        "dev": ["pytest", "pytest-timeout", "matplotlib", "tensorboard", "pyarrow", "scipy"],
+        # `fastrsb digits-data`: the UCI digits bundled with scikit-learn (the evidence in benchmarks/results/)
+        "evidence": ["scikit-learn"],
+        "dev": ["pytest", "pytest-timeout", "matplotlib", "tensorboard", "pyarrow", "scipy", "scikit-learn"],
     },
     entry_points={"console_scripts": ["fastrsb=fastrsb.cli:main"]},
 )

@@ -56,6 +56,23 @@ def _demo_data(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- digits-data
+
+def _digits_data_args(p):
+    p.add_argument("out", help="output folder")
+    p.add_argument("--size", type=_positive_int, default=64, help="side of the upsampled images, px")
+    p.add_argument("--val-images", type=_positive_int, default=300, help="images in val/ (stratified); the rest train")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+
+
+def _digits_data(args) -> int:
+    from .digits_data import make_digits_data
+
+    out = make_digits_data(args.out, size=args.size, val_images=args.val_images, seed=args.seed)
+    print(f"wrote the UCI digits (scikit-learn's load_digits) as an ImageFolder dataset to {out} (train/, val/)")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- recipe
 
 def _recipe_args(p):
@@ -126,7 +143,10 @@ def _verify(args) -> int:
 def _train_args(p):
     p.add_argument("--recipe", default="a3", help="a1, a2 or a3 (default a3)")
     p.add_argument("--data", required=True, help="the folder `fastrsb convert` wrote")
-    p.add_argument("--loader", default="auto", help="loader backend: auto, dali, ffcv or pil")
+    p.add_argument("--loader", default="auto",
+                   help="loader backend: auto, dali, ffcv or pil; or timm: the reference, the recipe trained by "
+                        "timm's own loader, Mixup, BCE, Lamb and scheduler over the source images "
+                        "(fastrsb/timm_reference.py)")
     p.add_argument("--model", default=None, help="timm model name (default: the recipe's, resnet50)")
     p.add_argument("--out", default=None, help="run folder (default runs/RECIPE-MODEL)")
     p.add_argument("--batch-per-gpu", type=_batch_per_gpu, default="auto",
@@ -175,6 +195,8 @@ def _train(args) -> int:
 
     recipe = override(get_recipe(args.recipe), args.overrides)
     model_name = args.model or recipe.model
+    if args.loader == "timm":
+        return _train_reference(args, recipe, model_name)
     summary = train(recipe, args.data, args.loader, model_name, args.out or f"runs/{recipe.name}-{model_name}",
                     batch_per_gpu=args.batch_per_gpu, device=args.device, precision=args.precision,
                     compile_mode=args.compile_mode, eval_every_epochs=args.eval_every, log_every_steps=args.log_every,
@@ -187,6 +209,18 @@ def _train(args) -> int:
         from .preempt import PREEMPTED_EXIT
 
         return PREEMPTED_EXIT
+    return 0
+
+
+def _train_reference(args, recipe, model_name) -> int:
+    from .timm_reference import train_reference
+
+    train_reference(recipe, args.data, model_name, args.out or f"runs/{recipe.name}-{model_name}-timm",
+                    batch_per_gpu=args.batch_per_gpu, device=args.device, precision=args.precision,
+                    compile_mode=args.compile_mode, eval_every_epochs=args.eval_every, log_every_steps=args.log_every,
+                    resume="auto" if args.auto_resume else args.resume, seed=args.seed, num_workers=args.workers,
+                    lamb_max_grad_norm=args.lamb_max_grad_norm or None, warmup_lr=args.warmup_lr,
+                    min_lr=args.min_lr, progress=not args.no_progress)
     return 0
 
 
@@ -278,6 +312,10 @@ def _sweep_args(p):
     p.add_argument("--seeds", required=True, help="e.g. 1-5, or 1,3,7")
     p.add_argument("--data", required=True, help="a folder `fastrsb convert` wrote")
     p.add_argument("--loader", default="auto")
+    p.add_argument("--pipelines", default=None,
+                   help="comma-separated loaders, e.g. dali,ffcv,pil,timm: every seed of each, into OUT/PIPELINE/"
+                        "seed-N, each compared with timm's reference pipeline (Welch's 95%% interval); "
+                        "instead of --loader")
     p.add_argument("--model", default=None)
     p.add_argument("--out", default="runs/sweep")
     p.add_argument("--parallel", default="auto", choices=["auto", "sequential", "per-gpu"],
@@ -296,14 +334,21 @@ def _sweep(args) -> int:
         train_args += ["--batch-per-gpu", str(args.batch_per_gpu)]
     if args.device:
         train_args += ["--device", args.device]
-    sweep(args.recipe, parse_seeds(args.seeds), args.data, args.out, loader=args.loader, model=args.model,
-          overrides=args.overrides, train_args=train_args, parallel=args.parallel)
+    pipelines = None
+    if args.pipelines is not None:
+        if args.loader != "auto":
+            raise FastRSBError("give --pipelines or --loader, not both")
+        pipelines = [p.strip() for p in args.pipelines.split(",") if p.strip()]
+    sweep(args.recipe, parse_seeds(args.seeds), args.data, args.out, loader=args.loader, pipelines=pipelines,
+          model=args.model, overrides=args.overrides, train_args=train_args, parallel=args.parallel)
     return 0
 
 
 # (name, help, add_arguments, run, takes recipe overrides)
 COMMANDS = (
     ("demo-data", "write a built-in ImageFolder dataset (train/, val/)", _demo_data_args, _demo_data, False),
+    ("digits-data", "write scikit-learn's UCI digits (1,797 real 8x8 images) as an ImageFolder dataset",
+     _digits_data_args, _digits_data, False),
     ("recipe", "print an RSB recipe (a1, a2, a3) as JSON, with key=value overrides", _recipe_args, _recipe, True),
     ("convert", "convert an ImageFolder dataset to FFCV .beton and DALI webdataset shards", _convert_args, _convert,
      False),
@@ -316,7 +361,8 @@ COMMANDS = (
     ("bench", "benchmarks, each against its baseline in the same run (JSON lines)", _bench_args, _bench, False),
     ("report", "plots (PNG) and a markdown table from benchmark results and training runs", _report_args, _report,
      False),
-    ("sweep", "one recipe with several seeds; mean, std, min, max of the final accuracy; key=value overrides",
+    ("sweep", "one recipe with several seeds (and pipelines, against timm's); mean, std, min, max of the final "
+              "accuracy; key=value overrides",
      _sweep_args, _sweep, True),
 )
 

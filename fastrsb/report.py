@@ -3,7 +3,9 @@
 Inputs: files or folders. `*.jsonl` lines of the benchmark schema (fastrsb/benchlog.py) become a
 throughput plot per benchmark (each figure beside its same-run baseline) and a table; a run folder's
 `log.jsonl` (written by `fastrsb train`) becomes training curves (loss per step, top-1 per epoch)
-and a row of the run summary table; a sweep's `sweep.json` becomes a seed-statistics table.
+and a row of the run summary table; a sweep's `sweep.json` becomes a seed-statistics table, and a sweep
+across pipelines a table of each pipeline against the reference (Welch's interval) and a plot of every
+seed's top-1 by pipeline.
 """
 from __future__ import annotations
 
@@ -87,6 +89,15 @@ def _plot_throughput(bench: list[dict], out: Path) -> list[Path]:
     return written
 
 
+def _run_label(run: str, runs) -> str:
+    """The run folder's name, or its path below the runs' common folder when names repeat (a sweep's
+    PIPELINE/seed-N)."""
+    names = [Path(r).name for r in runs]
+    if names.count(Path(run).name) == 1:
+        return Path(run).name
+    return os.path.relpath(run, os.path.commonpath(list(runs)))
+
+
 def _plot_runs(runs: dict[str, list[dict]], out: Path) -> Path | None:
     if not runs:
         return None
@@ -97,7 +108,7 @@ def _plot_runs(runs: dict[str, list[dict]], out: Path) -> Path | None:
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for run, records in sorted(runs.items()):
-        name = Path(run).name
+        name = _run_label(run, runs)
         steps = [(r["step"], r["loss"]) for r in records if r.get("kind") in ("step",) and r.get("loss") is not None]
         if not steps:
             steps = [(r["step"], r["loss"]) for r in records if r.get("kind") == "epoch"]
@@ -119,6 +130,63 @@ def _plot_runs(runs: dict[str, list[dict]], out: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _plot_pipeline_seeds(sweep: dict, out: Path) -> Path:
+    """Final top-1 of every seed, one column per pipeline, its mean as a bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pipelines = list(sweep["per_pipeline"])
+    fig, ax = plt.subplots(figsize=(1.6 * len(pipelines) + 2.5, 4))
+    for i, pipeline in enumerate(pipelines):
+        runs = sweep["per_pipeline"][pipeline]["runs"]
+        seeds = sorted(runs, key=int)
+        values = [runs[s]["top1"] for s in seeds if runs[s].get("top1") is not None]
+        if not values:
+            continue
+        offsets = [(k - (len(values) - 1) / 2) * 0.06 for k in range(len(values))]
+        ax.scatter([i + o for o in offsets], values, zorder=3, label=None)
+        mean = sum(values) / len(values)
+        ax.hlines(mean, i - 0.3, i + 0.3, colors="black", zorder=4)
+    ax.set_xticks(range(len(pipelines)))
+    ax.set_xticklabels([p + (" (reference)" if p == sweep.get("reference") else "") for p in pipelines])
+    ax.set_ylabel("final top-1 (%)")
+    ax.set_title(f"{sweep['recipe']}: top-1 per seed (dots) and mean (line), by pipeline")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = out / f"sweep_top1_by_pipeline_{sweep['recipe']}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _pipeline_sweep(sweep: dict, out: Path) -> list[str]:
+    """The markdown of a sweep across pipelines (fastrsb/sweep.py): per pipeline its statistics, and
+    its difference from the reference with Welch's interval."""
+    reference = sweep.get("reference")
+    lines = [f"## Pipelines against {reference or 'each other'}: {sweep['recipe']}", "",
+             "| pipeline | seeds | top-1 mean | sd | min | max | top-5 mean | sd | img/s (train) "
+             "| top-1 minus reference, 95% Welch CI | holds 0 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for pipeline, entry in sweep["per_pipeline"].items():
+        st = entry["stats"]
+        t1, t5, rate = st.get("top1"), st.get("top5"), st.get("img_per_s")
+        w = (sweep.get("vs_reference", {}).get(pipeline) or {}).get("top1")
+        if pipeline == reference:
+            versus, holds = "reference", "-"
+        elif w is None:
+            versus, holds = "-", "-"
+        else:
+            versus = f"{w['diff']:+.2f} [{w['low']:+.2f}, {w['high']:+.2f}]"
+            holds = "yes" if w["holds_zero"] else "**no**"
+        cell = (lambda v, k: f"{v[k]:.2f}" if v else "-")
+        lines.append(f"| {pipeline} | {t1['n'] if t1 else 0} | {cell(t1, 'mean')} | {cell(t1, 'std')} | "
+                     f"{cell(t1, 'min')} | {cell(t1, 'max')} | {cell(t5, 'mean')} | {cell(t5, 'std')} | "
+                     f"{_fmt(rate['mean']) if rate else '-'} | {versus} | {holds} |")
+    plot = _plot_pipeline_seeds(sweep, out)
+    return lines + ["", f"![top-1 per seed by pipeline]({plot.name})", ""]
 
 
 def report(paths, out: str | os.PathLike) -> Path:
@@ -150,12 +218,15 @@ def report(paths, out: str | os.PathLike) -> Path:
             if summary is None:
                 last = next((r for r in reversed(records) if r.get("kind") == "epoch"), {})
                 summary = {"epochs_done": last.get("epoch", -1) + 1, "top1": last.get("top1"), "img_per_s": last.get("img_per_s")}
-            lines.append(f"| {Path(run).name} | {summary.get('recipe', '-')} | {summary.get('model_name', '-')} | "
+            lines.append(f"| {_run_label(run, runs)} | {summary.get('recipe', '-')} | {summary.get('model_name', '-')} | "
                          f"{_fmt(summary.get('epochs_done'))} | {_fmt(summary.get('img_per_s'))} | "
                          f"{_fmt(summary.get('top1'))} | {_fmt(summary.get('top5'))} | "
                          f"{_fmt(summary.get('wall_time_s'))} s |")
         lines += ["", f"![training curves]({curves.name})", ""]
     for sweep in sweeps:
+        if "per_pipeline" in sweep:
+            lines += _pipeline_sweep(sweep, out)
+            continue
         s = sweep["stats"]
         lines += [f"## Seed sweep: {sweep['recipe']} ({len(sweep['runs'])} seeds)", "",
                   "| metric | mean | std | min | max |", "|---|---|---|---|---|"]

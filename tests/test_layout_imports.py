@@ -22,7 +22,7 @@ LAYERS = [
     ["fastrsb.loaders", "fastrsb.augment", "fastrsb.loss", "fastrsb.optim"],
     ["fastrsb.runtime", "fastrsb.step", "fastrsb.checkpoint", "fastrsb.evaluate", "fastrsb.prefetch"],
     ["fastrsb.train", "fastrsb.convert", "fastrsb.verify", "fastrsb.bench", "fastrsb.demo_data", "fastrsb.sweep",
-     "fastrsb.report"],
+     "fastrsb.report", "fastrsb.timm_reference", "fastrsb.digits_data"],
     ["fastrsb.demo", "fastrsb.commands"],
     ["fastrsb.cli", "fastrsb.__main__"],
 ]
