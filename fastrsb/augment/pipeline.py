@@ -12,14 +12,15 @@ and never synchronises with the host, so `TrainAugment.compile()` can wrap it in
 `torch.compile(fullgraph=True, dynamic=False)` (one compile per input shape; RandAugment's stage caps
 are fixed per batch size, except in calls whose draws overflow them, p about 1e-9 per stage).
 
-Measured (`fastrsb bench aug --quick --batches 256,512,2048`: 2-core AMD EPYC, torch 2.14.1, timm
-1.0.31; A3's rand-m6-mstd0.5-inc1 + mixup 0.1 / cutmix 1.0, 160 px; at commit 11aa6ab,
-benchmarks/results/cpu-2core-aug-11aa6ab-2026-12-03.jsonl): the eager device part reads and writes
-34.9 / 29.1 / 22.8 MiB per image at batch 256 / 512 / 2048 in 610 kernels, the compiled graph 6.8 /
-5.8 / 4.8 MiB in 55 (Inductor's CPU count); batch 256 takes 0.96 s eager and 1.07 s compiled against
-0.21 s for timm's PIL RandAugment on one core + Mixup + normalise in the same run. The design targets
-the GPU, compiled: <= 0.6 ms per 256 images at batch 2048 and <= 5 ms at 256 on one H100; not yet
-measured on a GPU.
+The pixel work is one kernel per step (`kernels`: numba on the CPU, Triton on CUDA), mixup/cutmix and
+the normalisation fused into one. Measured (`fastrsb bench aug --quick --batches 256,512,2048`: 2-core
+AMD EPYC, torch 2.14.1, timm 1.0.31; A3's rand-m6-mstd0.5-inc1 + mixup 0.1 / cutmix 1.0, 160 px; at
+commit c6a356b, benchmarks/results/cpu-2core-aug-c6a356b-2026-12-07.jsonl, 3 repeats): the eager device
+part reads and writes 1.45 / 1.33 / 1.20 MiB per image at batch 256 / 512 / 2048 in 235 ops (34.9 /
+29.1 / 22.8 MiB in 610 before, at 11aa6ab), the compiled graph 1.35 / 1.16 / 1.05 MiB in 48 kernels;
+eager, 256 images take 88 / 86 / 76 ms against 104 / 102 / 97 ms for timm's PIL RandAugment on two
+worker processes + Mixup + normalise in the same run. The design targets the GPU, compiled: <= 0.6 ms
+per 256 images at batch 2048 and <= 5 ms at 256 on one H100; not yet measured on a GPU.
 """
 from __future__ import annotations
 
