@@ -211,7 +211,7 @@ def _sweep(recipe, seeds, data, out: Path, *, loader, pipelines, model, override
     jobs = [(p, s) for s in seeds for p in (pipelines or [None])]
     todo = [j for j in jobs if _finished_summary(_run_dir(out, *j)) is None]
     if len(todo) < len(jobs):
-        log(f"sweep: {len(jobs) - len(todo)} of {len(jobs)} runs already finished in {out}")
+        log(f"sweep: {len(jobs) - len(todo)} of {len(jobs)} {'runs' if pipelines else 'seeds'} already finished in {out}")
     slots = max(1, gpus) if parallel == "per-gpu" else 1
     running: dict[tuple, tuple[subprocess.Popen, int, object]] = {}
     failed = []

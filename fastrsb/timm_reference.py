@@ -45,7 +45,8 @@ from .evaluate import check_classes, evaluate_model
 from .loaders import layout
 from .recipes import Recipe
 from .runtime import autocast, create_model, plan_batches, resolve_precision, seed_everything, setup_distributed
-from .train import REFERENCE_GLOBAL_BATCH, _check_finite, _lock_run_folder, _progress_bar, _start_point, _truncate_log
+from .runlog import truncate_log
+from .train import REFERENCE_GLOBAL_BATCH, _check_finite, _lock_run_folder, _progress_bar, _start_point
 
 NAME = "timm"  # the `--loader` value, and the pipeline's name in a sweep
 
@@ -239,7 +240,7 @@ def _train(recipe, data, model_name, out: Path, dist_info, ckpt_path, *, batch_p
         scheduler.load_state_dict(ckpt["scheduler"])
         start_epoch, step, history = ckpt["epoch"], ckpt["step"], list(ckpt["history"])
         seed_everything(seed + 7919 * start_epoch)  # timm's loader draws again: equivalent, not identical
-        _truncate_log(out / "log.jsonl", step)
+        truncate_log(out / "log.jsonl", step)
         say(f"  resumed from {ckpt_path}: after epoch {start_epoch}, step {step}")
         del ckpt
     scheduler.step_update(step)  # the lr of the first update (warmup_lr at step 0)
