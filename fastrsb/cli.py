@@ -47,8 +47,7 @@ def _passive_openmp_threads() -> None:
 
     By default libgomp's threads spin at the end of every parallel region until their team's slowest
     thread arrives. A run always shares the cores with its loader's workers, and a spinning team then
-    waits for a descheduled thread at every op: a resnet10t step at 64 px, batch 64, on 2 cores with one
-    core busy took 1.88 s with 2 threads spinning, 0.45 s with them sleeping (0.41 s on one thread)."""
+    waits for a descheduled thread at every op."""
     if "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -61,8 +60,7 @@ def _keep_freed_memory() -> bool:
 
     By default glibc maps every allocation over 32 MiB afresh and unmaps it when freed, so each batch-sized
     tensor (a batch of 512 uint8 images at 160 px is 39 MB; normalised to float32, 157 MB) pays a page fault
-    per 4 KiB on first touch, several times per step. The augmentation of 512 images on 2 cores took 291
-    ms with that, 146 ms without (2048: 910 and 500 ms). The process keeps its peak memory instead, as it
+    per 4 KiB on first touch, several times per step. The process keeps its peak memory instead, as it
     would with jemalloc or tcmalloc. Returns whether glibc took the setting."""
     if not sys.platform.startswith("linux"):
         return False

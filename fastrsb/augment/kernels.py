@@ -1,8 +1,8 @@
 """Fused kernels for the train augmentation's pixel work: one kernel per step, uint8 in and uint8 out.
 
 Written out as eager torch ops, RandAugment's affine warp materialised a float32 copy of every tap and
-every partial sum, and mixup + normalise three float32 copies of the batch: with the rest, 29 MiB read
-and written per 160-px image at batch 512, eight times what the GPU target allows (`fastrsb bench aug`,
+every partial sum, and mixup + normalise three float32 copies of the batch: in all, 29 MiB read and written
+per 160-px image at batch 512, several times what the GPU target allows (`fastrsb bench aug`,
 benchmarks/results/cpu-2core-aug-11aa6ab-2026-12-03.jsonl). Here each step is one kernel:
 
   warp_affine    PIL's affine transform (float64 source coordinates, float32 bilinear or bicubic
@@ -90,6 +90,16 @@ def _tap(src, i, y, x, ch):
     return np.float32(src[i, y, x, ch])
 
 
+@_njit(inline="always")
+def _line(src, i, ya, xa, yb, xb, yc, xc, yd, xd, d, cubic, ch):
+    # one interpolation along a line of taps a, b, c, d (bilinear reads b and c only)
+    if cubic:
+        return _interp(_tap(src, i, ya, xa, ch), _tap(src, i, yb, xb, ch), _tap(src, i, yc, xc, ch),
+                       _tap(src, i, yd, xd, ch), d, True)
+    v = _tap(src, i, yb, xb, ch)
+    return v + d * (_tap(src, i, yc, xc, ch) - v)
+
+
 @_njit()
 def _warp_rows(src, mats, cubic_flags, axes, active, fill, nearest, out, start, stop, step):
     _, h, w, c = src.shape
@@ -121,30 +131,15 @@ def _warp_rows(src, mats, cubic_flags, axes, active, fill, nearest, out, start, 
                 iy = int(fy)
                 x1, x2 = _clamp(ix, w - 1), _clamp(ix + 1, w - 1)
                 y1, y2 = _clamp(iy, h - 1), _clamp(iy + 1, h - 1)
-                if axis == 1:  # along x in the row the map keeps (the 2-d result, bit for bit: dy is 0)
-                    dx = np.float32(sx - fx)
-                    if cubic:
-                        x0, x3 = _clamp(ix - 1, w - 1), _clamp(ix + 2, w - 1)
-                        for ch in range(c):
-                            out[i, y, x, ch] = _to_u8(_interp(_tap(src, i, y1, x0, ch), _tap(src, i, y1, x1, ch),
-                                                              _tap(src, i, y1, x2, ch), _tap(src, i, y1, x3, ch), dx,
-                                                              True))
-                    else:
-                        for ch in range(c):
-                            v2 = _tap(src, i, y1, x1, ch)
-                            out[i, y, x, ch] = _to_u8(v2 + dx * (_tap(src, i, y1, x2, ch) - v2))
-                elif axis == 2:  # along y
-                    dy = np.float32(sy - fy)
-                    if cubic:
-                        y0, y3 = _clamp(iy - 1, h - 1), _clamp(iy + 2, h - 1)
-                        for ch in range(c):
-                            out[i, y, x, ch] = _to_u8(_interp(_tap(src, i, y0, x1, ch), _tap(src, i, y1, x1, ch),
-                                                              _tap(src, i, y2, x1, ch), _tap(src, i, y3, x1, ch), dy,
-                                                              True))
-                    else:
-                        for ch in range(c):
-                            v2 = _tap(src, i, y1, x1, ch)
-                            out[i, y, x, ch] = _to_u8(v2 + dy * (_tap(src, i, y2, x1, ch) - v2))
+                if axis != 0:  # along the one axis the map moves (the 2-d result, bit for bit: the other d is 0)
+                    x0, x3 = _clamp(ix - 1, w - 1), _clamp(ix + 2, w - 1)
+                    y0, y3 = _clamp(iy - 1, h - 1), _clamp(iy + 2, h - 1)
+                    for ch in range(c):
+                        if axis == 1:
+                            v = _line(src, i, y1, x0, y1, x1, y1, x2, y1, x3, np.float32(sx - fx), cubic, ch)
+                        else:
+                            v = _line(src, i, y0, x1, y1, x1, y2, x1, y3, x1, np.float32(sy - fy), cubic, ch)
+                        out[i, y, x, ch] = _to_u8(v)
                 else:
                     dx = np.float32(sx - fx)
                     dy = np.float32(sy - fy)
@@ -228,10 +223,9 @@ def _enhance_rows(src, kinds, factors, out, start, stop, step):
         f = factors[i]
         for y in range(h):
             row, o = src[i, y], out[i, y]
-            if kind == 1:  # Color: a blend with the grey image (PIL's fixed-point luma)
+            if kind == 1:  # Color: a blend with the grey image
                 for x in range(w):
-                    g = (np.int32(row[x, 0]) * 19595 + np.int32(row[x, 1]) * 38470 + np.int32(row[x, 2]) * 7471
-                         + 0x8000) >> 16
+                    g = _gray(src, i, y, x)
                     for ch in range(3):
                         o[x, ch] = _blend_u8(f, np.int32(row[x, ch]), g)
             elif kind == 2 and 0 < y < h - 1:  # Sharpness: a blend with the SMOOTH-filtered image
@@ -333,8 +327,7 @@ def cpu_threads(device: torch.device):
     """On the CPU, for one augmentation call: torch's own ops in one thread, the fused kernels split across
     torch's thread count. The call's torch ops are small and many; torch runs each one large enough in an
     OpenMP team whose threads spin at its end, and when other processes hold the cores (a loader's workers,
-    the demo's timm baseline) a team waits for a descheduled thread at every op: 20 times slower measured
-    for a 256-image call on 2 cores with one core busy elsewhere. The kernels' own threads only join once
+    the demo's timm baseline) a team waits for a descheduled thread at every op. The kernels' own threads only join once
     per kernel."""
     global _KERNEL_THREADS
     threads = torch.get_num_threads()
