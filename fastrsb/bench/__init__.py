@@ -1,4 +1,4 @@
-"""`fastrsb bench {preflight,convert,loader,aug,step,e2e,parity}`: one question per module, one result format.
+"""`fastrsb bench {preflight,convert,scale,loader,aug,step,e2e,parity}`: one question per module, one result format.
 
 Each module has `add_arguments(parser)` and `run(args)`, prints JSON lines of the schema in
 `fastrsb/benchlog.py` (and appends them to `--out FILE` when given), and measures its baseline in the
@@ -6,7 +6,7 @@ same run. `benchmarks/<name>_throughput.py` run the same benchmarks as scripts.
 """
 import importlib
 
-BENCHMARKS = ("preflight", "convert", "loader", "aug", "step", "e2e", "parity")
+BENCHMARKS = ("preflight", "convert", "scale", "loader", "aug", "step", "e2e", "parity")
 
 
 def get(name: str):
