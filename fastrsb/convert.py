@@ -238,6 +238,22 @@ def _prepare_chunk(jobs: list) -> list:
     return [prepare_image(job) for job in jobs]
 
 
+class _Picked:
+    """A shard's files, (position, relpath, label, at) each, made from the scan when iterated: a task
+    holds its positions (an array), not a tuple per sample for the whole split."""
+
+    def __init__(self, files: list, positions: np.ndarray):
+        self.files, self.positions = files, positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __iter__(self):
+        for p in self.positions.tolist():
+            f = self.files[p]
+            yield p, f.relpath, f.label, f.at
+
+
 def write_shard(task: dict, prepared) -> dict:
     """Write one shard from its files' prepared images (an iterator in file order), then its record."""
     wds_dir = Path(task["wds_dir"])
@@ -467,6 +483,17 @@ def _complete(split_out: Path, manifest: dict) -> bool:
     return all((split_out / rel).exists() for rel in manifest["files"])
 
 
+def _fingerprint(options: dict, classes: list[str], files: list) -> str:
+    """sha256 of json.dumps({"options", "classes", "files": [[relpath, label], ...]}), hashed a block of
+    files at a time (the same bytes, without the whole split's JSON in memory)."""
+    h = hashlib.sha256(json.dumps({"options": options, "classes": classes})[:-1].encode() + b', "files": [')
+    for start in range(0, len(files), 65536):
+        block = json.dumps([(f.relpath, f.label) for f in files[start:start + 65536]])[1:-1]
+        h.update(((", " if start else "") + block).encode())
+    h.update(b"]}")
+    return h.hexdigest()
+
+
 def convert_split(scan: SplitScan, out: Path, classes: list[str], formats: list[str], options: dict,
                   workers: int, progress: bool, log=print, splits: tuple[str, ...] = ()) -> dict:
     """Convert one scanned split into OUT/<split>; `splits`: every split of this run (verify checks them all)."""
@@ -476,11 +503,7 @@ def convert_split(scan: SplitScan, out: Path, classes: list[str], formats: list[
         order = np.random.default_rng(options["shuffle_seed"]).permutation(len(files))
     split_out = layout.split_dir(out, split)
     wds_dir = layout.wds_dir(out, split)
-    fingerprint = hashlib.sha256(
-        json.dumps(
-            {"options": options, "classes": classes, "files": [(f.relpath, f.label) for f in files]}
-        ).encode()
-    ).hexdigest()
+    fingerprint = _fingerprint(options, classes, files)
     state_path = layout.state_path(out, split)
     manifest_path = layout.manifest_path(out, split)
     state = _read_state(state_path, split_out)
@@ -513,14 +536,14 @@ def convert_split(scan: SplitScan, out: Path, classes: list[str], formats: list[
     shard_size = options["shard_size"]
     num_shards = max(1, math.ceil(len(files) / shard_size))
     max_side = options["max_side"] if split == "train" else None  # val keeps its size (RECIPES.md eval)
-    tasks, records = [], {}
+    tasks, resumed = [], 0
     for k in range(num_shards):
         name = shard_name(split, k)
         record_path = wds_dir / f"{name}.json"
         if record_path.exists():
             record = json.loads(record_path.read_text())
             if all((split_out / rel).exists() for rel in record["files"]):
-                records[k] = record
+                resumed += 1
                 continue
         for stale in wds_dir.glob(f"{name}.*"):
             stale.unlink()
@@ -533,28 +556,60 @@ def convert_split(scan: SplitScan, out: Path, classes: list[str], formats: list[
                 "max_side": max_side,
                 "quality": options["quality"],
                 "keep_jpeg": options["keep_jpeg"],
-                "files": [(int(p), files[p].relpath, files[p].label, files[p].at) for p in picked],
+                "files": _Picked(files, picked),
             }
         )
     for tmp in wds_dir.glob("*.tmp"):
         tmp.unlink()
-    if records:
-        log(f"{split}: resuming, {len(records)} of {num_shards} shards already written")
+    if resumed:
+        log(f"{split}: resuming, {resumed} of {num_shards} shards already written")
     _run_shards(tasks, workers, f"{split} shards", progress)
-    for task in tasks:
-        k = int(task["name"].rsplit("-", 1)[1])
-        records[k] = json.loads((wds_dir / f"{task['name']}.json").read_text())
-    records = [records[k] for k in range(num_shards)]
 
-    samples, rejected, non_images, shard_files = [], [], [], {}
-    for record in records:
-        tar = layout.wds_file(f"{record['shard']}.tar")
-        for key, label, height, width, relpath, stored, why, sha in record["samples"]:
-            samples.append((key, label, height, width, tar, relpath, stored, why, sha))
+    def records():
+        """The shards' records in order, one in memory at a time."""
+        for k in range(num_shards):
+            yield json.loads((wds_dir / f"{shard_name(split, k)}.json").read_text())
+
+    # one pass over the records for the summary and the beton's arrays (no object per sample kept)
+    rejected, non_images, shard_files, shards = [], [], {}, []
+    counts = np.zeros(len(classes), np.int64)
+    kept, reencoded_why = 0, Counter()
+    beton_arrays = {name: [] for name in ("shard", "offset", "size", "label", "height", "width", "key")}
+    tars = []
+    for record in records():
+        rows = record["samples"]
         rejected += record["rejected"]
         non_images += record["non_images"]
         shard_files.update(record["files"])
-    if not samples:
+        if record["files"]:
+            shards.append({"file": layout.wds_file(f"{record['shard']}.tar"), "num_samples": len(rows)})
+        if not rows:
+            continue
+        labels = np.fromiter((r[1] for r in rows), np.int64, len(rows))
+        counts += np.bincount(labels, minlength=len(classes))
+        for row in rows:
+            if row[5] == layout.KEPT:
+                kept += 1
+            else:
+                reencoded_why[_why_kind(row[6])] += 1
+        if "beton" in formats:
+            tar = wds_dir / f"{record['shard']}.tar"
+            offsets, sizes = wds.read_offsets(tar.with_suffix(".idx"), "jpg")
+            keys = np.fromiter((int(r[0]) for r in rows), np.int64, len(rows))
+            if len(offsets) != len(rows):
+                raise FastRSBError(f"{tar.with_suffix('.idx')}: lists {len(offsets)} samples, its record "
+                                   f"{tar.with_suffix('.json')} {len(rows)}; delete both and {tar}, then run the "
+                                   "same fastrsb convert again")
+            beton_arrays["shard"].append(np.full(len(rows), len(tars), np.int32))
+            tars.append(str(tar))
+            beton_arrays["offset"].append(offsets)
+            beton_arrays["size"].append(sizes)
+            beton_arrays["label"].append(labels)
+            beton_arrays["height"].append(np.fromiter((r[2] for r in rows), np.int32, len(rows)))
+            beton_arrays["width"].append(np.fromiter((r[3] for r in rows), np.int32, len(rows)))
+            beton_arrays["key"].append(keys)
+    num_samples = int(counts.sum())
+    if not num_samples:
         _list(split, "rejected", rejected, log)
         _list(split, "non_images", non_images, log)
         raise FastRSBError(f"{scan.origin or split_dir}: no decodable image among {len(files)} files (listed above: "
@@ -567,17 +622,11 @@ def convert_split(scan: SplitScan, out: Path, classes: list[str], formats: list[
         beton = layout.beton_path(out, split)
         if not beton.exists():
             Path(str(beton) + ".tmp").unlink(missing_ok=True)
-            log(f"{split}: writing {beton} ({options['write_mode']} mode, {len(samples)} samples)")
-            index = {}
-            for record in records:
-                if record["files"]:
-                    tar = wds_dir / f"{record['shard']}.tar"
-                    for members in wds.read_index(tar.with_suffix(".idx")):
-                        index[members["jpg"].key] = (str(tar), members["jpg"])
-            entries = [(*index[s[0]], s[1], s[2], s[3]) for s in samples]
+            log(f"{split}: writing {beton} ({options['write_mode']} mode, {num_samples} samples)")
             write_beton(
                 beton,
-                ShardSamples(entries),
+                ShardSamples(tars, *(np.concatenate(beton_arrays[name]) for name in
+                                     ("shard", "offset", "size", "label", "height", "width", "key"))),
                 write_mode=options["write_mode"],
                 max_side=options["max_side"],
                 quality=options["quality"],
@@ -586,22 +635,24 @@ def convert_split(scan: SplitScan, out: Path, classes: list[str], formats: list[
             state = {**state, "formats": sorted(set(state["formats"]) | {"beton"})}
             write_atomic(state_path, json.dumps(state, indent=1))
         out_files[beton.name] = {"sha256": file_sha256(beton), "bytes": beton.stat().st_size}
+    del beton_arrays
     if "dali" in formats:
         out_files.update(shard_files)
 
+    def table_rows():
+        i = 0
+        for record in records():
+            tar = layout.wds_file(f"{record['shard']}.tar") if "dali" in formats else ""
+            for key, label, h, w, rel, stored, why, sha in record["samples"]:
+                yield i, key, label, h, w, tar, rel, stored, why, sha
+                i += 1
+
     table = layout.samples_path(out, split)
-    layout.write_samples(table, [
-        (i, key, label, h, w, tar if "dali" in formats else "", rel, stored, why, sha)
-        for i, (key, label, h, w, tar, rel, stored, why, sha) in enumerate(samples)
-    ])
+    layout.write_samples(table, table_rows())
     out_files[table.name] = {"sha256": file_sha256(table), "bytes": table.stat().st_size}
     classes_file = layout.classes_path(out)
     out_files["../classes.json"] = {"sha256": file_sha256(classes_file), "bytes": classes_file.stat().st_size}
 
-    counts = [0] * len(classes)
-    for _, label, *_ in samples:
-        counts[label] += 1
-    kept = sum(1 for s in samples if s[6] == layout.KEPT)
     manifest = {
         "format_version": FORMAT_VERSION,
         "split": split,
@@ -609,13 +660,13 @@ def convert_split(scan: SplitScan, out: Path, classes: list[str], formats: list[
         "source": scan.origin or str(split_dir.resolve()),
         "source_layout": scan.layout,
         "formats": formats,
-        "num_samples": len(samples),
+        "num_samples": num_samples,
         "num_files_scanned": len(files),
         "num_classes": len(classes),
-        "counts_per_class": dict(zip(classes, counts)),
+        "counts_per_class": dict(zip(classes, counts.tolist())),
         "num_kept": kept,
-        "num_reencoded": len(samples) - kept,
-        "reencoded_why": dict(sorted(Counter(_why_kind(s[7]) for s in samples if s[6] != layout.KEPT).items())),
+        "num_reencoded": num_samples - kept,
+        "reencoded_why": dict(sorted(reencoded_why.items())),
         "per_file": "samples.jsonl: per sample, stored (kept or re-encoded), why, source_sha256",
         "num_rejected": len(rejected),
         "rejected": rejected,
@@ -623,9 +674,7 @@ def convert_split(scan: SplitScan, out: Path, classes: list[str], formats: list[
         "non_images": non_images,
         "num_skipped": len(scan.skipped),
         "skipped": scan.skipped,
-        "shards": [
-            {"file": layout.wds_file(f"{r['shard']}.tar"), "num_samples": len(r["samples"])} for r in records if r["files"]
-        ] if "dali" in formats else [],
+        "shards": shards if "dali" in formats else [],
         "options": options,
         "versions": versions("beton" in formats),
         "files": dict(sorted(out_files.items())),

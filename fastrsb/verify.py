@@ -17,8 +17,10 @@ Per split that any manifest names (so a missing or half-written val fails):
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
+import itertools
 import multiprocessing as mp
 import os
 import signal
@@ -70,70 +72,141 @@ def check_strays(out: Path, split: str, manifest: dict) -> None:
                       "delete it (or run the same fastrsb convert again if it should belong)")
 
 
-def _stored_bytes(out: Path, split: str, manifest: dict, rows: list[dict]):
-    """Per sample: (shard bytes or None, beton image or None), in table order."""
-    split_dir = layout.split_dir(out, split)  # the manifest's shard paths are relative to it
-    shard_iter = iter(())
+UNIT = 1000  # samples per unit of the stored-bytes check when there are no shards to follow
+_betons: dict = {}  # per process: the open BetonReader of each beton checked
+
+
+def _units(split_dir: Path, manifest: dict, rows):
+    """The table's rows cut into units of consecutive samples: (tar or None, its sample count per the
+    manifest or None, index of the first sample, rows), a shard each when the split has DALI shards."""
+    rows, start = iter(rows), 0
     if "dali" in manifest["formats"]:
-        def from_shards():
-            for shard in manifest["shards"]:
-                tar = split_dir / shard["file"]
-                index = wds.read_index(tar.with_suffix(".idx"))
-                if len(index) != shard["num_samples"]:
-                    raise Damaged(f"{tar}: its index lists {len(index)} samples, manifest says {shard['num_samples']}; "
-                                  f"{_fix(tar)}")
-                with open(tar, "rb") as f:
-                    for members in index:
-                        try:
-                            data = wds.read_member(tar, members["jpg"], f)
-                        except FastRSBError as e:  # the tar ends before a member its index lists
-                            raise Damaged(str(e)) from None
-                        yield data
-        shard_iter = from_shards()
-    beton_iter = iter(())
-    if "beton" in manifest["formats"]:
-        from .loaders.beton import read_beton
-
-        beton_iter = read_beton(layout.beton_path(out, split))
-    for _ in rows:
-        yield next(shard_iter, None), next(beton_iter, None)
+        for shard in manifest["shards"]:
+            chunk = list(itertools.islice(rows, shard["num_samples"]))
+            yield str(split_dir / shard["file"]), shard["num_samples"], start, chunk
+            start += len(chunk)
+    while chunk := list(itertools.islice(rows, UNIT)):  # rows past the shards (a damaged table) or no shards
+        yield None, None, start, chunk
+        start += len(chunk)
 
 
-def check_stored(out: Path, split: str, manifest: dict, rows: list[dict], decode: bool, log) -> None:
-    """Both formats hold the same bytes, kept JPEGs are the source's bytes, and (decode) each decodes by PIL."""
+def check_unit(job: tuple) -> tuple[int, int] | str:
+    """Check one unit (`_units`) of the stored bytes: (kept, decoded), or the damage found, a message."""
     from PIL import Image
 
-    split_dir, beton = layout.split_dir(out, split), layout.beton_path(out, split)
+    tar, count, start, rows, beton, decode = job
+    try:
+        shard_data = [None] * len(rows)
+        if tar is not None:
+            tar = Path(tar)
+            index = wds.read_index(tar.with_suffix(".idx"))
+            if len(index) != count:
+                raise Damaged(f"{tar}: its index lists {len(index)} samples, manifest says {count}; {_fix(tar)}")
+            with open(tar, "rb") as f:
+                for k, members in enumerate(index[:len(rows)]):
+                    try:
+                        shard_data[k] = wds.read_member(tar, members["jpg"], f)
+                    except FastRSBError as e:  # the tar ends before a member its index lists
+                        raise Damaged(str(e)) from None
+        reader = None
+        if beton is not None:
+            from .loaders.beton import BetonReader
+
+            reader = _betons.get(beton)
+            if reader is None:
+                _betons.clear()
+                reader = _betons[beton] = BetonReader(beton)
+            beton = Path(beton)
+        kept = decoded = 0
+        for k, row in enumerate(rows):
+            data = shard_data[k]
+            image = reader[start + k] if reader is not None and start + k < len(reader) else None
+            where = tar if data is not None else beton
+            what = f"sample {row['index']} (key {row['key']}, source {layout.shown(row['source'])})"
+            if image is not None:
+                if image.label != row["label"]:
+                    raise Damaged(f"{beton}: label of {what} is {image.label}, samples.jsonl says {row['label']}; "
+                                  f"{_fix(beton)}")
+                if (image.height, image.width) != (row["height"], row["width"]):
+                    raise Damaged(f"{beton}: {what} is {image.width}x{image.height}, samples.jsonl says "
+                                  f"{row['width']}x{row['height']}; {_fix(beton)}")
+            jpeg = data if data is not None else (image.data if image is not None and image.jpeg else None)
+            if data is not None and image is not None and image.jpeg and image.data != data:
+                raise Damaged(f"{beton}: {what} holds other bytes than {tar}; {_fix(beton)}")
+            if row["stored"] == layout.KEPT and jpeg is not None:
+                if hashlib.sha256(jpeg).hexdigest() != row["source_sha256"]:
+                    raise Damaged(f"{where}: {what} was kept from the source, but its bytes do not hash to the "
+                                  f"source's sha256; {_fix(where)}")
+                kept += 1
+            if decode and jpeg is not None:
+                try:
+                    with Image.open(io.BytesIO(jpeg)) as img:
+                        img.load()
+                        size = img.size
+                except Exception as e:  # PIL raises many types on damaged data
+                    raise Damaged(f"{where}: {what} does not decode ({type(e).__name__}: {e}); {_fix(where)}") from None
+                if size != (row["width"], row["height"]):
+                    raise Damaged(f"{where}: {what} decodes to {size[0]}x{size[1]}, samples.jsonl says "
+                                  f"{row['width']}x{row['height']}; {_fix(where)}")
+                decoded += 1
+        return kept, decoded
+    except Damaged as e:
+        return str(e)
+
+
+def _init_checker() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the pool
+
+
+def check_stored(out: Path, split: str, manifest: dict, rows, decode: bool, log, workers: int | None = None) -> None:
+    """Both formats hold the same bytes, kept JPEGs are the source's bytes, and (decode) each decodes by PIL.
+
+    The table is read one row at a time and checked a shard (or `UNIT` samples) at a time over `workers`
+    processes (default: every core), a bounded window ahead; the first damage in table order is reported."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    split_dir = layout.split_dir(out, split)
+    beton = str(layout.beton_path(out, split)) if "beton" in manifest["formats"] else None
+    workers = workers or os.cpu_count() or 1
+    jobs = ((*unit, beton, decode) for unit in _units(split_dir, manifest, rows))
     kept = decoded = 0
-    for row, (shard_data, beton_image) in zip(rows, _stored_bytes(out, split, manifest, rows)):
-        where = split_dir / row["shard"] if row["shard"] else beton
-        what = f"sample {row['index']} (key {row['key']}, source {layout.shown(row['source'])})"
-        if beton_image is not None:
-            if beton_image.label != row["label"]:
-                raise Damaged(f"{beton}: label of {what} is {beton_image.label}, samples.jsonl says {row['label']}; "
-                              f"{_fix(beton)}")
-            if (beton_image.height, beton_image.width) != (row["height"], row["width"]):
-                raise Damaged(f"{beton}: {what} is {beton_image.width}x{beton_image.height}, samples.jsonl says "
-                              f"{row['width']}x{row['height']}; {_fix(beton)}")
-        jpeg = shard_data if shard_data is not None else (beton_image.data if beton_image and beton_image.jpeg else None)
-        if shard_data is not None and beton_image is not None and beton_image.jpeg and beton_image.data != shard_data:
-            raise Damaged(f"{beton}: {what} holds other bytes than {where}; {_fix(beton)}")
-        if row["stored"] == layout.KEPT and jpeg is not None:
-            if hashlib.sha256(jpeg).hexdigest() != row["source_sha256"]:
-                raise Damaged(f"{where}: {what} was kept from the source, but its bytes do not hash to the source's "
-                              f"sha256; {_fix(where)}")
-            kept += 1
-        if decode and jpeg is not None:
+
+    def take(result):
+        nonlocal kept, decoded
+        if isinstance(result, str):
+            raise Damaged(result)
+        kept, decoded = kept + result[0], decoded + result[1]
+
+    if workers == 1 or manifest["num_samples"] <= 4 * UNIT:  # small: processes would cost more than they save
+        for job in jobs:
+            take(check_unit(job))
+        _betons.clear()
+    else:
+        from concurrent.futures.process import BrokenProcessPool
+
+        pending = collections.deque()
+
+        def take_next():
+            job, future = pending.popleft()
             try:
-                with Image.open(io.BytesIO(jpeg)) as img:
-                    img.load()
-                    size = img.size
-            except Exception as e:  # PIL raises many types on damaged data
-                raise Damaged(f"{where}: {what} does not decode ({type(e).__name__}: {e}); {_fix(where)}") from None
-            if size != (row["width"], row["height"]):
-                raise Damaged(f"{where}: {what} decodes to {size[0]}x{size[1]}, samples.jsonl says "
-                              f"{row['width']}x{row['height']}; {_fix(where)}")
-            decoded += 1
+                take(future.result())
+            except BrokenProcessPool:  # a decoder that crashes kills its worker
+                where = job[0] or job[4]
+                raise Damaged(f"{where}: a process checking samples {job[2]}..{job[2] + len(job[3]) - 1} died (a "
+                              f"decoder crash on a damaged image?); {_fix(Path(where))}") from None
+
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_checker) as pool:
+            try:
+                for job in jobs:
+                    pending.append((job, pool.submit(check_unit, job)))
+                    if len(pending) >= 2 * workers:
+                        take_next()
+                while pending:
+                    take_next()
+            except BaseException:
+                for _, future in pending:
+                    future.cancel()
+                raise
     log(f"  stored bytes: {kept} kept JPEGs match their source's sha256"
         + (", formats hold the same bytes" if len(manifest["formats"]) == 2 else "")
         + (f", {decoded} images decoded by PIL" if decode else ""))
@@ -268,18 +341,21 @@ def verify_split(out: Path, split: str, decode: bool, log) -> None:
     log(f"{split}: {manifest['num_samples']} samples, formats {', '.join(manifest['formats'])}")
     check_checksums(out, split, manifest, log)
     check_strays(out, split, manifest)
-    try:
-        rows = layout.read_samples(layout.samples_path(out, split))
+    table = layout.samples_path(out, split)
+    try:  # integer columns as arrays; the rows are then read one at a time (no dict per sample is kept)
+        columns = layout.read_sample_columns(table, ("label", "height", "width"))
     except FastRSBError as e:
         raise Damaged(str(e)) from None
-    expected = np.array([r["label"] for r in rows], dtype=np.int64)
-    table = layout.samples_path(out, split)
+    expected = columns["label"]
     if len(expected) != manifest["num_samples"]:
         raise Damaged(f"{table}: {len(expected)} rows, manifest says {manifest['num_samples']}")
     counts = np.bincount(expected, minlength=manifest["num_classes"])
     if list(counts) != list(manifest["counts_per_class"].values()):
         raise Damaged(f"{table}: counts per class differ from the manifest")
-    check_stored(out, split, manifest, rows, decode, log)
+    try:
+        check_stored(out, split, manifest, layout.iter_samples(table), decode, log)
+    except FastRSBError as e:
+        raise Damaged(str(e)) from None
 
     if "beton" in manifest["formats"]:
         beton = layout.beton_path(out, split)
@@ -288,7 +364,7 @@ def verify_split(out: Path, split: str, decode: bool, log) -> None:
         log(f"  FFCV: {len(labels)} samples, labels match" + (f", {decoded} images decoded" if decode else ""))
     if "dali" in manifest["formats"]:
         tars = [split_dir / s["file"] for s in manifest["shards"]]
-        sizes = np.array([(r["height"], r["width"]) for r in rows], np.int64) if decode else None
+        sizes = np.stack([columns["height"], columns["width"]], axis=1) if decode else None
         labels, decoded = _guarded_read("dali", tars, decode, sizes)
         _compare(layout.wds_dir(out, split), labels, expected, decoded if decode else None)
         log(f"  DALI: {len(labels)} samples in {len(tars)} shards, labels match"

@@ -23,6 +23,7 @@ The source side: a split folder holds class folders, the non-hidden directories 
 from __future__ import annotations
 
 import hashlib
+import array
 import json
 import mmap
 import os
@@ -161,20 +162,35 @@ def _read_table(path, take):
 
 def read_samples(path) -> list[dict]:
     """The per-sample table as one dict per sample (ten columns each: readers that need a few integer
-    columns of a large split use `read_sample_columns`)."""
+    columns of a large split use `read_sample_columns`, readers that go through it once `iter_samples`)."""
     return _read_table(path, lambda columns, lines: [dict(zip(columns, json.loads(line))) for line in lines])
+
+
+def iter_samples(path):
+    """The per-sample table's rows as dicts, one at a time (ImageNet's as a list would take about 1 GB)."""
+    path = Path(path)
+    opened = _read_table(path, lambda columns, lines: (columns, lines.tell()))
+    columns, start = opened
+    with open(path, encoding="ascii") as f:
+        f.seek(start)
+        for n, line in enumerate(f, 2):
+            try:
+                yield dict(zip(columns, json.loads(line)))
+            except ValueError as e:
+                raise FastRSBError(f"{path}: line {n} unreadable ({e}); re-run fastrsb convert") from None
 
 
 def read_sample_columns(path, names) -> dict[str, np.ndarray]:
     """Integer columns of the per-sample table as int64 arrays, parsed a row at a time."""
     def take(columns, lines):
         at = [columns.index(n) for n in names]
-        picked = [[] for _ in names]
+        picked = [array.array("q") for _ in names]  # 8 bytes a value, not an int object
         for line in lines:
             row = json.loads(line)
             for out, k in zip(picked, at):
                 out.append(row[k])
-        return {n: np.asarray(v, np.int64) for n, v in zip(names, picked)}
+        return {n: np.frombuffer(v, np.int64).copy() if len(v) else np.zeros(0, np.int64)
+                for n, v in zip(names, picked)}
 
     return _read_table(path, take)
 

@@ -560,9 +560,14 @@ def dali_only(tmp_path_factory) -> Path:
     ("kept_bytes_differ", "do not hash to the source's sha256"),
     ("shard_cut_short", r"train-\d+\.tar: member \w+\.jpg is cut short .*delete .*fastrsb convert again"),
 ])
-def test_verify_fails_on(damage, match, dali_only, tmp_path):
+@pytest.mark.parametrize("pooled", [False, True], ids=["in-process", "worker-processes"])
+def test_verify_fails_on(damage, match, pooled, dali_only, tmp_path, monkeypatch):
     import shutil
 
+    import fastrsb.verify
+
+    if pooled:  # the check of a large split: units over worker processes, the first damage in order reported
+        monkeypatch.setattr(fastrsb.verify, "UNIT", 1)
     out = tmp_path / "out"
     shutil.copytree(dali_only, out)
     if damage == "val_missing":
@@ -594,6 +599,27 @@ def test_verify_fails_on(damage, match, dali_only, tmp_path):
     assert any(re.search(match, m) for m in logs if m.startswith("DAMAGED")), logs
 
 
+def segfault_on_second_shard(job):
+    """check_unit as a damaged image can make a decoder end it: by SIGSEGV (in a worker process)."""
+    if job[0] and job[0].endswith("-000001.tar"):
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return 0, 0
+
+
+def test_verify_workers_name_the_shard_whose_check_crashed(dali_only, monkeypatch):
+    import fastrsb.verify
+
+    monkeypatch.setattr(fastrsb.verify, "UNIT", 1)
+    monkeypatch.setattr(fastrsb.verify, "check_unit", segfault_on_second_shard)
+    manifest = layout.read_manifest(dali_only, "train")
+    tar = layout.wds_dir(dali_only, "train") / "train-000001.tar"
+    first, second = (s["num_samples"] for s in manifest["shards"][:2])
+    with pytest.raises(fastrsb.verify.Damaged, match=rf"{re.escape(str(tar))}: a process checking samples "
+                                                     rf"{first}\.\.{first + second - 1} died .*delete"):
+        fastrsb.verify.check_stored(dali_only, "train", manifest, layout.iter_samples(
+            layout.samples_path(dali_only, "train")), False, print, workers=2)
+
+
 def test_a_cut_short_shard_is_named_by_its_one_reader(dali_only, tmp_path):
     """wds.read_member reads a member at its .idx offset for the beton writer and verify alike."""
     from fastrsb.loaders.beton import ShardSamples
@@ -605,7 +631,9 @@ def test_a_cut_short_shard_is_named_by_its_one_reader(dali_only, tmp_path):
     first, last = index[0], index[-1]
     whole = wds.read_member(tar, first["jpg"])
     assert whole[:2] == b"\xff\xd8" and len(whole) == first["jpg"].size
-    samples = ShardSamples([(str(tar), first["jpg"], 0, 1, 1), (str(tar), last["jpg"], 1, 1, 1)])
+    samples = ShardSamples([str(tar)], [0, 0], [first["jpg"].offset, last["jpg"].offset],
+                           [first["jpg"].size, last["jpg"].size], [0, 1], [1, 1], [1, 1],
+                           [int(first["jpg"].key), int(last["jpg"].key)])
     assert samples[0][0].jpeg == whole
     tar.write_bytes(tar.read_bytes()[:last["jpg"].offset + 5])
     fix = f"delete {tar} and its .json record, then run the same fastrsb convert again"

@@ -16,8 +16,8 @@ For every size, each contender runs in a process of its own, measured from outsi
   torchvision's `ImageFolder` (jpg, max side 500, quality 90; train and val), with as many workers.
 
 Reported per run: wall time, img/s per core (images / wall / cores), CPU seconds (the process and
-its children), peak memory (PSS of the process tree, sampled every second, and the largest RSS of
-one process), the time of each stage of the conversion, and the time per sample at this size over
+its children), peak memory (PSS of the process tree, sampled every second, and its anonymous part,
+without the mapped files that FFCV's and DALI's readers count; the largest RSS of one process; and the measured process's RSS after its imports, the libraries' share), the time of each stage of the conversion, and the time per sample at this size over
 the time per sample at the smallest size (1.0 when nothing grows with the set). Both conversions of
 a size must give byte-identical files (checked).
 
@@ -220,22 +220,49 @@ def make_sources(work: Path, sizes: list[int], val: int, classes: int, workers: 
 
 def _child_main(spec: dict) -> dict:
     """Run one contender in this process; its result (times, CPU, this process's peak RSS) as a dict."""
-    from fastrsb import convert as _, verify as _  # noqa: F401, F811 - imports are start-up, not work
-    if spec["kind"] == "ffcv":
-        import ffcv.writer  # noqa: F401
-        import torchvision.datasets  # noqa: F401
+    # imports are start-up, not work (the process's time with them is `process_s`)
+    import ffcv.writer  # noqa: F401
+    import torchvision.datasets  # noqa: F401
+
+    from fastrsb import convert as _, verify as _  # noqa: F401, F811
+    with open("/proc/self/status") as f:  # the libraries' share of the peak: this process after its imports
+        start_rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
     stages = []
     t0 = time.perf_counter()
 
     def log(*parts):
         stages.append([round(time.perf_counter() - t0, 3), " ".join(map(str, parts))[:200]])
 
+    def timed(owner, name: str, label: str):
+        """Log the start and end of each call of owner.name (a stage of the conversion)."""
+        inner = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            log(f"{label} ...")
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                log(f"{label} done")
+        setattr(owner, name, wrapper)
+
     kind = spec["kind"]
     if kind == "convert":
-        from fastrsb.convert import convert
+        import fastrsb.convert as module
+        from fastrsb.loaders import beton, layout
 
-        convert(spec["src"], spec["out"], workers=spec["workers"], progress=False, log=log,
-                layout_name=spec["layout"])
+        found = module.find_source
+
+        def find_source(*args, **kwargs):
+            source = found(*args, **kwargs)
+            timed(source, "scan", "scan")
+            return source
+        module.find_source = find_source
+        timed(module, "_fingerprint", "fingerprint")
+        timed(module, "_run_shards", "shards")
+        timed(beton, "write_beton", "beton")
+        timed(layout, "write_samples", "samples.jsonl")
+        module.convert(spec["src"], spec["out"], workers=spec["workers"], progress=False, log=log,
+                       layout_name=spec["layout"])
     elif kind == "verify":
         from fastrsb.verify import verify
 
@@ -258,7 +285,8 @@ def _child_main(spec: dict) -> dict:
     wall = time.perf_counter() - t0
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return {"wall_s": wall, "cpu_s": me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime,
-            "max_rss_mib": max(me.ru_maxrss, kids.ru_maxrss) / 1024, "stages": stages}
+            "max_rss_mib": max(me.ru_maxrss, kids.ru_maxrss) / 1024, "rss_after_imports_mib": start_rss,
+            "stages": stages}
 
 
 def _tree(root: int) -> list[int]:
@@ -277,15 +305,20 @@ def _tree(root: int) -> list[int]:
     return found
 
 
-def _pss_kib(pid: int) -> int:
+def _pss_kib(pid: int) -> tuple[int, int]:
+    """(PSS, its anonymous part) of a process in KiB: the rest is mapped files, page cache the kernel can
+    take back (FFCV's and DALI's readers map the files they read)."""
+    pss = anon = 0
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
                 if line.startswith("Pss:"):
-                    return int(line.split()[1])
+                    pss = int(line.split()[1])
+                elif line.startswith("Pss_Anon:"):
+                    anon = int(line.split()[1])
     except OSError:
         pass
-    return 0
+    return pss, anon
 
 
 def measure(spec: dict) -> dict:
@@ -296,12 +329,14 @@ def measure(spec: dict) -> dict:
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(spec)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
-    peak = [0]
+    peak = [0, 0]
     stop = threading.Event()
 
     def sample():
         while not stop.wait(1.0):
-            peak[0] = max(peak[0], sum(_pss_kib(p) for p in _tree(proc.pid)))
+            now = [_pss_kib(p) for p in _tree(proc.pid)]
+            peak[0] = max(peak[0], sum(p for p, _ in now))
+            peak[1] = max(peak[1], sum(a for _, a in now))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -312,7 +347,7 @@ def measure(spec: dict) -> dict:
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{spec['kind']} run failed (exit {proc.returncode}):\n{stderr[-3000:]}")
     result = json.loads(lines[-1][len("RESULT "):])
-    result["peak_pss_mib"] = peak[0] / 1024
+    result["peak_pss_mib"], result["peak_pss_anon_mib"] = peak[0] / 1024, peak[1] / 1024
     result["process_s"] = time.perf_counter() - started  # with the interpreter's start and imports
     return result
 
@@ -375,7 +410,9 @@ def run(args) -> None:
                         device="cpu", images=n, wall_s=round(result["wall_s"], 1),
                         process_s=round(result["process_s"], 1), cpu_s=round(result["cpu_s"], 1),
                         img_per_cpu_s=round(n / result["cpu_s"], 1), peak_pss_mib=round(result["peak_pss_mib"]),
-                        max_rss_mib=round(result["max_rss_mib"]), us_per_sample=round(per_sample * 1e6, 1),
+                        peak_pss_anon_mib=round(result["peak_pss_anon_mib"]),
+                        max_rss_mib=round(result["max_rss_mib"]),
+                        rss_after_imports_mib=round(result["rss_after_imports_mib"]), us_per_sample=round(per_sample * 1e6, 1),
                         growth_vs_smallest=round(per_sample / first[kind], 3), stages=result["stages"], **extra),
                  args.out)
         for kind in ("ffcv", "official"):  # the largest outputs; imagefolder's is verify's and the next size's
