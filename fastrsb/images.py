@@ -97,7 +97,8 @@ def _read(path: Path) -> bytes:
 
 
 def _decode(path: PurePosixPath | Path, data: bytes, max_side: int | None, keep_jpeg: bool):
-    """(RGB array or None, kept-or-why): None and "" when the JPEG's own bytes are fine to keep."""
+    """(RGB array or None, kept-or-why, (width, height)): None and "" when the JPEG's own bytes are fine to
+    keep, with the size they decode to (the one open of the file gives it)."""
     is_image_name = path.suffix.lower() in IMAGE_EXTENSIONS
     try:
         with warnings.catch_warnings():
@@ -109,7 +110,7 @@ def _decode(path: PurePosixPath | Path, data: bytes, max_side: int | None, keep_
                     why = reencode_reason(img, data, max_side) if keep_jpeg else "re-encoding asked for"
                     if why == "":
                         img.load()  # decodes (a truncated or damaged file is rejected here)
-                        return None, ""
+                        return None, "", img.size
                     if img.format == "JPEG" and max_side is not None:
                         target = bounded_size(*img.size, max_side)
                         if target[0] * 2 <= img.size[0]:
@@ -123,7 +124,7 @@ def _decode(path: PurePosixPath | Path, data: bytes, max_side: int | None, keep_
                         )
                     img = ImageOps.exif_transpose(img)
                     arr = np.asarray(to_rgb(img), dtype=np.uint8)
-                    return arr, why
+                    return arr, why, (arr.shape[1], arr.shape[0])
             finally:
                 Image.MAX_IMAGE_PIXELS = saved_limit
     except BadImage:
@@ -153,7 +154,7 @@ def _bounded(arr: np.ndarray, max_side: int | None) -> np.ndarray:
 def load_rgb(path: str | os.PathLike, max_side: int | None = None) -> np.ndarray:
     """Return an HxWx3 uint8 RGB array with max(H, W) <= max_side; raise BadImage with the reason."""
     path = Path(path)
-    arr, _ = _decode(path, _read(path), max_side, keep_jpeg=False)
+    arr, _, _ = _decode(path, _read(path), max_side, keep_jpeg=False)
     return _bounded(arr, max_side)
 
 
@@ -223,10 +224,8 @@ def prepare_bytes(name: str | os.PathLike, data: bytes, max_side: int | None, qu
     if not data:
         raise BadImage("empty file (0 bytes)", non_image=path.suffix.lower() not in IMAGE_EXTENSIONS)
     sha = hashlib.sha256(data).hexdigest()
-    arr, why = _decode(path, data, max_side, keep_jpeg)
+    arr, why, (width, height) = _decode(path, data, max_side, keep_jpeg)
     if arr is None:
-        with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
         return Prepared(data, height, width, "kept", "", sha)
     rgb = _bounded(arr, max_side)
     return Prepared(encode_jpeg(rgb, quality), int(rgb.shape[0]), int(rgb.shape[1]), "re-encoded", why, sha)

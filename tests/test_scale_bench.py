@@ -55,3 +55,22 @@ def test_bench_scale_reports_each_run_and_checks_both_layouts_agree(tmp_path):
     assert [r.get("same_files_as_imagefolder") for r in records if r["config"]["run"] == "official"] == [True, True]
     assert not any(Path(tmp_path / "work").glob("out-*"))  # outputs are removed, sources kept
     assert (tmp_path / "work" / "src-60" / "official" / scale.DEVKIT).is_file()
+
+
+def test_drop_caches_without_permission_names_the_fix(monkeypatch):
+    import builtins
+
+    from fastrsb.errors import FastRSBError
+
+    real_open = builtins.open
+
+    def refusing(path, *args, **kwargs):
+        if str(path) == "/proc/sys/vm/drop_caches":
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "sync", lambda: None)
+    monkeypatch.setattr(builtins, "open", refusing)
+    with pytest.raises(FastRSBError, match=r"--drop-caches: cannot write /proc/sys/vm/drop_caches \(Permission denied\)"
+                                           r"; run as root on Linux, or leave --drop-caches out"):
+        scale.drop_caches()

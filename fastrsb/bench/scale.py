@@ -22,6 +22,7 @@ the time per sample at the smallest size (1.0 when nothing grows with the set). 
 a size must give byte-identical files (checked).
 
     fastrsb bench scale --work /data/scale --out benchmarks/results/scale.jsonl   # full size
+    sudo .venv/bin/fastrsb bench scale --work /data/scale --drop-caches ...    # every run from the disk
     fastrsb bench scale --work /tmp/s --sizes 2000,8000 --val 400 --classes 20    # a small try
 
 Disk: about 12 GB for the full-size sources and 6 GB more while one output exists.
@@ -56,6 +57,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--val", type=int, default=IMAGENET_VAL, help="val images at the largest size")
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
+    parser.add_argument("--drop-caches", action="store_true",
+                        help="before each run, write the page cache to disk and drop it (Linux, as root), so every "
+                             "run reads its input from the disk as a first conversion of a fresh download does")
     parser.add_argument("--runs", default="imagefolder,official,verify,ffcv",
                         help="what to measure per size, comma-separated: imagefolder, official, verify, ffcv "
                              "(empty: generate the sources only)")
@@ -321,6 +325,19 @@ def _pss_kib(pid: int) -> tuple[int, int]:
     return pss, anon
 
 
+def drop_caches() -> None:
+    """Write dirty pages out, then drop the page cache (root on Linux); FastRSBError names the fix otherwise."""
+    from fastrsb.errors import FastRSBError
+
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError as e:
+        raise FastRSBError(f"--drop-caches: cannot write /proc/sys/vm/drop_caches ({e.strerror}); run as root on "
+                           "Linux, or leave --drop-caches out (runs then read what the page cache holds)") from None
+
+
 def measure(spec: dict) -> dict:
     """Run `spec` in a child process; its result plus the peak PSS of its process tree (MiB)."""
     code = "import json, sys; from fastrsb.bench.scale import _child_main; " \
@@ -392,6 +409,8 @@ def run(args) -> None:
                 spec = {"kind": "convert", "src": str(src[layout_name]), "out": str(out), "workers": workers,
                         "layout": {"official": "imagenet-tars"}.get(layout_name, layout_name)}
             print(f"size {size}: {kind} ...", file=sys.stderr, flush=True)
+            if args.drop_caches:
+                drop_caches()
             result = measure(spec)
             per_sample = result["wall_s"] / n
             first.setdefault(kind, per_sample)
@@ -406,7 +425,8 @@ def run(args) -> None:
                     "ffcv": "ffcv DatasetWriter over torchvision ImageFolder (beton only)"}[kind]
             emit(record("scale", f"{name}, {size} train", n / result["wall_s"] / cores, unit="img/s/core",
                         config={"train": src["train"], "val": src["val"], "classes": args.classes,
-                                "workers": workers, "run": kind},
+                                "workers": workers, "run": kind, "page_cache": "dropped" if args.drop_caches else
+                                "as left by the previous run"},
                         device="cpu", images=n, wall_s=round(result["wall_s"], 1),
                         process_s=round(result["process_s"], 1), cpu_s=round(result["cpu_s"], 1),
                         img_per_cpu_s=round(n / result["cpu_s"], 1), peak_pss_mib=round(result["peak_pss_mib"]),
