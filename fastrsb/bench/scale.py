@@ -155,7 +155,12 @@ def cv2_threads() -> None:
 
 def meta_mat(path: Path, classes: int) -> dict[str, int]:
     """The devkit's meta.mat: leaf synsets with ILSVRC2012_IDs not in WNID order, a parent after them."""
-    import scipy.io
+    try:
+        import scipy.io
+    except ImportError:
+        from fastrsb.errors import missing_extra
+
+        raise missing_extra("scipy", "imagenet") from None
 
     ids = {wnid(c): classes - c for c in range(classes)}
     fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
