@@ -163,21 +163,22 @@ def _read_table(path, take):
 def read_samples(path) -> list[dict]:
     """The per-sample table as one dict per sample (ten columns each: readers that need a few integer
     columns of a large split use `read_sample_columns`, readers that go through it once `iter_samples`)."""
-    return _read_table(path, lambda columns, lines: [dict(zip(columns, json.loads(line))) for line in lines])
+    return list(iter_samples(path))
 
 
 def iter_samples(path):
-    """The per-sample table's rows as dicts, one at a time (ImageNet's as a list would take about 1 GB)."""
+    """The per-sample table's rows as dicts, one at a time; FastRSBError names the file, the line and the fix."""
     path = Path(path)
-    opened = _read_table(path, lambda columns, lines: (columns, lines.tell()))
-    columns, start = opened
+    columns, start = _read_table(path, lambda columns, lines: (columns, lines.tell()))
     with open(path, encoding="ascii") as f:
         f.seek(start)
         for n, line in enumerate(f, 2):
             try:
-                yield dict(zip(columns, json.loads(line)))
-            except ValueError as e:
-                raise FastRSBError(f"{path}: line {n} unreadable ({e}); re-run fastrsb convert") from None
+                row = dict(zip(columns, json.loads(line)))
+            except (ValueError, TypeError) as e:
+                raise FastRSBError(f"{path}: unreadable per-sample table (line {n}: {e}); re-run fastrsb convert") \
+                    from None
+            yield row
 
 
 def read_sample_columns(path, names) -> dict[str, np.ndarray]:

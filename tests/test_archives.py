@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, run_cli, tree_bytes, wait_for
+from fastrsb.bench.scale import meta_mat
 from fastrsb.demo_data import make_demo_data
 from fastrsb.errors import FastRSBError
 from fastrsb.loaders import layout
@@ -70,23 +71,6 @@ def tar_bytes(members) -> bytes:
 
 # ----------------------------------------------------------------------------------- the layouts
 
-def write_meta_mat(path, wnids: list[str]) -> dict[str, int]:
-    """meta.mat as the devkit has it: leaf synsets (num_children 0) with ILSVRC2012_IDs in an order that
-    is not the sorted WNIDs', and parent synsets after them; returns WNID -> ILSVRC2012_ID."""
-    import scipy.io
-
-    ids = {w: i for i, w in enumerate(reversed(wnids), 1)}
-    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
-              "num_train_images"]
-    rows = [(ids[w], w, f"thing {w}, other name", "a gloss", 0, np.zeros(0), 0, 5) for w in wnids]
-    rows += [(len(wnids) + 1, "n99999999", "parent", "a parent", 2, np.array([1, 2]), 1, 0)]
-    synsets = np.zeros((len(rows),), dtype=[(f, object) for f in fields])
-    for i, row in enumerate(rows):
-        synsets[i] = row
-    scipy.io.savemat(path, {"synsets": synsets})
-    return ids
-
-
 def make_official(folder: Path, root: Path, extra_train=(), extra_val=()) -> Path:
     """ILSVRC2012_img_train.tar (a tar of <wnid>.tar), ILSVRC2012_img_val.tar (flat) and the devkit."""
     root.mkdir(parents=True)
@@ -101,7 +85,7 @@ def make_official(folder: Path, root: Path, extra_train=(), extra_val=()) -> Pat
     with tarfile.open(root / "ILSVRC2012_img_val.tar", "w") as tar:
         for _, name, data in list(val) + list(extra_val):
             add(tar, name, data)
-    ids = write_meta_mat(root / "meta.mat", sorted(by_class))
+    ids = meta_mat(root / "meta.mat", sorted(by_class))  # IDs not in WNID order, a parent synset after
     truth = "".join(f"{ids[w]}\n" for w, _, _ in sorted(val, key=lambda v: val_number(v[1])))
     with tarfile.open(root / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as tar:
         add(tar, "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt", truth.encode())

@@ -25,7 +25,7 @@ a size must give byte-identical files (checked).
     sudo .venv/bin/fastrsb bench scale --work /data/scale --drop-caches ...    # every run from the disk
     fastrsb bench scale --work /tmp/s --sizes 2000,8000 --val 400 --classes 20    # a small try
 
-Disk: about 12 GB for the full-size sources and 6 GB more while one output exists.
+Disk: 11 GB for the full-size sources (measured on ext4), plus one conversion's output while it exists.
 
 Measured once on a 2-core AMD EPYC with 2 workers and --drop-caches, at baa30a2
 (benchmarks/results/scale-cpu-2core-baa30a2-2026-12-07.jsonl), for 1,331,167 images. Convert took 312 s
@@ -99,13 +99,17 @@ def _jpeg(rng: np.random.Generator) -> bytes:
     return data.tobytes()
 
 
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime = len(data), 0
+    tar.addfile(info, io.BytesIO(data))
+
+
 def _tar(members) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime = len(data), 0
-            tar.addfile(info, io.BytesIO(data))
+            _add(tar, name, data)
     return buf.getvalue()
 
 
@@ -153,8 +157,9 @@ def cv2_threads() -> None:
     cv2.setNumThreads(1)
 
 
-def meta_mat(path: Path, classes: int) -> dict[str, int]:
-    """The devkit's meta.mat: leaf synsets with ILSVRC2012_IDs not in WNID order, a parent after them."""
+def meta_mat(path: Path, wnids: list[str]) -> dict[str, int]:
+    """The devkit's meta.mat for `wnids` (sorted): leaf synsets (num_children 0) with ILSVRC2012_IDs in the
+    reverse of their order, then a parent synset; returns WNID -> ILSVRC2012_ID."""
     try:
         import scipy.io
     except ImportError:
@@ -162,11 +167,11 @@ def meta_mat(path: Path, classes: int) -> dict[str, int]:
 
         raise missing_extra("scipy", "imagenet") from None
 
-    ids = {wnid(c): classes - c for c in range(classes)}
+    ids = {w: len(wnids) - i for i, w in enumerate(wnids)}
     fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
               "num_train_images"]
-    rows = [(ids[w], w, f"synthetic class {w}", "generated", 0, np.zeros(0), 0, 1300) for w in sorted(ids)]
-    rows.append((classes + 1, "n99999999", "parent", "a parent synset", 2, np.array([1, 2]), 1, 0))
+    rows = [(ids[w], w, f"synthetic class {w}", "generated", 0, np.zeros(0), 0, 1300) for w in wnids]
+    rows.append((len(wnids) + 1, "n99999999", "parent", "a parent synset", 2, np.array([1, 2]), 1, 0))
     synsets = np.zeros((len(rows),), dtype=[(f, object) for f in fields])
     for i, row in enumerate(rows):
         synsets[i] = row
@@ -197,9 +202,7 @@ def make_sources(work: Path, sizes: list[int], val: int, classes: int, workers: 
         jobs = ((c, [cs[c] for cs in counts], folders) for c in range(classes))
         for c, inner in pool.imap(_make_class, jobs, chunksize=1):
             for tar, data in zip(outer, inner):
-                info = tarfile.TarInfo(f"{wnid(c)}.tar")
-                info.size, info.mtime = len(data), 0
-                tar.addfile(info, io.BytesIO(data))
+                _add(tar, f"{wnid(c)}.tar", data)
             if c % 100 == 99:
                 log(f"  generated train classes 1..{c + 1} ({time.perf_counter() - start:.0f} s)")
         for tar, f in zip(outer, tars):
@@ -210,21 +213,16 @@ def make_sources(work: Path, sizes: list[int], val: int, classes: int, workers: 
         for n, data in pool.imap(_make_val, jobs, chunksize=256):
             for k, tar in enumerate(vals):
                 if n <= val_counts[k]:
-                    info = tarfile.TarInfo(f"ILSVRC2012_val_{n:08d}.JPEG")
-                    info.size, info.mtime = len(data), 0
-                    tar.addfile(info, io.BytesIO(data))
+                    _add(tar, f"ILSVRC2012_val_{n:08d}.JPEG", data)
         for tar in vals:
             tar.close()
     for s, v in zip(sizes, val_counts):
         official = out[s]["official"]
-        ids = meta_mat(official / "meta.mat", classes)
+        ids = meta_mat(official / "meta.mat", [wnid(c) for c in range(classes)])
         truth = "".join(f"{ids[wnid(val_label(n, classes))]}\n" for n in range(1, v + 1)).encode()
         with tarfile.open(official / DEVKIT, "w:gz") as tar:
-            for name, data in (("ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt", truth),
-                               ("ILSVRC2012_devkit_t12/data/meta.mat", (official / "meta.mat").read_bytes())):
-                info = tarfile.TarInfo(name)
-                info.size, info.mtime = len(data), 0
-                tar.addfile(info, io.BytesIO(data))
+            _add(tar, "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt", truth)
+            _add(tar, "ILSVRC2012_devkit_t12/data/meta.mat", (official / "meta.mat").read_bytes())
         (official / "meta.mat").unlink()
     log(f"  sources generated in {time.perf_counter() - start:.0f} s")
     done.write_text("")
@@ -239,7 +237,8 @@ def _child_main(spec: dict) -> dict:
     import ffcv.writer  # noqa: F401
     import torchvision.datasets  # noqa: F401
 
-    from fastrsb import convert as _, verify as _  # noqa: F401, F811
+    import fastrsb.convert  # noqa: F401
+    import fastrsb.verify  # noqa: F401
     with open("/proc/self/status") as f:  # the libraries' share of the peak: this process after its imports
         start_rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
     stages = []
@@ -446,6 +445,5 @@ def run(args) -> None:
                         rss_after_imports_mib=round(result["rss_after_imports_mib"]), us_per_sample=round(per_sample * 1e6, 1),
                         growth_vs_smallest=round(per_sample / first[kind], 3), stages=result["stages"], **extra),
                  args.out)
-        for kind in ("ffcv", "official"):  # the largest outputs; imagefolder's is verify's and the next size's
-            shutil.rmtree(work / f"out-{size}-{kind}", ignore_errors=True)
-        shutil.rmtree(work / f"out-{size}-imagefolder", ignore_errors=True)
+        for out in [*outs.values(), work / f"out-{size}-ffcv"]:  # this size's outputs, verified where asked
+            shutil.rmtree(out, ignore_errors=True)
